@@ -1,0 +1,1 @@
+"""Block-sparse ops (``torch.ops.sparse_compiler.*``) and their implementations."""
