@@ -1,0 +1,1 @@
+"""Deciding what to make sparse: the planner turns candidates into decisions."""

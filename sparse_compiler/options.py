@@ -1,0 +1,127 @@
+"""`Options`: every knob of the `sparsify` backend, its default and its validation.
+
+Pass them as ``torch.compile(model, backend="sparsify", options={...})`` or as keyword arguments of
+``sparse_compiler.report``. An unknown key or a bad value raises an error that names it and says what
+is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["Options"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of the ``sparsify`` backend.
+
+    Attributes:
+        enabled: rewrite anything at all; ``False`` compiles exactly as the plain Inductor backend.
+        density: target fraction of kept blocks; each layer gets the flat butterfly configuration
+            whose density is nearest (``sparse_compiler.layouts.nearest_flat_butterfly``).
+        block_size: side of a kept or dropped block; in/out features must be multiples of it.
+        butterfly_size, n_factors: set both to force one flat butterfly configuration everywhere
+            instead of deriving it from ``density``.
+        global_size: rows and columns of every weight kept whole (Pixelated Butterfly's global part).
+        shuffle: bit-reversal shuffle of the butterfly grid's columns.
+        include, exclude: ``fnmatch`` globs over module names (``"blocks.*.mlp.*"``); a layer is
+            considered when it matches some ``include`` glob and no ``exclude`` glob.
+        min_features: layers whose ``min(in_features, out_features)`` is smaller stay dense.
+        allow_shared_weights: sparsify a weight that other nodes also use (tied embeddings); off by
+            default, since zeroing blocks of an embedding table is rarely what anyone wants.
+        rescale_init: after zeroing the dropped blocks, scale each block-row by
+            ``sqrt(blocks per row / kept blocks in that row)`` so a freshly initialised layer keeps
+            its output variance. Right for training from scratch (the default); set ``False`` when
+            sparsifying a trained model, whose kept weights should stay as they are.
+        report: ``True`` prints the report table at compile time; a path ending in ``.json``,
+            ``.md`` or ``.txt`` writes it there.
+        eager: run the rewritten graph eagerly instead of handing it to Inductor (debugging).
+        inductor_config: ``torch._inductor.config`` patches passed to Inductor.
+    """
+
+    enabled: bool = True
+    density: float = 0.25
+    block_size: int = 32
+    butterfly_size: int | None = None
+    n_factors: int | None = None
+    global_size: int = 0
+    shuffle: bool = False
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    min_features: int = 256
+    allow_shared_weights: bool = False
+    rescale_init: bool = True
+    report: bool | str = False
+    eager: bool = False
+    inductor_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"sparsify option {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("enabled", "shuffle", "allow_shared_weights", "rescale_init", "eager"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "expected True or False")
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
+            fail("density", "expected a number in (0, 1]")
+        for name in ("block_size", "min_features", "global_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "block_size" else 0):
+                fail(name, "expected a positive int" if name == "block_size" else "expected an int >= 0")
+        if (self.butterfly_size is None) != (self.n_factors is None):
+            fail("butterfly_size" if self.butterfly_size is None else "n_factors", "set butterfly_size and n_factors together")
+        if self.butterfly_size is not None:
+            bs = self.butterfly_size
+            if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+                fail("butterfly_size", "expected a power of 2, at least 2")
+            k = self.n_factors
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= bs.bit_length() - 1:
+                fail("n_factors", f"expected an int in [1, log2(butterfly_size)] = [1, {bs.bit_length() - 1}]")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, (tuple, list)) or not all(isinstance(g, str) for g in value):
+                fail(name, "expected a glob string or a list of glob strings")
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.report, (bool, str)):
+            fail("report", "expected True, False or an output path (.json, .md, .txt)")
+        if isinstance(self.report, str) and not self.report.endswith((".json", ".md", ".txt")):
+            fail("report", "a report path must end in .json, .md or .txt")
+        if not isinstance(self.inductor_config, Mapping):
+            fail("inductor_config", "expected a dict of torch._inductor.config settings")
+
+    @classmethod
+    def accepted(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None = None, **overrides: Any) -> "Options":
+        """Build from a dict (``torch.compile(options=...)``), rejecting unknown keys by name."""
+        if isinstance(mapping, Options):
+            merged = dataclasses.asdict(mapping)
+        elif mapping is None:
+            merged = {}
+        elif isinstance(mapping, Mapping):
+            merged = dict(mapping)
+        else:
+            raise TypeError(f"sparsify options must be a dict, got {type(mapping).__name__}")
+        merged.update(overrides)
+        accepted = cls.accepted()
+        unknown = [k for k in merged if k not in accepted]
+        if unknown:
+            hints = {k: difflib.get_close_matches(str(k), accepted, n=1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"unknown sparsify option {said}; accepted options: {', '.join(accepted)}")
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["inductor_config"] = dict(self.inductor_config)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d

@@ -1,0 +1,281 @@
+"""Analysis pass: find the Linear-like nodes of a Dynamo graph whose weight is a 2-D parameter.
+
+Recognised forms (``x`` any activation, ``W`` a parameter placeholder, ``Wᵀ`` any of ``W.t()``,
+``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``):
+
+- ``F.linear(x, W, b)`` (``nn.Linear``, BERT, timm)              weight stored (out, in)
+- ``torch.addmm(b, x, W)`` (Hugging Face GPT-2 ``Conv1D``)        weight stored (in, out)
+- ``x @ W``, ``torch.matmul(x, W)``, ``torch.mm(x, W)``, ``x.matmul(W)``  weight stored (in, out)
+- ``x @ Wᵀ`` and friends                                          weight stored (out, in)
+
+A candidate's owning parameter is identified by the graph argument's *source* (the attribute chain
+Dynamo followed from the compiled function's locals, e.g. ``L['self']._modules['fc1']._parameters
+['weight']`` → ``fc1.weight``), never by parsing placeholder names. Shapes come from the nodes'
+fake tensors; a dim that Dynamo made symbolic is kept as a sympy expression, with its hint.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sparse_compiler import state
+
+__all__ = ["Candidate", "analyze", "source_fqn"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One node that could become a block-sparse linear op: ``y = x · W_effᵀ + bias``.
+
+    ``W_eff`` is the ``(out_features, in_features)`` view of the parameter: the parameter itself when
+    ``weight_stored == "out_in"``, its transpose when ``"in_out"``.
+    """
+
+    node: str  # FX node name in the analysed graph
+    kind: str  # "linear" | "addmm" | "matmul" | "mm"
+    param_name: str  # fully qualified parameter name, e.g. "blocks.0.mlp.fc1.weight"
+    module_name: str  # owning module, e.g. "blocks.0.mlp.fc1"
+    module_type: str  # class name of the owning module when known, e.g. "Linear"
+    weight_stored: str  # "out_in" | "in_out"
+    weight_input_index: int  # index of the parameter among the graph's example inputs
+    out_features: int
+    in_features: int
+    tokens: Any  # int or sympy.Expr: product of the input's leading dims
+    tokens_hint: int  # the value of ``tokens`` for the example inputs
+    has_bias: bool
+    dtype: torch.dtype
+    input_dtype: torch.dtype | None
+    output_dtype: torch.dtype | None
+    device: str  # device type: "cpu", "cuda", ...
+    shared_with: tuple[str, ...]  # other nodes that use the same parameter
+    existing_layout: str | None  # layout key when this parameter was already sparsified
+    blocker: str | None  # a reason this node cannot be rewritten whatever the plan (else None)
+
+    @property
+    def flops(self) -> Any:
+        """Forward FLOPs of the dense op, ``2 · tokens · in · out`` (sympy when tokens is symbolic)."""
+        return 2 * self.tokens * self.in_features * self.out_features
+
+    @property
+    def flops_hint(self) -> int:
+        return 2 * self.tokens_hint * self.in_features * self.out_features
+
+    @property
+    def symbolic(self) -> bool:
+        return not isinstance(self.tokens, int)
+
+
+_TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+_LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
+_MATMUL_FUNCTIONS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.mm: "mm", torch.Tensor.matmul: "matmul"}
+_MATMUL_METHODS = {"matmul": "matmul", "mm": "mm", "__matmul__": "matmul"}
+
+
+def source_fqn(source: Any) -> str | None:
+    """Dotted attribute path of a Dynamo source, relative to the compiled function's local.
+
+    ``L['fn']._modules['0']._parameters['weight']`` → ``"0.weight"``. The containers ``_modules``,
+    ``_parameters`` and ``_buffers`` and Dynamo's wrapper sources are skipped.
+    """
+    chain = []
+    s = source
+    while s is not None:
+        chain.append(s)
+        s = getattr(s, "base", None)
+    if not chain:
+        return None
+    parts: list[str] = []
+    for s in reversed(chain[:-1]):  # the root is the local variable itself
+        member = getattr(s, "member", None)
+        index = getattr(s, "index", None)
+        if member is not None:
+            if member not in ("_modules", "_parameters", "_buffers"):
+                parts.append(str(member))
+        elif index is not None:
+            parts.append(str(index))
+    return ".".join(parts) if parts else None
+
+
+def _is_transpose_2d(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _TRANSPOSE_METHODS:
+        args = node.args[1:]
+    elif node.op == "call_function" and node.target in (torch.t, torch.transpose, torch.permute):
+        args = node.args[1:]
+    elif node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in ("T", "mT")
+    else:
+        return False
+    if node.target in ("t", torch.t):
+        return True
+    if node.target in ("transpose", torch.transpose):
+        return tuple(args) in ((0, 1), (1, 0), (-1, -2), (-2, -1), (0, -1), (-1, 0))
+    if node.target in ("permute", torch.permute):
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        return tuple(dims) == (1, 0)
+    return False
+
+
+def _resolve_param(node: Any, params: dict[fx.Node, int]) -> tuple[fx.Node, bool] | None:
+    """``(placeholder, transposed)`` when ``node`` is a parameter or a 2-D transpose of one."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node in params:
+        return node, False
+    if _is_transpose_2d(node) and isinstance(node.args[0], fx.Node) and node.args[0] in params:
+        return node.args[0], True
+    return None
+
+
+def _meta(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _dim_expr(d: Any) -> tuple[Any, int]:
+    """(int or sympy expression, hint) of a size."""
+    if isinstance(d, int):
+        return d, d
+    expr = d.node.expr
+    hint = d.node.hint
+    if hint is None:
+        hint = torch.fx.experimental.symbolic_shapes.size_hint(d) if hasattr(torch.fx.experimental.symbolic_shapes, "size_hint") else 1
+    if isinstance(expr, sympy.Integer):
+        return int(expr), int(hint)
+    return expr, int(hint)
+
+
+def _tokens(x_meta: Any) -> tuple[Any, int]:
+    expr: Any = 1
+    hint = 1
+    for d in tuple(x_meta.shape[:-1]):
+        e, h = _dim_expr(d)
+        expr = expr * e
+        hint *= h
+    if isinstance(expr, sympy.Basic):
+        expr = sympy.simplify(expr)
+        if isinstance(expr, sympy.Integer):
+            expr = int(expr)
+    return expr, hint
+
+
+def _match(node: fx.Node, params: dict[fx.Node, int]) -> tuple[str, Any, fx.Node, bool, Any, str | None] | None:
+    """``(kind, x, param, stored_in_out, bias, blocker)`` for a Linear-like node, else None."""
+    blocker = None
+    if node.op == "call_function" and node.target in _LINEAR_TARGETS:
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        hit = _resolve_param(w, params)
+        if hit is None:
+            return None
+        return "linear", x, hit[0], hit[1], bias, None
+    if node.op == "call_function" and node.target is torch.addmm:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        bias, x, w = (args[0] if args[0] is not None else node.kwargs.get("input"),
+                      args[1] if args[1] is not None else node.kwargs.get("mat1"),
+                      args[2] if args[2] is not None else node.kwargs.get("mat2"))
+        hit = _resolve_param(w, params)
+        if hit is None:
+            return None
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            blocker = "addmm with beta or alpha other than 1"
+        bias_meta = _meta(bias)
+        if bias_meta is not None and bias_meta.dim() != 1:
+            blocker = "addmm whose added term is not a bias vector"
+        return "addmm", x, hit[0], not hit[1], bias, blocker
+    kind = None
+    if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+        kind = _MATMUL_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _MATMUL_METHODS:
+        kind = _MATMUL_METHODS[node.target]
+    if kind is None or len(node.args) != 2:
+        return None
+    x, w = node.args
+    hit = _resolve_param(w, params)
+    if hit is None:
+        return None
+    return kind, x, hit[0], not hit[1], None, None
+
+
+def _consumers(param: fx.Node) -> set[fx.Node]:
+    """Nodes that use a parameter, looking through 2-D transposes."""
+    out: set[fx.Node] = set()
+    for user in param.users:
+        if _is_transpose_2d(user):
+            out.update(user.users)
+        else:
+            out.add(user)
+    return out
+
+
+def _module_info(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    _, module_type = list(stack.values())[-1]
+    return getattr(module_type, "__name__", str(module_type))
+
+
+def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate]:
+    """All Linear-like candidates of ``gm`` in graph order (see module docstring)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params: dict[fx.Node, int] = {}
+    for i, ph in enumerate(placeholders):
+        value = example_inputs[i] if i < len(example_inputs) else None
+        if isinstance(value, torch.nn.Parameter) and value.dim() == 2:
+            params[ph] = i
+
+    candidates = []
+    for node in gm.graph.nodes:
+        match = _match(node, params)
+        if match is None:
+            continue
+        kind, x, param, stored_in_out, bias, blocker = match
+        index = params[param]
+        weight = example_inputs[index]
+        out_features, in_features = (weight.shape[1], weight.shape[0]) if stored_in_out else tuple(weight.shape)
+        x_meta, y_meta = _meta(x), _meta(node)
+        if x_meta is None or not isinstance(x_meta, torch.Tensor):
+            tokens, tokens_hint = 0, 0
+            blocker = blocker or "input shape unknown to the analysis"
+        else:
+            tokens, tokens_hint = _tokens(x_meta)
+            if kind == "mm" and x_meta.dim() != 2:
+                blocker = blocker or "mm with an input that is not 2-D"
+            if x_meta.dim() < 1 or x_meta.shape[-1] != in_features:
+                blocker = blocker or "input's last dim does not match the weight"
+        grapharg = param.meta.get("grapharg")
+        fqn = source_fqn(grapharg.source) if grapharg is not None else None
+        param_name = fqn or param.name
+        module_name = param_name.rpartition(".")[0] if "." in param_name else ""
+        others = sorted(n.name for n in _consumers(param) if n is not node)
+        candidates.append(
+            Candidate(
+                node=node.name,
+                kind=kind,
+                param_name=param_name,
+                module_name=module_name,
+                module_type=_module_info(node),
+                weight_stored="in_out" if stored_in_out else "out_in",
+                weight_input_index=index,
+                out_features=int(out_features),
+                in_features=int(in_features),
+                tokens=tokens,
+                tokens_hint=tokens_hint,
+                has_bias=bias is not None,
+                dtype=weight.dtype,
+                input_dtype=getattr(x_meta, "dtype", None),
+                output_dtype=getattr(y_meta, "dtype", None),
+                device=weight.device.type,
+                shared_with=tuple(others),
+                existing_layout=state.layout_of(weight),
+                blocker=blocker,
+            )
+        )
+    return candidates

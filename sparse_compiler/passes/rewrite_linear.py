@@ -1,0 +1,100 @@
+"""Rewrite pass: chosen Linear-like nodes become ``torch.ops.sparse_compiler.blocksparse_linear``.
+
+For each sparse decision:
+
+1. the node is replaced by ``blocksparse_linear(x, W_eff, bias, layout_key)``, where ``W_eff`` is the
+   parameter placeholder itself, or ``W.t()`` for weights stored ``(in, out)``; the layout travels as
+   its key, a constant string argument, and is registered in this process;
+2. the owning parameter is made sparse *once*, in place and without grad: its dropped blocks are set
+   to zero, so the eager model, the compiled model and a saved ``state_dict`` all describe the same
+   sparse model; with ``rescale_init`` each block-row is also scaled by
+   ``sqrt(blocks per row / kept blocks in that row)``, which keeps the output variance of a freshly
+   initialised layer (Pixelated Butterfly's initialisation).
+
+Weights are never baked into the graph: the op reads the parameter placeholder, so optimizer steps
+and ``load_state_dict`` are seen by the compiled model without recompiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from sparse_compiler import state
+from sparse_compiler.cost.planner import Plan
+from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
+from sparse_compiler.layouts.layout import Layout
+from sparse_compiler.layouts.registry import register
+
+__all__ = ["rewrite_linear", "sparsify_parameter_"]
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
+
+
+def sparsify_parameter_(weight_out_in: torch.Tensor, layout: Layout, rescale: bool) -> None:
+    """Zero the dropped blocks of an ``(out, in)`` weight view in place; optionally rescale rows."""
+    with torch.no_grad():
+        keep = layout.element_mask(device=weight_out_in.device)
+        weight_out_in.masked_fill_(~keep, 0)
+        if rescale:
+            kept = layout.block_mask.sum(1).to(torch.float64)
+            total = layout.grid[1]
+            scale = torch.where(kept > 0, (total / kept.clamp(min=1)).sqrt(), torch.zeros_like(kept))
+            scale = scale.repeat_interleave(layout.block_size).to(weight_out_in.dtype).to(weight_out_in.device)
+            weight_out_in.mul_(scale[:, None])
+
+
+def _bias_arg(node: fx.Node, kind: str) -> Any:
+    if kind == "linear":
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if kind == "addmm":
+        return node.args[0] if node.args else node.kwargs.get("input")
+    return None
+
+
+def _input_arg(node: fx.Node, kind: str) -> Any:
+    if kind == "linear":
+        return node.args[0] if node.args else node.kwargs.get("input")
+    if kind == "addmm":
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("mat1")
+    return node.args[0]
+
+
+def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan) -> fx.GraphModule:
+    """Apply ``plan`` to ``gm`` in place and return it (module docstring)."""
+    if not plan.chosen:
+        return gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    op = torch.ops.sparse_compiler.blocksparse_linear.default
+    for decision in plan.chosen:
+        c, layout = decision.candidate, decision.layout
+        node = nodes[c.node]
+        param_node = placeholders[c.weight_input_index]
+        param = example_inputs[c.weight_input_index]
+        key = register(layout)
+        with gm.graph.inserting_before(node):
+            weight = param_node
+            if c.weight_stored == "in_out":
+                weight = gm.graph.call_function(torch.t, (param_node,))
+            new = gm.graph.call_function(op, (_input_arg(node, c.kind), weight, _bias_arg(node, c.kind), key))
+        for k in _COPIED_META:
+            if k in node.meta:
+                new.meta[k] = node.meta[k]
+        old_weight_arg = [a for a in node.all_input_nodes if a is not param_node and param_node in a.all_input_nodes]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for orphan in old_weight_arg:  # the transpose that fed the old node
+            if not orphan.users:
+                gm.graph.erase_node(orphan)
+
+        if state.layout_of(param) is None:
+            view = param if c.weight_stored == "out_in" else param.t()
+            sparsify_parameter_(view, layout, plan.options.rescale_init)
+            state.mark_sparsified(param, key)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
