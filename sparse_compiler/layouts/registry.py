@@ -19,14 +19,13 @@ _LAYOUTS: dict[str, Layout] = {}
 _LOCK = threading.Lock()
 
 
-def register(layout: Layout) -> str:
-    """Make ``layout`` reachable by its key; returns the key."""
+def register(layout: Layout) -> Layout:
+    """Make ``layout`` reachable by its key; returns the registered layout."""
     with _LOCK:
         known = _LAYOUTS.get(layout.key)
         if known is not None and not bool((known.block_mask == layout.block_mask).all()):
             raise ValueError(f"two different layouts share the key {layout.key!r}")
-        _LAYOUTS.setdefault(layout.key, layout)
-    return layout.key
+        return _LAYOUTS.setdefault(layout.key, layout)
 
 
 def _parse(key: str) -> tuple[str, dict[str, int]]:

@@ -74,7 +74,7 @@ def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
         node = nodes[c.node]
         param_node = placeholders[c.weight_input_index]
         param = example_inputs[c.weight_input_index]
-        key = register(layout)
+        key = register(layout).key
         with gm.graph.inserting_before(node):
             weight = param_node
             if c.weight_stored == "in_out":

@@ -1,0 +1,257 @@
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparse_compiler
+from sparse_compiler.layouts import get_layout
+from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
+
+from models import MLP, Block, Conv1D, TiedLM
+
+# Small layers in tests: 16-blocks and no size floor.
+SMALL = {"block_size": 16, "min_features": 0}
+
+
+def _sparse_reference(model, report, rescale):
+    """An eager copy of ``model`` (taken before compiling) with each chosen layout applied by hand."""
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    for row in report.rows:
+        if row["decision"] != "sparse":
+            continue
+        p = params[row["parameter"]]
+        view = p if row["weight_stored"] == "out_in" else p.t()
+        sparsify_parameter_(view, get_layout(row["layout"]), rescale)
+    return ref
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="sparsify", options={**SMALL, **options})
+
+
+@pytest.mark.parametrize(
+    "make,x",
+    [
+        (lambda: MLP(), lambda: torch.randn(4, 8, 64)),
+        (lambda: Block(), lambda: torch.randn(2, 16, 64)),
+        (lambda: Conv1D(64, 96), lambda: torch.randn(3, 5, 64)),
+    ],
+    ids=["mlp", "transformer_block", "conv1d_in_out_weight"],
+)
+def test_compiled_matches_masked_dense_reference(make, x):
+    model, x = make(), x()
+    before = copy.deepcopy(model)
+    y = _compile(model, density=0.25, rescale_init=False)(x)
+    report = sparse_compiler.last_report()
+    assert report.n_sparse >= 1
+    ref = _sparse_reference(before, report, rescale=False)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    # the eager model itself now is that sparse model (masked blocks zeroed in place)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_every_linear_of_the_block_is_found_including_in_out_weights():
+    model = Block(conv1d=True)
+    _compile(model, eager=True)(torch.randn(2, 16, 64))
+    rows = {r["parameter"]: r for r in sparse_compiler.last_report().rows}
+    assert set(rows) == {"qkv.weight", "proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
+    assert rows["qkv.weight"]["weight_stored"] == "in_out" and rows["qkv.weight"]["kind"] == "addmm"
+    assert rows["mlp.fc1.weight"]["module_type"] == "Linear"
+    assert all(r["decision"] == "sparse" for r in rows.values())
+
+
+def test_rescale_init_restores_row_variance():
+    model = nn.Linear(512, 512, bias=False)
+    w0 = model.weight.detach().clone()
+    _compile(model, density=0.25, eager=True)(torch.randn(2, 512))
+    layout = get_layout(sparse_compiler.last_report().rows[0]["layout"])
+    keep = layout.element_mask()
+    kept_per_row = layout.block_mask.sum(1).repeat_interleave(16)
+    scale = (layout.grid[1] / kept_per_row).sqrt()
+    torch.testing.assert_close(model.weight, w0 * keep * scale[:, None])
+    assert model.weight.detach().pow(2).sum(1).mean().item() == pytest.approx(w0.pow(2).sum(1).mean().item(), rel=0.1)
+
+
+def test_disabled_equals_plain_inductor():
+    model = MLP()
+    x = torch.randn(4, 64)
+    want = torch.compile(copy.deepcopy(model), backend="inductor")(x)
+    got = _compile(model, enabled=False)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert sparse_compiler.last_report().n_sparse == 0
+    assert "disabled" in sparse_compiler.last_report().rows[0]["reason"]
+
+
+def test_adamw_training_keeps_dropped_blocks_zero_and_eager_equals_compiled():
+    torch.manual_seed(1)
+    model = MLP(64, 128, 1)
+    compiled = _compile(model, density=0.25)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    x = torch.randn(256, 64)
+    target = torch.sin(x[:, :1] * 2) + x[:, 1:2]
+    losses = []
+    for _ in range(30):
+        loss = (compiled(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    rows = {r["parameter"]: r for r in sparse_compiler.last_report().rows}
+    for name in ("fc1.weight", "fc2.weight"):
+        if rows[name]["decision"] != "sparse":
+            continue
+        w = dict(model.named_parameters())[name]
+        dropped = ~get_layout(rows[name]["layout"]).element_mask()
+        assert torch.count_nonzero(w[dropped]) == 0, name
+    assert rows["fc1.weight"]["decision"] == "sparse"
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = MLP()
+    compiled = _compile(model, eager=True)
+    x = torch.randn(3, 64)
+    y = compiled(x)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    fresh = MLP()
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
+    # loading the checkpoint into the compiled model is seen without recompiling
+    model.fc1.weight.data.mul_(0)
+    model.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    torch.testing.assert_close(compiled(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_batch_sizes_recompile_once_and_keep_layouts():
+    model = MLP()
+    before = copy.deepcopy(model)
+    compiled = _compile(model, density=0.25, rescale_init=False)
+    x = torch.randn(4, 64)
+    compiled(x)
+    first = sparse_compiler.last_report()
+    ref = _sparse_reference(before, first, rescale=False)
+    for batch in (5, 9, 17):
+        xb = torch.randn(batch, 3, 64)
+        torch.testing.assert_close(compiled(xb), ref(xb), rtol=1e-5, atol=1e-5)
+    last = sparse_compiler.last_report()
+    assert [r["layout"] for r in last.rows] == [r["layout"] for r in first.rows]
+    assert any(r["symbolic"] for r in last.rows)
+    assert "earlier compilation" in last.rows[0]["reason"]
+
+
+def test_tied_weights_stay_dense_with_reason():
+    model = TiedLM()
+    _compile(model, eager=True)(torch.randint(0, 64, (2, 8)))
+    rows = {r["parameter"]: r for r in sparse_compiler.last_report().rows}
+    assert rows["body.weight"]["decision"] == "sparse"
+    head = [r for name, r in rows.items() if name != "body.weight"]
+    assert len(head) == 1 and head[0]["decision"] == "dense"
+    assert "also used by" in head[0]["reason"]
+    assert torch.count_nonzero(model.emb.weight == 0) == 0
+
+
+def test_left_dense_reasons():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.misaligned = nn.Linear(64, 72)
+            self.small = nn.Linear(72, 8)
+            self.wide = nn.Linear(8, 64).double()
+
+        def forward(self, x):
+            return self.wide(self.small(self.misaligned(x)).double())
+
+    _compile(Odd(), eager=True, min_features=16)(torch.randn(2, 64))
+    reasons = {r["module"]: r["reason"] for r in sparse_compiler.last_report().rows}
+    assert "not a multiple of block_size=16" in reasons["misaligned"]
+    assert "min_features=16" in reasons["small"]
+    assert "float64 not supported" in reasons["wide"]
+
+
+def test_include_exclude_globs():
+    model = Block()
+    _compile(model, eager=True, include="mlp.*", exclude=["*fc2"])(torch.randn(1, 16, 64))
+    decisions = {r["module"]: r["decision"] for r in sparse_compiler.last_report().rows}
+    assert decisions == {"qkv": "dense", "proj": "dense", "mlp.fc1": "sparse", "mlp.fc2": "dense"}
+
+
+def test_no_candidates_and_graph_breaks():
+    class NoLinear(nn.Module):
+        def forward(self, x):
+            return x.relu() * 2
+
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(_compile(NoLinear())(x), x.relu() * 2)
+    assert sparse_compiler.last_report().rows == []
+    assert "no Linear-like node" in sparse_compiler.last_report().notes[0]
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    model = Broken()
+    before = copy.deepcopy(model)
+    y = _compile(model, eager=True, rescale_init=False)(x.new_ones(2, 64))
+    assert torch.count_nonzero(model.a.weight == 0) > 0 and torch.count_nonzero(model.b.weight == 0) > 0
+    torch.testing.assert_close(y, model(x.new_ones(2, 64)))
+    assert not torch.equal(y, before(x.new_ones(2, 64)))
+
+
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"densty": 0.5}, "did you mean 'density'"),
+        ({"density": 1.5}, "density=1.5"),
+        ({"block_size": 0}, "block_size=0"),
+        ({"butterfly_size": 8}, "together"),
+        ({"report": "out.pdf"}, "report"),
+    ],
+)
+def test_options_are_validated_by_name(options, needle):
+    with pytest.raises(Exception, match=needle):
+        torch.compile(MLP(), backend="sparsify", options=options)(torch.randn(2, 64))
+
+
+def test_report_api_does_not_change_the_model():
+    model = Block()
+    before = copy.deepcopy(model)
+    report = sparse_compiler.report(model, torch.randn(1, 16, 64), **SMALL)
+    assert report.n_sparse == 4
+    assert "linear layers sparse" in report.table()
+    assert '"n_sparse": 4' in report.to_json()
+    assert "| module |" in report.to_markdown()
+    for p, q in zip(model.parameters(), before.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_backend_string_works_in_a_fresh_interpreter_without_import():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        m = torch.nn.Linear(64, 64)
+        y = torch.compile(m, backend="sparsify", options={"block_size": 16, "min_features": 0, "eager": True})(torch.randn(2, 64))
+        import sparse_compiler
+        row = sparse_compiler.last_report().rows[0]
+        assert row["decision"] == "sparse"
+        print("zeros", int((m.weight == 0).sum()), "density", row["density"])
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    zeros, density = out.stdout.split()[1], out.stdout.split()[3]
+    assert int(zeros) == round(64 * 64 * (1 - float(density))) > 0
