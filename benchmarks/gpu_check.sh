@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine (Python 3.12, torch 2.11, triton 3.6, no internet).
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to benchmarks/results/latest)
+#
+# Steps (each runs even if an earlier one failed; the exit status is non-zero if any failed):
+#   1. pip install --no-deps --no-build-isolation -e .   (quiet)
+#   2. nvidia-smi summary
+#   3. python -m pytest -q -m gpu tests                  -> $OUT/pytest_gpu.log
+#   4. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json (+ .log)
+#   5. python benchmarks/bench_attention.py, if present  -> $OUT/bench_attention.json (+ .log)
+# Budget: 9 minutes in all (GPU_CHECK_BUDGET_S=540); each step also has its own limit, cut to what is left.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/latest}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+failed=()
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))  # whole script, seconds
+
+step() {  # step NAME TIMEOUT_S COMMAND... ; logs to $OUT/NAME.log
+    local name="$1" limit="$2"
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: skipped, the script's time budget is spent"; failed+=("$name(skipped)"); return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
+    echo "=== $name: $* (limit ${limit}s)"
+    local t0=$SECONDS
+    set -o pipefail
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=$?
+    set +o pipefail
+    echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
+}
+
+step pip_install 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+
+echo "=== nvidia-smi"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+        --format=csv 2>&1 | tee "$OUT/nvidia_smi.csv"
+else
+    echo "nvidia-smi not found"; failed+=("nvidia-smi")
+fi
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee "$OUT/versions.txt"
+
+step pytest_gpu 200 "$PY" -m pytest -q -m gpu tests
+step bench_kernels 270 "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
+if [ -f benchmarks/bench_attention.py ]; then
+    step bench_attention 200 "$PY" benchmarks/bench_attention.py --out "$OUT/bench_attention.json"
+fi
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "FAILED steps: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed; results in $OUT"
