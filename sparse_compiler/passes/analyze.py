@@ -17,6 +17,7 @@ fake tensors; a dim that Dynamo made symbolic is kept as a sympy expression, wit
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,8 +42,8 @@ class Candidate:
     node: str  # FX node name in the analysed graph
     kind: str  # "linear" | "addmm" | "matmul" | "mm"
     param_name: str  # fully qualified parameter name, e.g. "blocks.0.mlp.fc1.weight"
-    module_name: str  # owning module, e.g. "blocks.0.mlp.fc1"
-    module_type: str  # class name of the owning module when known, e.g. "Linear"
+    module_name: str  # the module whose forward made this node, e.g. "blocks.0.mlp.fc1"
+    module_type: str  # its class name when known, e.g. "Linear"
     weight_stored: str  # "out_in" | "in_out"
     weight_input_index: int  # index of the parameter among the graph's example inputs
     out_features: int
@@ -214,12 +215,20 @@ def _consumers(param: fx.Node) -> set[fx.Node]:
     return out
 
 
-def _module_info(node: fx.Node) -> str:
+def _calling_module(node: fx.Node) -> tuple[str | None, str]:
+    """(dotted path, class name) of the innermost module whose forward created ``node``.
+
+    Dynamo records the path as an access expression on the compiled local, e.g.
+    ``L['self'].blocks[0].qkv``; the local itself is dropped and indexing becomes dotted.
+    """
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return ""
-    _, module_type = list(stack.values())[-1]
-    return getattr(module_type, "__name__", str(module_type))
+        return None, ""
+    path, module_type = list(stack.values())[-1]
+    type_name = getattr(module_type, "__name__", str(module_type))
+    path = re.sub(r"^[A-Z]\[['\"][^'\"]*['\"]\]\.?", "", str(path))
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path).strip(".")
+    return path, type_name
 
 
 def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate]:
@@ -253,7 +262,8 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
         grapharg = param.meta.get("grapharg")
         fqn = source_fqn(grapharg.source) if grapharg is not None else None
         param_name = fqn or param.name
-        module_name = param_name.rpartition(".")[0] if "." in param_name else ""
+        caller, module_type = _calling_module(node)
+        module_name = caller if caller is not None else param_name.rpartition(".")[0]
         others = sorted(n.name for n in _consumers(param) if n is not node)
         candidates.append(
             Candidate(
@@ -261,7 +271,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 kind=kind,
                 param_name=param_name,
                 module_name=module_name,
-                module_type=_module_info(node),
+                module_type=module_type,
                 weight_stored="in_out" if stored_in_out else "out_in",
                 weight_input_index=index,
                 out_features=int(out_features),
