@@ -255,3 +255,14 @@ def test_backend_string_works_in_a_fresh_interpreter_without_import():
     assert out.returncode == 0, out.stderr[-2000:]
     zeros, density = out.stdout.split()[1], out.stdout.split()[3]
     assert int(zeros) == round(64 * 64 * (1 - float(density))) > 0
+
+
+def test_autocast_regions_stay_dense_and_correct():
+    model = MLP()
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        got = _compile(model, eager=True)(x)
+    torch.testing.assert_close(got, want)
+    rows = sparse_compiler.last_report().rows
+    assert rows and all(r["decision"] == "dense" and "autocast" in r["reason"] for r in rows)
