@@ -16,8 +16,9 @@ Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first, L2
 repeats). A forward check against the masked dense product is recorded for every layout.
 
 The main sweep uses the row_ptr-driven loop (``const_loop=False``) so that compilations do not grow
-with the number of distinct per-row counts; a short A/B with one fixed config then compares constexpr
-(unrolled/static) loops with row_ptr loops on the 4096×4096, block-128 layouts. A time budget
+with the number of distinct per-row counts; a short A/B with one fixed config then compares the three
+loop forms (row_ptr bounds, constexpr trip count, constexpr fully unrolled) on the 4096×4096,
+block-128 layouts. A time budget
 (``--budget-s``) turns autotuning off, then skips rows, if compilation runs long; each row records
 how it was run.
 
@@ -242,9 +243,11 @@ def _measure(row, layout, x, w, bias, dy, d_ref, timer, torch, F, T) -> None:
 
 
 def _const_loop_ab(data, timer, torch, T, nearest_flat_butterfly, elapsed, budget) -> list[dict]:
-    """Same fixed config, constexpr (static/unrolled) loop vs row_ptr loop: 4096×4096, block 128."""
+    """One fixed config, three loop forms on 4096×4096, block 128: row_ptr-driven bounds, a constexpr
+    trip count (pipelined), and the constexpr loop fully unrolled."""
     out = []
     x, w, bias, dy = data[(4096, 4096)]
+    forms = {"row_ptr": dict(const_loop=False), "const": dict(const_loop=True, unroll_max=0), "unrolled": dict(const_loop=True, unroll_max=64)}
     for density in (1 / 2, 1 / 4, 1 / 8, 1 / 16):
         if elapsed() > budget:
             out.append({"density": density, "skipped": "time budget spent"})
@@ -254,11 +257,10 @@ def _const_loop_ab(data, timer, torch, T, nearest_flat_butterfly, elapsed, budge
             continue
         entry = {"density": layout.density, "block": 128, "blocks_per_row": layout.blocks_per_row}
         try:
-            for const in (False, True):
-                with T.settings(autotune=False, const_loop=const):
+            for tag, kw in forms.items():
+                with T.settings(autotune=False, **kw):
                     T.linear_forward(x, w, bias, layout)
                     T.linear_input_grad(dy, w, layout)
-                    tag = "const" if const else "row_ptr"
                     entry[f"fwd_ms_{tag}"] = timer(lambda: T.linear_forward(x, w, bias, layout))
                     entry[f"dgrad_ms_{tag}"] = timer(lambda: T.linear_input_grad(dy, w, layout))
         except Exception as exc:

@@ -56,8 +56,8 @@ def _random_layout(seed: int = 3):
 
 
 LAYOUTS = {
-    "butterfly_sq": lambda: flat_butterfly(64, 64, 4, 2, 16),  # 3 per row/col: unrolled constexpr loop
-    "butterfly_rect": lambda: flat_butterfly(64, 128, 4, 2, 16),  # 6 per row (pipelined), 3 per col
+    "butterfly_sq": lambda: flat_butterfly(64, 64, 4, 2, 16),  # 3 per row/col: constexpr loop
+    "butterfly_rect": lambda: flat_butterfly(64, 128, 4, 2, 16),  # 6 per row, 3 per col
     "blockdiag_b32": lambda: block_diagonal(128, 64, 2, 32),  # tall, block 32
     "blockdiag_wide": lambda: block_diagonal(64, 128, 4, 16),
     "random": _random_layout,  # row_ptr-driven loops
@@ -76,7 +76,7 @@ CASES.update(
         "wgrad_token_split": dict(layout="butterfly_rect", dtype="float32", settings=dict(wgrad_split=3)),
         "wgrad_token_split_random_fp16": dict(layout="random", dtype="float16", settings=dict(wgrad_split=2)),
         "row_ptr_loop_const_layout": dict(layout="butterfly_rect", dtype="float32", settings=dict(const_loop=False)),
-        "const_loop_not_unrolled": dict(layout="butterfly_sq", dtype="float32", settings=dict(unroll_max=0)),
+        "const_loop_unrolled": dict(layout="butterfly_rect", dtype="float16", settings=dict(unroll_max=64)),
         "sub_tiles": dict(
             layout="blockdiag_b32",
             dtype="float32",
@@ -290,6 +290,34 @@ def test_argument_checks():
         T.linear_forward(x.double(), w.double(), None, layout)
     with pytest.raises(TypeError):
         T.linear_forward(x, w.half(), None, layout)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_sm90_without_gpu():
+    """Compile the launch variants for sm_90 (no GPU needed) and read their cubins: the compiler
+    type-checks what the interpreter does not, and the SASS must use Hopper warpgroup MMAs without
+    spilling. bf16 with the fallback configs of blocks 32 and 128."""
+    from sparse_compiler.kernels.triton import aot_check
+    from sparse_compiler.kernels.triton import linear as T
+
+    if T._kernels().INTERPRETED:
+        pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"this triton has no ahead-of-time compile API: {exc!r}")
+    if aot_check._tool("cuobjdump") is None:
+        pytest.skip("triton's CUDA backend tools are not installed")
+    rows = aot_check.run(dtypes=("bfloat16",), blocks=(32, 128))
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "\n".join(f"{r['variant']}: {r['error'][-600:]}" for r in errors)
+    for r in rows:
+        assert r.get("local", 0) == 0, f"{r['variant']} spills ({r.get('local')} bytes of local memory)"
+        assert r["shared"] <= 227 * 1024, f"{r['variant']} needs {r['shared']} B of shared memory"
+        if r["variant"].startswith("dsd") or (r["variant"].startswith("sdd") and "b=128" in r["variant"]):
+            assert r.get("hgmma"), f"{r['variant']}: no HGMMA in the SASS"
 
 
 def test_bench_script_smoke(tmp_path):

@@ -71,11 +71,10 @@ def dsd_kernel(
     BLOCK_K: tl.constexpr,  # reduction tile, divides B
 ):
     """``C[:, o-block] = (bias) + Σ_{pos in list(o)} A[:, p-block] · Wblock(pos)`` (module docstring)."""
-    N_SUB = B // BLOCK_N
-    K_SUB = B // BLOCK_K
+    # (constexpr arithmetic is written inline: a plain assignment would turn it into a tensor)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = N_BLOCKS * N_SUB
+    num_pid_n = N_BLOCKS * (B // BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -83,70 +82,71 @@ def dsd_kernel(
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    o = pid_n // N_SUB  # output block
-    n0 = (pid_n % N_SUB) * BLOCK_N  # first feature of this tile inside the block
+    o = pid_n // (B // BLOCK_N)  # output block
+    n0 = (pid_n % (B // BLOCK_N)) * BLOCK_N  # first feature of this tile inside the block
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
+    # Loop-invariant parts: token rows of A (64-bit row offsets) and the int32 offsets of a weight tile
+    # (BLOCK_K x BLOCK_N) relative to its corner; block corners are added as 64-bit scalars.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    # Output features of this tile, as offsets into the weight along C's feature dim.
-    w_out_dense = (o * B + n0 + offs_n).to(tl.int64)[None, :] * stride_wo
-    w_out_blk = (n0 + offs_n).to(tl.int64)[None, :] * stride_wo
+    a_tile = offs_k[None, :] * stride_ak
+    w_tile = offs_k[:, None] * stride_wr + offs_n[None, :] * stride_wo
+    if COMPRESSED:
+        w_corner = n0.to(tl.int64) * stride_wo
+    else:
+        w_corner = (o * B + n0).to(tl.int64) * stride_wo
 
+    # One iteration per (kept block, BLOCK_K chunk): a single flat loop, software-pipelined by the
+    # compiler (num_stages). With a constant count, the trip count is a compile-time constant.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NB_CONST > 0:
         start = o * NB_CONST
         if UNROLL:
-            for t in tl.static_range(NB_CONST):
-                acc = _dsd_block(acc, a_rows, m_mask, w_ptr, idx_tab, blk_tab, start + t, w_out_dense, w_out_blk,
-                                 offs_k, stride_ak, stride_wr, stride_wblk, B, K_SUB, COMPRESSED, USE_BLK_TAB,
-                                 PRECISION, BLOCK_K)
+            for t in tl.static_range(NB_CONST * (B // BLOCK_K)):
+                acc = _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab,
+                                stride_ak, stride_wr, stride_wblk, B, COMPRESSED, USE_BLK_TAB, PRECISION, BLOCK_K)
         else:
-            for t in range(0, NB_CONST):
-                acc = _dsd_block(acc, a_rows, m_mask, w_ptr, idx_tab, blk_tab, start + t, w_out_dense, w_out_blk,
-                                 offs_k, stride_ak, stride_wr, stride_wblk, B, K_SUB, COMPRESSED, USE_BLK_TAB,
-                                 PRECISION, BLOCK_K)
+            for t in range(0, NB_CONST * (B // BLOCK_K)):
+                acc = _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab,
+                                stride_ak, stride_wr, stride_wblk, B, COMPRESSED, USE_BLK_TAB, PRECISION, BLOCK_K)
     else:
         start = tl.load(ptr_tab + o)
-        end = tl.load(ptr_tab + o + 1)
-        for pos in range(start, end):
-            acc = _dsd_block(acc, a_rows, m_mask, w_ptr, idx_tab, blk_tab, pos, w_out_dense, w_out_blk, offs_k,
-                             stride_ak, stride_wr, stride_wblk, B, K_SUB, COMPRESSED, USE_BLK_TAB, PRECISION,
-                             BLOCK_K)
+        count = tl.load(ptr_tab + o + 1) - start
+        for t in range(0, count * (B // BLOCK_K)):
+            acc = _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab,
+                            stride_ak, stride_wr, stride_wblk, B, COMPRESSED, USE_BLK_TAB, PRECISION, BLOCK_K)
 
     cols = o * B + n0 + offs_n
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias).to(tl.float32)
+        bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)
         acc += bias[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + (cols * stride_cn)[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
 @triton.jit
-def _dsd_block(acc, a_rows, m_mask, w_ptr, idx_tab, blk_tab, pos, w_out_dense, w_out_blk, offs_k, stride_ak,
-               stride_wr, stride_wblk, B: tl.constexpr, K_SUB: tl.constexpr, COMPRESSED: tl.constexpr,
-               USE_BLK_TAB: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``acc += A[:, p-block] · Wblock(pos)`` for list entry ``pos`` (p = idx_tab[pos]), in K_SUB
-    reduction chunks of BLOCK_K."""
+def _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab, stride_ak,
+              stride_wr, stride_wblk, B: tl.constexpr, COMPRESSED: tl.constexpr, USE_BLK_TAB: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Iteration ``t``: list entry ``pos = start + t // (B // BLOCK_K)`` (loop-side block ``p =
+    idx_tab[pos]``), reduction chunk ``kk``: ``acc += A[:, p·b + kk : +BLOCK_K] · Wblock(pos)[kk : +BLOCK_K, :]``."""
+    pos = start + t // (B // BLOCK_K)
+    kk = (t % (B // BLOCK_K)) * BLOCK_K
     p = tl.load(idx_tab + pos)
+    red0 = p * B + kk  # first reduction feature of this chunk
+    a = tl.load(a_rows + red0.to(tl.int64) * stride_ak + a_tile, mask=m_mask[:, None], other=0.0)
     if COMPRESSED:
         if USE_BLK_TAB:
             q = tl.load(blk_tab + pos)
         else:
             q = pos
-        w_blk = w_ptr + q.to(tl.int64) * stride_wblk + w_out_blk
+        w_base = w_ptr + (q.to(tl.int64) * stride_wblk + w_corner + kk * stride_wr)
     else:
-        w_blk = w_ptr + w_out_dense
-    for kc in tl.static_range(K_SUB):
-        red = kc * BLOCK_K + offs_k  # reduction offsets inside the block
-        a = tl.load(a_rows + (p * B + red).to(tl.int64)[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
-        if COMPRESSED:
-            w = tl.load(w_blk + red.to(tl.int64)[:, None] * stride_wr)
-        else:
-            w = tl.load(w_blk + (p * B + red).to(tl.int64)[:, None] * stride_wr)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    return acc
+        w_base = w_ptr + (red0.to(tl.int64) * stride_wr + w_corner)
+    w = tl.load(w_base + w_tile)
+    return tl.dot(a, w, acc, input_precision=PRECISION)
 
 
 # ------------------------------------------------------------------------------------------- SDD
@@ -178,30 +178,32 @@ def sdd_kernel(
     BLOCK_C: tl.constexpr,  # output columns per program, divides B
 ):
     """``out[q][r, c] = Σ_{m in slice} dy[m, i·b + r] · x[m, j·b + c]`` for kept block ``q = (i, j)``."""
-    R_SUB = B // BLOCK_R
-    C_SUB = B // BLOCK_C
     pid = tl.program_id(0)
     s = tl.program_id(1)
-    q = pid // (R_SUB * C_SUB)
-    sub = pid % (R_SUB * C_SUB)
-    r0 = (sub // C_SUB) * BLOCK_R
-    c0 = (sub % C_SUB) * BLOCK_C
+    q = pid // ((B // BLOCK_R) * (B // BLOCK_C))
+    sub = pid % ((B // BLOCK_R) * (B // BLOCK_C))
+    r0 = (sub // (B // BLOCK_C)) * BLOCK_R
+    c0 = (sub % (B // BLOCK_C)) * BLOCK_C
     i = tl.load(blk_row + q)
     j = tl.load(blk_col + q)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    dy_cols = (i * B + offs_r).to(tl.int64)[None, :] * stride_dyn
-    x_cols = (j * B + offs_c).to(tl.int64)[None, :] * stride_xk
+    offs_mm = tl.arange(0, BLOCK_M)
     m_start = s * CHUNK
     m_end = tl.minimum(m_start + CHUNK, M)
+    # Pointer tiles at the first token of the slice; advanced by BLOCK_M rows per iteration.
+    g_ptrs = (dy_ptr + (m_start.to(tl.int64) * stride_dym + (i * B).to(tl.int64) * stride_dyn)
+              + (offs_mm[:, None] * stride_dym + offs_r[None, :] * stride_dyn))  # (BLOCK_M, BLOCK_R)
+    x_ptrs = (x_ptr + (m_start.to(tl.int64) * stride_xm + (j * B).to(tl.int64) * stride_xk)
+              + (offs_mm[:, None] * stride_xm + offs_c[None, :] * stride_xk))  # (BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mm = (offs_m < m_end)[:, None]
-        rows = offs_m.to(tl.int64)[:, None]
-        g = tl.load(dy_ptr + rows * stride_dym + dy_cols, mask=mm, other=0.0)  # (BLOCK_M, BLOCK_R)
-        xv = tl.load(x_ptr + rows * stride_xm + x_cols, mask=mm, other=0.0)  # (BLOCK_M, BLOCK_C)
+        mm = (offs_mm < m_end - m0)[:, None]
+        g = tl.load(g_ptrs, mask=mm, other=0.0)
+        xv = tl.load(x_ptrs, mask=mm, other=0.0)
         acc = tl.dot(tl.trans(g), xv, acc, input_precision=PRECISION)
+        g_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
     if DENSE_OUT:
         ptrs = (out_ptr + (i * B + offs_r).to(tl.int64)[:, None] * stride_o0
                 + (j * B + offs_c).to(tl.int64)[None, :] * stride_o1)

@@ -23,7 +23,8 @@ and ``weight_grad`` take ``compressed=`` and an optional preallocated ``out=``.
 Kernels (``kernels.py``): one program per (token tile, output block) looping over that block's list of
 kept blocks (CSR row for the forward pass, CSC column for the input gradient, the CSC entry mapped to
 the CSR block number when the weight is compressed); with a constant count per list the count is a
-``tl.constexpr`` (static trip count; fully unrolled up to ``Settings.unroll_max`` blocks). The weight
+``tl.constexpr`` (a static trip count, software-pipelined; full unrolling is optional, see
+``Settings.unroll_max``), else the loop bounds come from the pointer table. The weight
 gradient runs one program per kept block, optionally split over token slices (to fill the GPU when
 there are few kept blocks) whose partial sums are reduced in a fixed order (deterministic).
 
@@ -118,7 +119,10 @@ class Settings:
       kernels are interpreted.
     - ``const_loop``: pass a constant kept-blocks count as a ``tl.constexpr`` (one compiled variant per
       count); else always the ``row_ptr``-driven loop (fewer compilations).
-    - ``unroll_max``: fully unroll constant-count loops of at most this many blocks.
+    - ``unroll_max``: fully unroll (``tl.static_range``) constant-count loops of at most this many
+      kept blocks. Default 0: compiled for sm_90, an unrolled loop loses the cp.async software pipeline
+      that a loop with a constant trip count keeps (seen in the PTX), so the constexpr count gives a
+      static trip count but no unrolling unless asked for.
     - ``configs``: per-kernel override of the config, e.g. ``{"dsd": {"BLOCK_M": 32, "BLOCK_N": 16,
       "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}}`` (kernels ``"dsd"``, ``"sdd"``).
     - ``wgrad_split``: force the number of token slices of the weight gradient (None: heuristic).
@@ -128,7 +132,7 @@ class Settings:
     const_loop: bool = dataclasses.field(
         default_factory=lambda: _env_flag("SPARSE_COMPILER_TRITON_CONST_LOOP", True)
     )
-    unroll_max: int = 4
+    unroll_max: int = 0
     configs: dict = dataclasses.field(default_factory=dict)
     wgrad_split: Optional[int] = None
 
@@ -192,7 +196,18 @@ _INTERP_SDD = (32, None, None, 1, 1)
 _GROUP_M = 8
 
 
-def _config_dicts(kind: str, b: int, interpreted: bool) -> list[dict]:
+def _smem_bytes(kind: str, cfg: dict, elt: int) -> int:
+    """Shared memory of a config, estimated as num_stages buffers of both operand tiles."""
+    if kind == "dsd":
+        tile = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]
+    else:
+        tile = cfg["BLOCK_M"] * (cfg["BLOCK_R"] + cfg["BLOCK_C"])
+    return cfg["num_stages"] * tile * elt
+
+
+def _config_dicts(kind: str, b: int, interpreted: bool, elt: int = 2, smem_limit: Optional[int] = None) -> list[dict]:
+    """Candidate configs of kernel ``kind`` for block size ``b`` and operand size ``elt`` bytes, those
+    whose estimated shared memory fits ``smem_limit`` (at least one: the smallest is kept)."""
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K") if kind == "dsd" else ("BLOCK_M", "BLOCK_R", "BLOCK_C")
     if interpreted:
         table = [_INTERP_DSD if kind == "dsd" else _INTERP_SDD]
@@ -205,6 +220,14 @@ def _config_dicts(kind: str, b: int, interpreted: bool) -> list[dict]:
         out.append(
             {names[0]: bm, names[1]: min(t1 or b, b), names[2]: min(t2 or b, b), "num_warps": warps, "num_stages": stages}
         )
+    if smem_limit is not None and not interpreted:
+        fitting = [c for c in out if _smem_bytes(kind, c, elt) <= smem_limit]
+        if not fitting:  # shrink the pipeline of the smallest config until it fits
+            c = dict(min(out, key=lambda c: _smem_bytes(kind, c, elt)))
+            while c["num_stages"] > 2 and _smem_bytes(kind, c, elt) > smem_limit:
+                c["num_stages"] -= 1
+            fitting = [c]
+        out = fitting
     return out
 
 
@@ -212,10 +235,11 @@ _TUNERS: dict = {}
 
 
 def _tuner(kind: str):
-    """The ``triton.autotune`` wrapper of kernel ``kind`` ("dsd" or "sdd") for the current settings.
+    """The per-block-size ``triton.autotune`` wrappers of kernel ``kind`` ("dsd" or "sdd") for the
+    current settings; call the result with ``(block_size, dtype, device)``.
 
-    One Autotuner object per (kind, config list): it caches the chosen config per key. A single-config
-    Autotuner never benchmarks, so the fixed-config path goes through the same launch code.
+    One Autotuner object per (kind, block size, dtype, config list): it caches the chosen config per
+    key. A single-config Autotuner never benchmarks, so the fixed-config path uses the same launch code.
     """
     K = _kernels()
     override = SETTINGS.configs.get(kind)
@@ -229,21 +253,24 @@ def _tuner(kind: str):
 
 
 class _TunerByBlock:
-    """Autotuners per block size (each block size has its own config list)."""
+    """Autotuners per (block size, dtype): each has its own config list."""
 
     def __init__(self, kind: str, autotune: bool, override: Optional[dict], interpreted: bool):
         self.kind, self.autotune, self.override, self.interpreted = kind, autotune, override, interpreted
-        self.by_block: dict[int, Any] = {}
+        self.by_key: dict = {}
 
-    def __call__(self, b: int):
-        tuner = self.by_block.get(b)
+    def __call__(self, b: int, dtype: torch.dtype, device: torch.device):
+        elt = torch.empty((), dtype=dtype).element_size()
+        limit = _smem_limit(device)
+        key = (b, elt, limit)
+        tuner = self.by_key.get(key)
         if tuner is None:
             K = _kernels()
             fn = K.dsd_kernel if self.kind == "dsd" else K.sdd_kernel
             if self.override is not None:
                 dicts = [dict(self.override)]
             else:
-                dicts = _config_dicts(self.kind, b, self.interpreted)
+                dicts = _config_dicts(self.kind, b, self.interpreted, elt, limit)
                 if not self.autotune:
                     dicts = dicts[:1]
             configs = []
@@ -256,8 +283,23 @@ class _TunerByBlock:
             if len(configs) > 1 and "do_bench" in inspect.signature(_triton.autotune).parameters:
                 kwargs["do_bench"] = _autotune_bench
             tuner = _triton.autotune(**kwargs)(fn)
-            self.by_block[b] = tuner
+            self.by_key[key] = tuner
         return tuner
+
+
+_SMEM_LIMITS: dict = {}
+
+
+def _smem_limit(device: torch.device) -> Optional[int]:
+    """Usable shared memory per program on ``device`` (opt-in maximum, less a margin), None on CPU."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM_LIMITS:
+        props = torch.cuda.get_device_properties(index)
+        optin = getattr(props, "shared_memory_per_block_optin", 0) or 164 * 1024
+        _SMEM_LIMITS[index] = int(optin) - 8 * 1024
+    return _SMEM_LIMITS[index]
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -467,7 +509,7 @@ def launch_dsd(
     def grid(meta):
         return (_triton.cdiv(M, meta["BLOCK_M"]) * n_blocks * (b // meta["BLOCK_N"]),)
 
-    _launch(_tuner("dsd")(b), grid, kwargs)
+    _launch(_tuner("dsd")(b, a.dtype, a.device), grid, kwargs)
     return out
 
 
@@ -544,7 +586,7 @@ def launch_sdd(
     def grid(meta):
         return (nnz * (b // meta["BLOCK_R"]) * (b // meta["BLOCK_C"]), split)
 
-    _launch(_tuner("sdd")(b), grid, kwargs)
+    _launch(_tuner("sdd")(b, dy.dtype, dy.device), grid, kwargs)
 
     # Reduce the slices and/or write the zeros of dropped blocks.
     block_r = min(b, 32)
