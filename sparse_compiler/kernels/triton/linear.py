@@ -359,6 +359,13 @@ def _check_device(*tensors: Optional[torch.Tensor]) -> None:
             )
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: switch to ``device`` when it is another one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 def _check_dtypes(name: str, *tensors: Optional[torch.Tensor]) -> torch.dtype:
     dtype = tensors[0].dtype
     if dtype not in SUPPORTED_DTYPES:
@@ -665,11 +672,12 @@ def forward(
         out = x2d.new_empty((x2d.shape[0], out_f))
     data = _layout_data(layout, x2d.device)
     t = data.tables
-    return launch_dsd(
-        x2d, weight, bias, out, t.row_ptr, t.col_idx, None,
-        block_size=layout.block_size, n_blocks=layout.grid[0], nnz=layout.nnz_blocks, count=data.per_row,
-        compressed=compressed, transposed=False,
-    )  # fmt: skip
+    with _on_device(x2d.device):
+        return launch_dsd(
+            x2d, weight, bias, out, t.row_ptr, t.col_idx, None,
+            block_size=layout.block_size, n_blocks=layout.grid[0], nnz=layout.nnz_blocks, count=data.per_row,
+            compressed=compressed, transposed=False,
+        )  # fmt: skip
 
 
 def input_grad(
@@ -700,11 +708,12 @@ def input_grad(
         out = dy2d.new_empty((dy2d.shape[0], in_f))
     data = _layout_data(layout, dy2d.device)
     t = data.tables
-    return launch_dsd(
-        dy2d, weight, None, out, t.col_ptr, t.row_idx, t.csc_to_csr,
-        block_size=layout.block_size, n_blocks=layout.grid[1], nnz=layout.nnz_blocks, count=data.per_col,
-        compressed=compressed, transposed=True,
-    )  # fmt: skip
+    with _on_device(dy2d.device):
+        return launch_dsd(
+            dy2d, weight, None, out, t.col_ptr, t.row_idx, t.csc_to_csr,
+            block_size=layout.block_size, n_blocks=layout.grid[1], nnz=layout.nnz_blocks, count=data.per_col,
+            compressed=compressed, transposed=True,
+        )  # fmt: skip
 
 
 def weight_grad(
@@ -741,10 +750,11 @@ def weight_grad(
         raise ValueError(f"{name}: a compressed out must be contiguous")
     data = _layout_data(layout, dy2d.device)
     t = data.tables
-    return launch_sdd(
-        dy2d, x2d, out, t.block_row, t.block_col, data.block_map, data.dropped,
-        block_size=b, grid_shape=layout.grid, nnz=layout.nnz_blocks, compressed=compressed,
-    )  # fmt: skip
+    with _on_device(dy2d.device):
+        return launch_sdd(
+            dy2d, x2d, out, t.block_row, t.block_col, data.block_map, data.dropped,
+            block_size=b, grid_shape=layout.grid, nnz=layout.nnz_blocks, compressed=compressed,
+        )  # fmt: skip
 
 
 # --- exactly the signatures of kernels/rects.py (pass these to ops.register_device_impl) ------------
