@@ -92,6 +92,7 @@ CASES.update(
         "one_token": dict(layout="butterfly_rect", dtype="float16", tokens=1),
         "zero_tokens": dict(layout="random", dtype="float32", tokens=0),
         "public_signatures": dict(layout="butterfly_rect", dtype="float32", public=True),
+        "through_custom_op_autograd": dict(layout="butterfly_rect", dtype="float32", custom_op=True),
     }
 )
 
@@ -117,11 +118,38 @@ def _poison(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+def _run_custom_op_case(case: dict) -> None:
+    """The kernels behind ``torch.ops.sparse_compiler.blocksparse_linear`` and its autograd, as ops.py
+    routes them once registered for a device (registered for "cpu" here, in the worker process only):
+    3-D input, an (in, out)-stored weight viewed transposed, bias."""
+    from sparse_compiler.kernels import ops
+    from sparse_compiler.kernels.triton import linear as T
+    from sparse_compiler.layouts.registry import register
+
+    ops.register_device_impl("cpu", T.linear_forward, T.linear_input_grad, T.linear_weight_grad)
+    layout = register(LAYOUTS[case["layout"]]())
+    out_f, in_f = layout.shape
+    x = torch.randn(3, 7, in_f, requires_grad=True)
+    w_in_out = torch.randn(in_f, out_f, requires_grad=True)
+    bias = torch.randn(out_f, requires_grad=True)
+    y = torch.ops.sparse_compiler.blocksparse_linear(x, w_in_out.t(), bias, layout.key)
+    y.square().sum().backward()
+    got = [y.detach()] + [t.grad.clone() for t in (x, w_in_out, bias)]
+    for t in (x, w_in_out, bias):
+        t.grad = None
+    y_ref = masked_dense_linear(x, w_in_out.t(), bias, layout)
+    y_ref.square().sum().backward()
+    for what, a, r in zip(("y", "dx", "dW", "dbias"), got, [y_ref.detach(), x.grad, w_in_out.grad, bias.grad]):
+        _close(what, a, r, torch.float32)
+
+
 def run_case(case: dict) -> None:
     """One interpreter case: forward, input grad and weight grad, dense and compressed weight."""
     from sparse_compiler.kernels.triton import linear as T
 
     assert T._kernels().INTERPRETED, "worker kernels are not interpreted"
+    if case.get("custom_op"):
+        return _run_custom_op_case(case)
     torch.manual_seed(hash(repr(sorted(case.items()))) % 2**31)
     layout = LAYOUTS[case["layout"]]()
     dtype = getattr(torch, case["dtype"])
