@@ -141,3 +141,18 @@ def _backward(ctx, grad_out: Tensor):
 
 
 blocksparse_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_triton_on_cuda() -> None:
+    """Route CUDA tensors to the Triton kernels when Triton and a GPU are present."""
+    if not torch.cuda.is_available():
+        return
+    from sparse_compiler.kernels import triton as triton_kernels
+
+    if triton_kernels.available():
+        register_device_impl(
+            "cuda", triton_kernels.linear_forward, triton_kernels.linear_input_grad, triton_kernels.linear_weight_grad
+        )
+
+
+_register_triton_on_cuda()
