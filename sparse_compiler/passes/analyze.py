@@ -139,13 +139,13 @@ def _meta(node: Any) -> Any:
 
 
 def _dim_expr(d: Any) -> tuple[Any, int]:
-    """(int or sympy expression, hint) of a size."""
+    """(int or sympy expression, hint) of a size; the hint is the value for the example inputs."""
     if isinstance(d, int):
         return d, d
     expr = d.node.expr
     hint = d.node.hint
-    if hint is None:
-        hint = torch.fx.experimental.symbolic_shapes.size_hint(d) if hasattr(torch.fx.experimental.symbolic_shapes, "size_hint") else 1
+    if hint is None:  # unbacked sizes have no example value; count them as 1 in the report's numbers
+        hint = 1
     if isinstance(expr, sympy.Integer):
         return int(expr), int(hint)
     return expr, int(hint)
