@@ -93,6 +93,7 @@ CASES.update(
         "zero_tokens": dict(layout="random", dtype="float32", tokens=0),
         "public_signatures": dict(layout="butterfly_rect", dtype="float32", public=True),
         "through_custom_op_autograd": dict(layout="butterfly_rect", dtype="float32", custom_op=True),
+        "gpu_test_helper_on_cpu": dict(layout="random", dtype="float32", gpu_helper=True),
     }
 )
 
@@ -150,6 +151,11 @@ def run_case(case: dict) -> None:
     assert T._kernels().INTERPRETED, "worker kernels are not interpreted"
     if case.get("custom_op"):
         return _run_custom_op_case(case)
+    if case.get("gpu_helper"):  # the GPU tests' checking code, run here on CPU tensors
+        layout = LAYOUTS[case["layout"]]()
+        _gpu_check(T, layout, torch.float32, TOKENS, transposed_weight=True, dev="cpu")
+        _gpu_check(T, layout, torch.float16, TOKENS, bias=False, compressed=True, dev="cpu")
+        return None
     torch.manual_seed(hash(repr(sorted(case.items()))) % 2**31)
     layout = LAYOUTS[case["layout"]]()
     dtype = getattr(torch, case["dtype"])
@@ -435,8 +441,7 @@ def _gpu_kernels():
     return T
 
 
-def _gpu_check(T, layout, dtype, tokens, transposed_weight=False, bias=True, compressed=False, tol=None):
-    dev = "cuda"
+def _gpu_check(T, layout, dtype, tokens, transposed_weight=False, bias=True, compressed=False, tol=None, dev="cuda"):
     out_f, in_f = layout.shape
     x = torch.randn(tokens, in_f, device=dev, dtype=dtype)
     if transposed_weight:
@@ -459,7 +464,8 @@ def _gpu_check(T, layout, dtype, tokens, transposed_weight=False, bias=True, com
         y = T.forward(x, w, b, layout, out=torch.full((tokens, out_f), float("nan"), device=dev, dtype=dtype))
         dx = T.input_grad(dy, w, layout, out=torch.full((tokens, in_f), float("nan"), device=dev, dtype=dtype))
         dw = T.weight_grad(dy, x, layout, out=torch.full((out_f, in_f), float("nan"), device=dev, dtype=dtype))
-    torch.cuda.synchronize()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     for what, out, ref in (("forward", y, y64), ("input grad", dx, x64.grad), ("weight grad", dw, w64.grad)):
         assert not torch.isnan(out).any(), what
         err = float((out.double() - ref).norm() / ref.norm())
