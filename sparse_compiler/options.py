@@ -41,6 +41,18 @@ class Options:
             ``.md`` or ``.txt`` writes it there.
         eager: run the rewritten graph eagerly instead of handing it to Inductor (debugging).
         inductor_config: ``torch._inductor.config`` patches passed to Inductor.
+        targets: which kinds of node may become sparse: ``"linear"`` and/or ``"attention"``.
+            Attention sparsity changes what a model computes more than weight sparsity does, so it
+            is off unless asked for.
+        attention_pattern: the static block pattern of sparse attention: ``"butterfly"``,
+            ``"local"``, ``"global"``, their union with ``"+"`` (default
+            ``"butterfly+local+global"``), ``"strided"``, ``"fixed"`` (Sparse Transformer) or
+            ``"bigbird"``.
+        attention_density: target fraction of kept (query block, key block) pairs.
+        attention_block_size: side of a block of the attention score matrix, in tokens.
+        attention_window: half-width of the local window, in blocks.
+        attention_global: number of leading global blocks (they attend and are attended everywhere).
+        attention_seed: seed of BigBird's random blocks (fixed, so the layout stays static).
     """
 
     enabled: bool = True
@@ -58,6 +70,13 @@ class Options:
     report: bool | str = False
     eager: bool = False
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = ("linear",)
+    attention_pattern: str = "butterfly+local+global"
+    attention_density: float = 0.25
+    attention_block_size: int = 128
+    attention_window: int = 1
+    attention_global: int = 1
+    attention_seed: int = 0
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -95,6 +114,25 @@ class Options:
             fail("report", "a report path must end in .json, .md or .txt")
         if not isinstance(self.inductor_config, Mapping):
             fail("inductor_config", "expected a dict of torch._inductor.config settings")
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not isinstance(targets, (tuple, list)) or not targets or not set(targets) <= {"linear", "attention"}:
+            fail("targets", "expected a non-empty subset of ('linear', 'attention')")
+        object.__setattr__(self, "targets", tuple(targets))
+        parts = self.attention_pattern.split("+") if isinstance(self.attention_pattern, str) else [None]
+        combinable, alone = {"butterfly", "local", "global"}, {"strided", "fixed", "bigbird"}
+        if not (set(parts) <= combinable or (len(parts) == 1 and parts[0] in alone)):
+            fail(
+                "attention_pattern",
+                "expected butterfly, local, global or a '+' union of them, or one of strided, fixed, bigbird",
+            )
+        d = self.attention_density
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+            fail("attention_density", "expected a number in (0, 1]")
+        for name in ("attention_block_size", "attention_window", "attention_global", "attention_seed"):
+            value = getattr(self, name)
+            low = 1 if name == "attention_block_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(name, f"expected an int >= {low}")
 
     @classmethod
     def accepted(cls) -> tuple[str, ...]:
@@ -124,4 +162,5 @@ class Options:
         d = dataclasses.asdict(self)
         d["inductor_config"] = dict(self.inductor_config)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["targets"] = list(self.targets)
         return d

@@ -86,6 +86,8 @@ def _hard_reason(c: Candidate, o: Options) -> str | None:
 
 def _soft_reason(c: Candidate, o: Options) -> str | None:
     """Reasons the options give; a parameter already sparsified keeps its layout regardless."""
+    if "linear" not in o.targets:
+        return f"linear layers are not among targets={list(o.targets)}"
     if not _matches(c.module_name, o.include) and not _matches(c.param_name, o.include):
         return f"not matched by include={list(o.include)}"
     if _matches(c.module_name, o.exclude) or _matches(c.param_name, o.exclude):
