@@ -1,6 +1,6 @@
 """Train a small byte-level GPT on the Python standard library's own source code.
 
-    python examples/train_gpt.py                      # backend "sparsify", density 1/4
+    python examples/train_gpt.py                      # backend "sparsify": the cost model decides
     python examples/train_gpt.py --backend inductor   # the dense baseline, compiled the same way
     python examples/train_gpt.py --backend eager      # no compilation at all
 
@@ -103,7 +103,7 @@ class GPT(nn.Module):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=("sparsify", "inductor", "eager"), default="sparsify")
-    p.add_argument("--density", type=float, default=0.25, help="target density of the sparse layers")
+    p.add_argument("--density", type=float, default=None, help="force this density (default: the cost model decides)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
@@ -125,7 +125,11 @@ def main() -> None:
     model = GPT(d=args.d_model, layers=args.layers, seq=args.seq)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, backend {args.backend}")
     if args.backend == "sparsify":
-        step_fn = torch.compile(model, backend="sparsify", options={"density": args.density})
+        # the planned training tokens let the cost model weigh faster steps against a smaller model
+        options = {"tokens": args.steps * args.batch * args.seq}
+        if args.density is not None:
+            options["density"] = args.density
+        step_fn = torch.compile(model, backend="sparsify", options=options)
     elif args.backend == "inductor":
         step_fn = torch.compile(model)
     else:

@@ -13,9 +13,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from sparse_compiler.cost.planner import Plan
 from sparse_compiler.cost.planner import plan as make_plan
 from sparse_compiler.options import Options
-from sparse_compiler.passes.analyze import analyze
+from sparse_compiler.passes.analyze import analyze, summarize
 from sparse_compiler.passes.rewrite_linear import rewrite_linear
 from sparse_compiler.report import Report, set_last_report
 
@@ -32,7 +33,8 @@ def sparsify(
             f"(accepted options: {', '.join(Options.accepted())})"
         )
     opts = Options.from_mapping(options)
-    the_plan = make_plan(analyze(gm, example_inputs), opts)
+    candidates = analyze(gm, example_inputs)
+    the_plan = make_plan(candidates, opts, summarize(gm, example_inputs, candidates))
     gm = rewrite_linear(gm, example_inputs, the_plan)
     report = Report.from_plan(the_plan)
     set_last_report(report)
@@ -56,14 +58,12 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
     plans = []
 
     def capture(gm: fx.GraphModule, inputs: Sequence[Any], **_: Any) -> Callable[..., Any]:
-        plans.append(make_plan(analyze(gm, inputs), opts))
+        candidates = analyze(gm, inputs)
+        plans.append(make_plan(candidates, opts, summarize(gm, inputs, candidates)))
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, dynamic=False)
     with torch.no_grad():
         compiled(*example_inputs)
-    decisions = tuple(d for p in plans for d in p.decisions)
-    from sparse_compiler.cost.planner import Plan
-
     notes = [f"the model was traced as {len(plans)} graphs (graph breaks)"] if len(plans) > 1 else []
-    return Report.from_plan(Plan(decisions, opts), notes=notes)
+    return Report.from_plan(Plan.merge(plans, opts), notes=notes)

@@ -1,11 +1,14 @@
 """The ``sparse-compiler`` command.
 
-    sparse-compiler report MODULE:FACTORY [--density D] [--block-size B] [--json F] [--md F]
-    sparse-compiler demo
+    sparse-compiler report MODULE:FACTORY [--tokens D] [--hardware NAME] [--density d]
+                           [--json F] [--md F] [--html F]
+    sparse-compiler demo [same options]
+    sparse-compiler calibrate [--device cpu|cuda] [--quick]
 
 ``MODULE:FACTORY`` names a function (importable, e.g. ``mypkg.models:make``) that returns
 ``(model, example_inputs)``; the command prints what the ``sparsify`` backend would do to it, without
-changing the model. ``demo`` does the same for a small built-in transformer.
+changing the model. ``demo`` does the same for a small built-in transformer. ``calibrate`` times
+this machine and stores the hardware profile figures the cost model uses (``cost/calibrate.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,24 @@ def _demo_factory() -> tuple[Any, tuple[Any, ...]]:
     return model.eval(), (torch.randn(2, 128, 512),)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from sparse_compiler.cost.calibrate import calibrate
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA device is available")
+    result = calibrate(args.device, quick=args.quick)
+    print(f"calibrated {result['name']} ({result['device_name']}, {result['dtype']}):")
+    print(f"  launch overhead   {result['launch_overhead'] * 1e6:.1f} us")
+    print(f"  dense efficiency  {result['dense_efficiency']:.2f} ({result['dense_flops_per_second'] / 1e9:.1f} GFLOP/s)")
+    for b, e in result["sparse_efficiency"].items():
+        print(f"  block {b:>3}: block-sparse efficiency {e:.2f} of dense")
+    print(f"stored in {result['path']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparse-compiler", description="Static block sparsity for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,22 +80,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         if name == "report":
             p.add_argument("target", help="MODULE:FACTORY returning (model, example_inputs)")
-        p.add_argument("--density", type=float, default=None)
+        p.add_argument("--tokens", type=float, default=None, help="planned training tokens (default: 20 per parameter)")
+        p.add_argument("--hardware", default=None, help="hardware profile: auto, a100, h100, h200, l4, cuda, cpu")
+        p.add_argument("--density", type=float, default=None, help="force this density instead of the cost model")
         p.add_argument("--block-size", type=int, default=None)
         p.add_argument("--min-features", type=int, default=None)
         p.add_argument("--json", default=None, help="also write the report as JSON here")
         p.add_argument("--md", default=None, help="also write the report as Markdown here")
+        p.add_argument("--html", default=None, help="also write the report as a self-contained HTML page here")
+    p = sub.add_parser("calibrate", help="time this machine and store its hardware profile")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="smaller problems: faster, less accurate")
     args = parser.parse_args(argv)
 
+    if args.command == "calibrate":
+        return _calibrate(args)
     if args.command == "report":
         model, inputs = _call_factory(_load_factory(args.target), args.target)
     else:
         model, inputs = _demo_factory()
-    options = {
-        k: v
-        for k, v in (("density", args.density), ("block_size", args.block_size), ("min_features", args.min_features))
-        if v is not None
-    }
+    names = ("tokens", "hardware", "density", "block_size", "min_features")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     from sparse_compiler.backend import capture_report
 
     try:
@@ -82,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(report.table())
-    for path in (args.json, args.md):
+    for path in (args.json, args.md, args.html):
         if path:
             print(f"wrote {report.save(path)}")
     return 0

@@ -21,16 +21,21 @@ class Options:
 
     Attributes:
         enabled: rewrite anything at all; ``False`` compiles exactly as the plain Inductor backend.
-        density: target fraction of kept blocks; each layer gets the flat butterfly configuration
-            whose density is nearest (``sparse_compiler.layouts.nearest_flat_butterfly``).
+        density: ``None`` (default): the cost model chooses each layer's density (or leaves it
+            dense) to minimise the predicted time to reach the dense model's loss. A number forces
+            that target density on every eligible layer: each gets the flat butterfly
+            configuration whose density is nearest (``layouts.nearest_flat_butterfly``).
         block_size: side of a kept or dropped block; in/out features must be multiples of it.
+            ``None``: the hardware block of the active profile (and twice it, when the cost model
+            chooses).
         butterfly_size, n_factors: set both to force one flat butterfly configuration everywhere
             instead of deriving it from ``density``.
         global_size: rows and columns of every weight kept whole (Pixelated Butterfly's global part).
         shuffle: bit-reversal shuffle of the butterfly grid's columns.
         include, exclude: ``fnmatch`` globs over module names (``"blocks.*.mlp.*"``); a layer is
             considered when it matches some ``include`` glob and no ``exclude`` glob.
-        min_features: layers whose ``min(in_features, out_features)`` is smaller stay dense.
+        min_features: layers whose ``min(in_features, out_features)`` is smaller stay dense
+            (0: no floor; the cost model already leaves layers dense where sparsity does not pay).
         allow_shared_weights: sparsify a weight that other nodes also use (tied embeddings); off by
             default, since zeroing blocks of an embedding table is rarely what anyone wants.
         rescale_init: after zeroing the dropped blocks, scale each block-row by
@@ -38,9 +43,18 @@ class Options:
             its output variance. Right for training from scratch (the default); set ``False`` when
             sparsifying a trained model, whose kept weights should stay as they are.
         report: ``True`` prints the report table at compile time; a path ending in ``.json``,
-            ``.md`` or ``.txt`` writes it there.
+            ``.md``, ``.html`` or ``.txt`` writes it there.
         eager: run the rewritten graph eagerly instead of handing it to Inductor (debugging).
         inductor_config: ``torch._inductor.config`` patches passed to Inductor.
+        hardware: the hardware profile of the cost model: ``"auto"`` (detected from the graph's
+            device) or a name from ``cost.hardware.BUILTIN_PROFILES`` (a100, h100, h200, l4, cuda,
+            cpu); a calibration stored by ``sparse-compiler calibrate`` is loaded.
+        tokens: the training tokens planned for this model (``D``); ``None``: 20 per parameter, the
+            compute-optimal budget of the Chinchilla law.
+        loss_law: ``"chinchilla"`` (default), ``"besiroglu"``, or a dict with E, A, B, alpha, beta.
+        sparsity_efficiency: ``γ`` of the dense-equivalent size ``n·d^(1−γ)`` of a sparse layer
+            (``cost/scaling.py``); 0.5 makes 75%-sparse weights worth twice their nonzeros.
+        critical_margin: the plan keeps the dense-equivalent size above ``N_crit·(1 + margin)``.
         targets: which kinds of node may become sparse: ``"linear"`` and/or ``"attention"``.
             Attention sparsity changes what a model computes more than weight sparsity does, so it
             is off unless asked for.
@@ -56,20 +70,25 @@ class Options:
     """
 
     enabled: bool = True
-    density: float = 0.25
-    block_size: int = 32
+    density: float | None = None
+    block_size: int | None = None
     butterfly_size: int | None = None
     n_factors: int | None = None
     global_size: int = 0
     shuffle: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    min_features: int = 256
+    min_features: int = 0
     allow_shared_weights: bool = False
     rescale_init: bool = True
     report: bool | str = False
     eager: bool = False
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    hardware: str = "auto"
+    tokens: float | None = None
+    loss_law: str | Mapping[str, float] = "chinchilla"
+    sparsity_efficiency: float = 0.5
+    critical_margin: float = 0.1
     targets: tuple[str, ...] = ("linear",)
     attention_pattern: str = "butterfly+local+global"
     attention_density: float = 0.25
@@ -85,10 +104,13 @@ class Options:
         for name in ("enabled", "shuffle", "allow_shared_weights", "rescale_init", "eager"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "expected True or False")
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
-            fail("density", "expected a number in (0, 1]")
+        d = self.density
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
+            fail("density", "expected None (cost model) or a number in (0, 1]")
         for name in ("block_size", "min_features", "global_size"):
             value = getattr(self, name)
+            if name == "block_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "block_size" else 0):
                 fail(name, "expected a positive int" if name == "block_size" else "expected an int >= 0")
         if (self.butterfly_size is None) != (self.n_factors is None):
@@ -109,11 +131,32 @@ class Options:
             else:
                 object.__setattr__(self, name, tuple(value))
         if not isinstance(self.report, (bool, str)):
-            fail("report", "expected True, False or an output path (.json, .md, .txt)")
-        if isinstance(self.report, str) and not self.report.endswith((".json", ".md", ".txt")):
-            fail("report", "a report path must end in .json, .md or .txt")
+            fail("report", "expected True, False or an output path (.json, .md, .html, .txt)")
+        if isinstance(self.report, str) and not self.report.endswith((".json", ".md", ".html", ".txt")):
+            fail("report", "a report path must end in .json, .md, .html or .txt")
         if not isinstance(self.inductor_config, Mapping):
             fail("inductor_config", "expected a dict of torch._inductor.config settings")
+        if not isinstance(self.hardware, str):
+            fail("hardware", "expected 'auto' or a profile name")
+        from sparse_compiler.cost.hardware import BUILTIN_PROFILES
+
+        if self.hardware != "auto" and self.hardware.lower() not in BUILTIN_PROFILES:
+            fail("hardware", f"unknown profile; known: auto, {', '.join(BUILTIN_PROFILES)}")
+        t = self.tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            fail("tokens", "expected None or a positive number of training tokens")
+        from sparse_compiler.cost.scaling import LOSS_LAWS
+
+        law = self.loss_law
+        if isinstance(law, str):
+            if law not in LOSS_LAWS:
+                fail("loss_law", f"expected one of {', '.join(LOSS_LAWS)} or a dict with E, A, B, alpha, beta")
+        elif not isinstance(law, Mapping) or set(law) != {"E", "A", "B", "alpha", "beta"}:
+            fail("loss_law", "a custom law is a dict with exactly the keys E, A, B, alpha, beta")
+        for name, low, high in (("sparsity_efficiency", 0.0, 1.0), ("critical_margin", 0.0, 10.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                fail(name, f"expected a number in [{low}, {high})")
         targets = (self.targets,) if isinstance(self.targets, str) else self.targets
         if not isinstance(targets, (tuple, list)) or not targets or not set(targets) <= {"linear", "attention"}:
             fail("targets", "expected a non-empty subset of ('linear', 'attention')")
@@ -163,4 +206,5 @@ class Options:
         d["inductor_config"] = dict(self.inductor_config)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
         d["targets"] = list(self.targets)
+        d["loss_law"] = self.loss_law if isinstance(self.loss_law, str) else dict(self.loss_law)
         return d

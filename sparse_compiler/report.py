@@ -1,11 +1,16 @@
 """`Report`: a readable account of what the planner chose for each candidate and why.
 
-Built from a ``Plan`` (no compilation needed); rendered as a rich table, JSON or Markdown. The
-backend keeps the report of its latest compilation as ``sparse_compiler.last_report()``.
+Built from a ``Plan`` (no compilation needed). The header gives the hardware profile, the model size
+``N``, the planned tokens ``D``, the dense target loss ``L*``, the critical size ``N_crit``, the
+planned dense-equivalent size, and the predicted step speed-up and time to the target loss; each row
+gives a layer's decision, reason, layout and estimated times. Renders as a rich table, JSON, Markdown,
+or a self-contained HTML page with a picture of each chosen layout and a chart of estimated time per
+layer. The backend keeps the report of its latest compilation as ``sparse_compiler.last_report()``.
 """
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import threading
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_compiler.cost.planner import Decision, Plan, dtype_name
+from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["Report", "last_report", "set_last_report"]
 
@@ -25,9 +31,19 @@ def _flops_text(value: float) -> str:
     return f"{value:.3g} FLOP"
 
 
+def _count_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "∞"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
 def _row(d: Decision) -> dict[str, Any]:
-    c = d.candidate
-    layout = d.layout
+    c, layout, est = d.candidate, d.layout, d.estimate
     return {
         "module": c.module_name or c.param_name,
         "parameter": c.param_name,
@@ -49,10 +65,75 @@ def _row(d: Decision) -> dict[str, Any]:
         "block_size": layout.block_size if layout is not None else None,
         "butterfly_size": layout.params.get("butterfly_size") if layout is not None else None,
         "n_factors": layout.params.get("n_factors") if layout is not None else None,
+        "shuffle": bool(layout.params.get("shuffle")) if layout is not None else None,
         "flops": str(c.flops),
         "flops_hint": c.flops_hint,
         "flops_saved_hint": d.flops_saved_hint,
+        "dense_step_ms": est.dense_training * 1e3 if est is not None else None,
+        "step_ms": est.training * 1e3 if est is not None else None,
+        "charged_density": est.charged_density if est is not None else None,
+        "cost_formula": est.formula if est is not None else None,
     }
+
+
+def _header(plan: Plan) -> dict[str, Any]:
+    hw, view = plan.hardware, plan.scaling
+    out: dict[str, Any] = {"hardware": None}
+    if hw is not None:
+        out["hardware"] = {"name": hw.name, "description": hw.description, "calibrated": hw.calibrated, "hardware_block": hw.hardware_block}
+    if view is not None:
+        out.update(
+            loss_law=view.law.name,
+            n_params=view.n_params,
+            tokens=view.tokens,
+            target_loss=view.target_loss,
+            critical_size=view.critical_size,
+            n_equivalent=plan.n_equivalent,
+            token_ratio=plan.token_ratio,
+        )
+    out.update(
+        mode="explicit density" if plan.options.density is not None or plan.options.butterfly_size is not None else "cost model",
+        step_speedup=plan.step_speedup,
+        time_to_target_ratio=plan.time_to_target_ratio,
+    )
+    return out
+
+
+def layout_svg(layout: Layout, size: int = 160) -> str:
+    """An SVG picture of a layout's kept blocks (dark) on the weight (light)."""
+    out_f, in_f = layout.shape
+    scale = size / max(out_f, in_f)
+    w, h = in_f * scale, out_f * scale
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0f}" height="{h:.0f}" viewBox="0 0 {w:.1f} {h:.1f}">',
+             f'<rect width="{w:.1f}" height="{h:.1f}" fill="#eef1f5"/>']  # fmt: skip
+    for r in layout.rects:
+        parts.append(
+            f'<rect x="{r.c0 * scale:.2f}" y="{r.r0 * scale:.2f}" width="{(r.c1 - r.c0) * scale:.2f}" '
+            f'height="{(r.r1 - r.r0) * scale:.2f}" fill="#2b5797"/>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _time_chart_svg(rows: list[dict[str, Any]], width: int = 640) -> str:
+    """Horizontal bars: estimated training time per layer, dense (grey) against as planned (blue)."""
+    timed = [r for r in rows if r.get("dense_step_ms") is not None]
+    if not timed:
+        return ""
+    top = max(r["dense_step_ms"] for r in timed) or 1.0
+    label_w, bar_w, row_h = 190, width - 260, 22
+    height = row_h * len(timed) + 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">']
+    for k, r in enumerate(timed):
+        y = 10 + k * row_h
+        dense = bar_w * r["dense_step_ms"] / top
+        planned = bar_w * r["step_ms"] / top
+        parts.append(f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end">{html.escape(r["module"])}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{dense:.1f}" height="8" fill="#b8bec7"/>')
+        parts.append(f'<rect x="{label_w}" y="{y + 9}" width="{planned:.1f}" height="8" fill="#2b5797"/>')
+        parts.append(f'<text x="{label_w + max(dense, planned) + 4:.1f}" y="{y + 13}">{r["dense_step_ms"]:.3g} → {r["step_ms"]:.3g} ms</text>')
+    parts.append(f'<text x="{label_w}" y="{height - 4}" fill="#555">grey: dense, blue: as planned (estimated ms per training step)</text></svg>')
+    return "".join(parts)
 
 
 @dataclass
@@ -61,15 +142,18 @@ class Report:
 
     rows: list[dict[str, Any]]
     options: dict[str, Any]
+    header: dict[str, Any] = field(default_factory=dict)
     title: str = "sparse_compiler report"
     notes: list[str] = field(default_factory=list)
+    pictures: dict[str, str] = field(default_factory=dict)  # layout key -> SVG
 
     @classmethod
     def from_plan(cls, plan: Plan, title: str = "sparse_compiler report", notes: list[str] | None = None) -> "Report":
         notes = list(notes or [])
         if not plan.decisions:
             notes.append("no Linear-like node with a 2-D parameter weight was found in this graph")
-        return cls([_row(d) for d in plan.decisions], plan.options.to_dict(), title, notes)
+        pictures = {d.layout.key: layout_svg(d.layout) for d in plan.chosen}
+        return cls([_row(d) for d in plan.decisions], plan.options.to_dict(), _header(plan), title, notes, pictures)
 
     # ------------------------------------------------------------------ summary numbers
     @property
@@ -88,16 +172,44 @@ class Report:
         total = self.flops_dense
         saved = self.flops_saved
         share = f"{100 * saved / total:.1f}%" if total else "0%"
-        return (
+        text = (
             f"{self.n_sparse} of {len(self.rows)} linear layers sparse; forward FLOPs "
             f"{_flops_text(total - saved)} instead of {_flops_text(total)} ({share} saved, at the example shapes)"
         )
+        speedup = self.header.get("step_speedup")
+        if speedup is not None:
+            text += f"; predicted step speed-up {speedup:.2f}x"
+        ttt = self.header.get("time_to_target_ratio")
+        if ttt is not None and self.n_sparse:
+            text += f", time to the dense loss x{ttt:.2f}"
+        return text
+
+    def header_lines(self) -> list[str]:
+        h = self.header
+        lines = []
+        hw = h.get("hardware")
+        if hw:
+            lines.append(f"hardware: {hw['name']} ({hw['description']}), hardware block {hw['hardware_block']}")
+        lines.append(f"mode: {h.get('mode', '-')}")
+        if "n_params" in h:
+            lines.append(
+                f"model N = {_count_text(h['n_params'])} parameters, planned tokens D = {_count_text(h['tokens'])}, "
+                f"dense target loss L* = {h['target_loss']:.3f} ({h['loss_law']} law)"
+            )
+            lines.append(
+                f"critical size N_crit = {_count_text(h['critical_size'])}; planned dense-equivalent size "
+                f"{_count_text(h['n_equivalent'])}; tokens needed x{h['token_ratio']:.2f}"
+                if h.get("token_ratio") not in (None, float("inf"))
+                else f"critical size N_crit = {_count_text(h['critical_size'])}; dense-equivalent size {_count_text(h['n_equivalent'])}"
+            )
+        return lines
 
     # ------------------------------------------------------------------ renderings
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
             "summary": self.summary(),
+            "header": self.header,
             "n_candidates": len(self.rows),
             "n_sparse": self.n_sparse,
             "flops_dense": self.flops_dense,
@@ -114,8 +226,10 @@ class Report:
         layout = ""
         if r["layout_kind"] == "flat_butterfly":
             layout = f"butterfly {r['butterfly_size']}, k={r['n_factors']}, b={r['block_size']}"
+            layout += ", shuffled" if r.get("shuffle") else ""
         elif r["layout_kind"]:
             layout = f"{r['layout_kind']}, b={r['block_size']}"
+        step = "-" if r.get("dense_step_ms") is None else f"{r['dense_step_ms']:.3g} → {r['step_ms']:.3g}"
         return [
             r["module"],
             r["module_type"] or r["kind"],
@@ -124,12 +238,13 @@ class Report:
             f"{r['density']:.3f}",
             layout,
             _flops_text(r["flops_saved_hint"]) if r["decision"] == "sparse" else "-",
+            step,
             r["reason"],
         ]
 
-    _HEADERS = ["module", "type", "out x in", "decision", "density", "layout", "FLOPs saved", "reason"]
+    _HEADERS = ["module", "type", "out x in", "decision", "density", "layout", "FLOPs saved", "est. ms/step", "reason"]
 
-    def table(self, width: int = 160) -> str:
+    def table(self, width: int = 170) -> str:
         """The report as a rich-rendered text table."""
         from rich.console import Console
         from rich.table import Table
@@ -141,26 +256,64 @@ class Report:
             table.add_row(*self._cells(r), style=None if r["decision"] == "sparse" else "dim")
         buffer = io.StringIO()
         console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+        for line in self.header_lines():
+            console.print(line, highlight=False)
         console.print(table)
         for note in self.notes:
-            console.print(f"note: {note}")
+            console.print(f"note: {note}", highlight=False)
         return buffer.getvalue()
 
     def to_markdown(self) -> str:
         lines = [f"# {self.title}", "", self.summary(), ""]
-        lines.append("| " + " | ".join(self._HEADERS) + " |")
-        lines.append("|" + "---|" * len(self._HEADERS))
+        lines.extend(f"- {line}" for line in self.header_lines())
+        lines.extend(["", "| " + " | ".join(self._HEADERS) + " |", "|" + "---|" * len(self._HEADERS)])
         for r in self.rows:
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in self._cells(r)) + " |")
         lines.extend(f"\n_note: {n}_" for n in self.notes)
         return "\n".join(lines) + "\n"
 
+    def to_html(self) -> str:
+        """A self-contained page: header, table, layout pictures and the time chart (inline SVG)."""
+        esc = html.escape
+        head = "".join(f"<li>{esc(line)}</li>" for line in self.header_lines())
+        cells = "".join(
+            f'<tr class="{r["decision"]}">' + "".join(f"<td>{esc(str(c))}</td>" for c in self._cells(r)) + "</tr>"
+            for r in self.rows
+        )
+        pictures = "".join(
+            f'<figure>{svg}<figcaption>{esc(", ".join(r["module"] for r in self.rows if r["layout"] == key))}'
+            f"<br><small>{esc(key)}</small></figcaption></figure>"
+            for key, svg in self.pictures.items()
+        )
+        notes = "".join(f"<p><em>note: {esc(n)}</em></p>" for n in self.notes)
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(self.title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccd; padding: 3px 6px; text-align: left; vertical-align: top; }}
+tr.dense td {{ color: #777; }}
+figure {{ display: inline-block; margin: 0 1.5em 1.5em 0; text-align: center; font-size: 12px; }}
+</style></head><body>
+<h1>{esc(self.title)}</h1>
+<p><strong>{esc(self.summary())}</strong></p>
+<ul>{head}</ul>
+<table><tr>{"".join(f"<th>{esc(h)}</th>" for h in self._HEADERS)}</tr>{cells}</table>
+{notes}
+<h2>Chosen layouts</h2>
+<p>Kept blocks in blue, on the (out × in) weight.</p>
+{pictures or "<p>none</p>"}
+<h2>Estimated time per layer</h2>
+{_time_chart_svg(self.rows)}
+</body></html>
+"""
+
     def save(self, path: str | Path) -> Path:
-        """Write as JSON (``.json``), Markdown (``.md``) or the text table (``.txt``)."""
+        """Write as JSON (``.json``), Markdown (``.md``), HTML (``.html``) or the text table (``.txt``)."""
         path = Path(path)
-        text = {".json": self.to_json, ".md": self.to_markdown, ".txt": self.table}.get(path.suffix)
+        text = {".json": self.to_json, ".md": self.to_markdown, ".html": self.to_html, ".txt": self.table}.get(path.suffix)
         if text is None:
-            raise ValueError(f"cannot save a report as {path.suffix!r}: use .json, .md or .txt")
+            raise ValueError(f"cannot save a report as {path.suffix!r}: use .json, .md, .html or .txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text())
         return path

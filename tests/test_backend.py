@@ -14,8 +14,9 @@ from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
 
 from models import MLP, Block, Conv1D, TiedLM
 
-# Small layers in tests: 16-blocks and no size floor.
-SMALL = {"block_size": 16, "min_features": 0}
+# Small layers in tests: 16-blocks, no size floor, and an explicit density (the cost model is
+# tested in test_cost.py).
+SMALL = {"block_size": 16, "min_features": 0, "density": 0.25}
 
 
 def _sparse_reference(model, report, rescale):
@@ -243,7 +244,7 @@ def test_backend_string_works_in_a_fresh_interpreter_without_import():
         """
         import sys, torch
         m = torch.nn.Linear(64, 64)
-        y = torch.compile(m, backend="sparsify", options={"block_size": 16, "min_features": 0, "eager": True})(torch.randn(2, 64))
+        y = torch.compile(m, backend="sparsify", options={"block_size": 16, "density": 0.25, "eager": True})(torch.randn(2, 64))
         import sparse_compiler
         row = sparse_compiler.last_report().rows[0]
         assert row["decision"] == "sparse"

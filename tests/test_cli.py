@@ -23,7 +23,7 @@ def test_report_command_prints_and_writes_json(tmp_path, capsys):
     assert "1 of 2 linear layers sparse" in printed
     data = json.loads(out.read_text())
     assert [layer["decision"] for layer in data["layers"]] == ["sparse", "dense"]
-    assert "min_features" in data["layers"][1]["reason"]
+    assert "not a multiple of block_size" in data["layers"][1]["reason"]
 
 
 @pytest.mark.parametrize(

@@ -1,41 +1,60 @@
-"""Planner, first version: one layout per candidate from the options, or a reason to stay dense.
+"""Planner: one decision per candidate, a layout or the reason to stay dense.
 
-``plan(candidates, options) -> Plan``. Every candidate gets a ``Decision``: a layout (the flat
-butterfly nearest to ``options.density``, or the one forced by ``butterfly_size``/``n_factors``) or
-``None`` with the reason it stays dense. The rules, in order: sparsity disabled; a structural blocker
-found by the analysis; unsupported device or dtype; mixed dtypes (autocast); include/exclude globs;
-a weight shared with other nodes; smaller than ``min_features``; dims not multiples of the block size;
-no butterfly configuration for the shape. A parameter sparsified by an earlier compilation keeps its
-layout. The planner is pure and deterministic: the same candidates and options give the same plan.
+``plan(candidates, options, summary) -> Plan``.
+
+1. **Eligibility.** A candidate stays dense, with the reason, when: sparsity is disabled; the analysis
+   found a structural blocker; its device or dtype is unsupported; it runs in an autocast region; the
+   ``include``/``exclude`` globs or ``targets`` leave it out; its weight is shared with other nodes;
+   it is below ``min_features``; its dims are not multiples of the block size. A parameter sparsified
+   by an earlier compilation keeps its layout.
+2. **Explicit density** (``options.density`` set): every eligible candidate gets the flat butterfly
+   nearest to it, as asked, whatever the estimates say (they are still reported).
+3. **Cost model** (``options.density is None``): for each eligible candidate, a few layouts (target
+   densities 1/2 … 1/16, block sizes of one and two hardware blocks; butterflies with fewer factors
+   than ``log2(butterfly_size)`` are shuffled so stacked layers mix all features); each is estimated
+   on the hardware profile (``cost/estimate.py``). Layouts slower than dense are dropped (a layer with none
+   left stays dense: "sparsity does not pay here"). Then a greedy search, each step taking the single
+   layer change that most lowers the predicted **time to the target loss**,
+   ``(step time / dense step time) × (tokens needed / planned tokens)`` (``cost/scaling.py``), while
+   keeping the dense-equivalent size above ``N_crit·(1 + margin)``. It stops when no change helps.
+
+The planner is pure and deterministic: the same candidates, options and summary give the same plan.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from sparse_compiler.cost.estimate import LinearEstimate, estimate_linear
+from sparse_compiler.cost.hardware import HardwareProfile, profile
+from sparse_compiler.cost.scaling import LOSS_LAWS, LossLaw, ScalingView, equivalent_params
 from sparse_compiler.kernels.ops import SUPPORTED_DTYPES
 from sparse_compiler.layouts.butterfly import flat_butterfly, nearest_flat_butterfly
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout
 from sparse_compiler.options import Options
-from sparse_compiler.passes.analyze import Candidate
+from sparse_compiler.passes.analyze import Candidate, GraphSummary
 
-__all__ = ["Decision", "Plan", "plan"]
+__all__ = ["Decision", "Plan", "plan", "dtype_name", "TARGET_DENSITIES"]
 
 SUPPORTED_DEVICES = ("cpu", "cuda")
+TARGET_DENSITIES = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
+TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal budget: the default planned tokens
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What the planner chose for one candidate and why."""
+    """What the planner chose for one candidate, why, and what it is estimated to cost."""
 
     candidate: Candidate
     layout: Layout | None
     reason: str
+    estimate: LinearEstimate | None = None
 
     @property
     def sparse(self) -> bool:
@@ -59,10 +78,59 @@ class Decision:
 class Plan:
     decisions: tuple[Decision, ...]
     options: Options
+    hardware: HardwareProfile | None = None
+    scaling: ScalingView | None = None
+    n_equivalent: float | None = None
+    step_time_dense: float | None = None
+    step_time: float | None = None
 
     @property
     def chosen(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.sparse)
+
+    @classmethod
+    def merge(cls, plans: Sequence["Plan"], options: Options) -> "Plan":
+        """One plan for a model traced as several graphs (graph breaks); their parameters are
+        assumed disjoint, so sizes and step times add up."""
+        if len(plans) == 1:
+            return plans[0]
+        decisions = tuple(d for p in plans for d in p.decisions)
+        if not plans:
+            return cls(decisions, options)
+        n_params = sum(p.scaling.n_params for p in plans if p.scaling is not None)
+        first = plans[0].scaling
+        view = None
+        if first is not None:
+            tokens = options.tokens if options.tokens is not None else TOKENS_PER_PARAM * n_params
+            view = ScalingView(first.law, n_params, float(tokens), first.margin)
+        total = lambda name: sum(getattr(p, name) or 0.0 for p in plans)  # noqa: E731
+        return cls(
+            decisions, options, plans[0].hardware, view, total("n_equivalent"), total("step_time_dense"), total("step_time")
+        )
+
+    @property
+    def step_speedup(self) -> float | None:
+        if not self.step_time or self.step_time_dense is None:
+            return None
+        return self.step_time_dense / self.step_time
+
+    @property
+    def token_ratio(self) -> float | None:
+        if self.scaling is None or self.n_equivalent is None:
+            return None
+        return self.scaling.token_ratio(self.n_equivalent)
+
+    @property
+    def time_to_target_ratio(self) -> float | None:
+        """Predicted time to reach the dense model's loss, relative to training it dense."""
+        speedup, tokens = self.step_speedup, self.token_ratio
+        if speedup is None or tokens is None:
+            return None
+        return tokens / speedup
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return "" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def _matches(name: str, globs: tuple[str, ...]) -> bool:
@@ -78,13 +146,13 @@ def _hard_reason(c: Candidate, o: Options) -> str | None:
     if c.device not in SUPPORTED_DEVICES:
         return f"device {c.device!r} not supported (supported: {', '.join(SUPPORTED_DEVICES)})"
     if c.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(c.dtype).replace('torch.', '')} not supported (float32, bfloat16, float16)"
+        return f"dtype {dtype_name(c.dtype)} not supported (float32, bfloat16, float16)"
     if (c.input_dtype is not None and c.input_dtype != c.dtype) or (c.output_dtype is not None and c.output_dtype != c.dtype):
         return "input or output dtype differs from the weight's (autocast or mixed precision)"
     return None
 
 
-def _soft_reason(c: Candidate, o: Options) -> str | None:
+def _soft_reason(c: Candidate, o: Options, block_size: int) -> str | None:
     """Reasons the options give; a parameter already sparsified keeps its layout regardless."""
     if "linear" not in o.targets:
         return f"linear layers are not among targets={list(o.targets)}"
@@ -96,45 +164,201 @@ def _soft_reason(c: Candidate, o: Options) -> str | None:
         return f"weight also used by {', '.join(c.shared_with)} (tied weights stay dense unless allow_shared_weights=True)"
     if min(c.in_features, c.out_features) < o.min_features:
         return f"smaller than min_features={o.min_features} (min(in, out) = {min(c.in_features, c.out_features)})"
-    b = o.block_size
-    if c.out_features % b or c.in_features % b:
-        return f"shape {c.out_features}x{c.in_features} is not a multiple of block_size={b}"
+    if c.out_features % block_size or c.in_features % block_size:
+        return f"shape {c.out_features}x{c.in_features} is not a multiple of block_size={block_size}"
     return None
 
 
-def _layout_for(c: Candidate, o: Options) -> tuple[Layout | None, str]:
-    if c.existing_layout is not None:
-        layout = get_layout(c.existing_layout)
-        return layout, "sparsified by an earlier compilation; layout kept"
+def _estimate(c: Candidate, hw: HardwareProfile, layout: Layout | None) -> LinearEstimate:
+    return estimate_linear(c.tokens_hint, c.in_features, c.out_features, c.dtype, hw, layout, tokens_expr=c.tokens)
+
+
+def _explicit_layout(c: Candidate, o: Options, block_size: int) -> tuple[Layout | None, str]:
     if o.butterfly_size is not None:
         try:
             layout = flat_butterfly(
-                c.out_features, c.in_features, o.butterfly_size, o.n_factors, o.block_size, o.global_size, o.shuffle
+                c.out_features, c.in_features, o.butterfly_size, o.n_factors, block_size, o.global_size, o.shuffle
             )
         except ValueError as exc:
             return None, f"butterfly_size={o.butterfly_size}, n_factors={o.n_factors} do not fit: {exc}"
         return layout, f"flat butterfly forced by butterfly_size={o.butterfly_size}, n_factors={o.n_factors}"
-    layout = nearest_flat_butterfly(c.out_features, c.in_features, o.density, o.block_size, o.global_size, o.shuffle)
+    layout = nearest_flat_butterfly(c.out_features, c.in_features, o.density, block_size, o.global_size, o.shuffle)
     if layout is None:
-        return None, f"no flat butterfly configuration below density 1 for {c.out_features}x{c.in_features} at block_size={o.block_size}"
+        return None, f"no flat butterfly configuration below density 1 for {c.out_features}x{c.in_features} at block_size={block_size}"
     return layout, f"flat butterfly nearest to density={o.density:g}"
 
 
-def plan(candidates: list[Candidate], options: Options) -> Plan:
-    decisions = []
-    for c in candidates:
-        reason = _hard_reason(c, options)
-        if reason is None and c.existing_layout is None:
-            reason = _soft_reason(c, options)
-        if reason is not None:
-            decisions.append(Decision(c, None, reason))
+def _mixing(layout: Layout) -> Layout:
+    """The layout itself when its butterfly mixes all features, else its shuffled twin.
+
+    With ``n_factors < log2(butterfly_size)`` the pattern is block-diagonal in super-blocks of
+    ``2^n_factors`` cells: stacked layers would never mix features across super-blocks. The
+    bit-reversal shuffle of the grid's columns spreads each super-block's inputs over the width.
+    """
+    p = layout.params
+    if p["n_factors"] >= p["butterfly_size"].bit_length() - 1:
+        return layout
+    return flat_butterfly(
+        p["out_features"], p["in_features"], p["butterfly_size"], p["n_factors"], p["block_size"], p["global_size"], True
+    )
+
+
+def _options_for(c: Candidate, o: Options, hw: HardwareProfile) -> list[tuple[Layout, LinearEstimate]]:
+    """Candidate layouts for the cost model, each with its estimate, fastest first."""
+    sizes = (o.block_size,) if o.block_size is not None else (hw.hardware_block, 2 * hw.hardware_block)
+    seen: dict[str, tuple[Layout, LinearEstimate]] = {}
+    for b in sizes:
+        if c.out_features % b or c.in_features % b:
             continue
-        layout, why = _layout_for(c, options)
-        if layout is not None and layout.shape != (c.out_features, c.in_features):
-            layout, why = None, f"layout {layout.key} does not fit the weight"
-        decisions.append(Decision(c, layout, why))
-    return Plan(tuple(decisions), options)
+        for d in TARGET_DENSITIES:
+            layout = nearest_flat_butterfly(c.out_features, c.in_features, d, b, o.global_size, o.shuffle)
+            if layout is not None and not o.shuffle:
+                layout = _mixing(layout)
+            if layout is not None and layout.key not in seen:
+                seen[layout.key] = (layout, _estimate(c, hw, layout))
+    return sorted(seen.values(), key=lambda le: (le[1].training, le[0].key))
 
 
-def dtype_name(dtype: torch.dtype | None) -> str:
-    return "" if dtype is None else str(dtype).replace("torch.", "")
+def _law(o: Options) -> LossLaw:
+    if isinstance(o.loss_law, str):
+        return LOSS_LAWS[o.loss_law]
+    return LossLaw(**{k: float(v) for k, v in o.loss_law.items()}, name="custom")
+
+
+def _step_time(summary: GraphSummary, hw: HardwareProfile, linear_seconds: float) -> float:
+    """Training step time: the linear candidates plus the rest of the graph (3× its forward)."""
+    rate = hw.flops_per_second(dtype_name(summary.dtype) or "float32")
+    rest = 3 * (summary.other_flops / rate) + 2 * summary.other_bytes / hw.memory_bandwidth
+    return rest + linear_seconds
+
+
+def plan(candidates: Sequence[Candidate], options: Options, summary: GraphSummary | None = None) -> Plan:
+    """Decide every candidate (module docstring)."""
+    o = options
+    device = summary.device if summary is not None else (candidates[0].device if candidates else "cpu")
+    hw = profile(o.hardware, device if device in SUPPORTED_DEVICES else "cpu")
+    block_size = o.block_size if o.block_size is not None else hw.hardware_block
+
+    decided: dict[int, Decision] = {}
+    open_: list[int] = []
+    for i, c in enumerate(candidates):
+        reason = _hard_reason(c, o)
+        if reason is None and c.existing_layout is not None:
+            layout = get_layout(c.existing_layout)
+            decided[i] = Decision(c, layout, "sparsified by an earlier compilation; layout kept", _estimate(c, hw, layout))
+            continue
+        if reason is None:
+            reason = _soft_reason(c, o, block_size)
+        if reason is not None:
+            decided[i] = Decision(c, None, reason, _estimate(c, hw, None))
+        else:
+            open_.append(i)
+
+    if o.density is not None or o.butterfly_size is not None:
+        for i in open_:
+            c = candidates[i]
+            layout, why = _explicit_layout(c, o, block_size)
+            decided[i] = Decision(c, layout, why, _estimate(c, hw, layout))
+        return _finish(candidates, decided, o, hw, summary)
+
+    choices: dict[int, list[tuple[Layout, LinearEstimate]]] = {}
+    for i in open_:
+        c = candidates[i]
+        dense = _estimate(c, hw, None)
+        all_options = _options_for(c, o, hw)
+        paying = [le for le in all_options if le[1].training < dense.training]
+        if paying:
+            choices[i] = paying
+        elif not all_options:
+            decided[i] = Decision(c, None, f"shape {c.out_features}x{c.in_features} fits no butterfly layout at blocks of {hw.hardware_block} or {2 * hw.hardware_block}", dense)
+        else:
+            best = all_options[0][1]
+            decided[i] = Decision(
+                c, None,
+                f"sparsity does not pay here: best layout {best.training * 1e3:.3g} ms vs dense {dense.training * 1e3:.3g} ms per step on {hw.name} (launch-bound or too small)",
+                dense,
+            )  # fmt: skip
+    _greedy(candidates, choices, decided, o, hw, summary)
+    return _finish(candidates, decided, o, hw, summary)
+
+
+def _scaling_view(candidates: Sequence[Candidate], o: Options, summary: GraphSummary | None) -> ScalingView:
+    n_params = summary.n_params if summary is not None and summary.n_params else sum(c.in_features * c.out_features for c in candidates)
+    n_params = max(n_params, 1)
+    tokens = o.tokens if o.tokens is not None else TOKENS_PER_PARAM * n_params
+    return ScalingView(_law(o), float(n_params), float(tokens), o.critical_margin)
+
+
+def _n_equivalent(candidates: Sequence[Candidate], layouts: dict[int, Layout], view: ScalingView, gamma: float) -> float:
+    n = view.n_params
+    seen: set[int] = set()
+    for i, layout in layouts.items():
+        c = candidates[i]
+        if c.weight_input_index in seen:
+            continue
+        seen.add(c.weight_input_index)
+        numel = c.in_features * c.out_features
+        n += equivalent_params(numel, layout.density, gamma) - numel
+    return n
+
+
+def _greedy(candidates, choices, decided, o: Options, hw: HardwareProfile, summary: GraphSummary | None) -> None:
+    """Fill ``decided`` for the layers in ``choices`` (module docstring, step 3)."""
+    view = _scaling_view(candidates, o, summary)
+    dense_time = {i: _estimate(candidates[i], hw, None).training for i in choices}
+    fixed = sum(d.estimate.training for d in decided.values() if d.estimate is not None)
+    fixed_layouts = {i: d.layout for i, d in decided.items() if d.layout is not None}
+    base = _step_time(summary, hw, 0.0) if summary is not None else 0.0
+    step_dense = base + fixed + sum(dense_time.values())
+    current: dict[int, int] = {}  # layer -> index into its choices
+
+    def objective(state: dict[int, int]) -> float:
+        layouts = dict(fixed_layouts)
+        layouts.update({i: choices[i][k][0] for i, k in state.items()})
+        n_eq = _n_equivalent(candidates, layouts, view, o.sparsity_efficiency)
+        if n_eq < view.minimum_size:
+            return math.inf
+        step = base + fixed + sum(choices[i][state[i]][1].training if i in state else dense_time[i] for i in choices)
+        return (step / step_dense) * view.token_ratio(n_eq)
+
+    best_value = objective(current)
+    while True:
+        best_move = None
+        for i in sorted(choices):
+            for k in range(len(choices[i])):
+                if current.get(i) == k:
+                    continue
+                trial = dict(current)
+                trial[i] = k
+                value = objective(trial)
+                if value < best_value - 1e-12:
+                    best_value, best_move = value, (i, k)
+        if best_move is None:
+            break
+        current[best_move[0]] = best_move[1]
+
+    for i in sorted(choices):
+        c = candidates[i]
+        if i in current:
+            layout, est = choices[i][current[i]]
+            decided[i] = Decision(c, layout, f"cost model: {est.training_speedup:.2f}x faster per step, within the critical-size bound", est)
+            continue
+        trial = dict(current)
+        trial[i] = 0
+        value = objective(trial)
+        if math.isinf(value):
+            why = f"sparsifying it would take the model below the critical size (N_crit = {view.critical_size:.3g} parameters, margin {o.critical_margin:g})"
+        else:
+            why = "the extra tokens a smaller model needs outweigh the faster steps (predicted time to the dense loss would grow)"
+        decided[i] = Decision(c, None, why, _estimate(c, hw, None))
+
+
+def _finish(candidates, decided, o: Options, hw: HardwareProfile, summary: GraphSummary | None) -> Plan:
+    decisions = tuple(decided[i] for i in range(len(candidates)))
+    view = _scaling_view(candidates, o, summary)
+    layouts = {i: d.layout for i, d in enumerate(decisions) if d.layout is not None}
+    n_eq = _n_equivalent(candidates, layouts, view, o.sparsity_efficiency)
+    base = _step_time(summary, hw, 0.0) if summary is not None else 0.0
+    dense = base + sum(d.estimate.dense_training for d in decisions if d.estimate is not None)
+    sparse = base + sum(d.estimate.training for d in decisions if d.estimate is not None)
+    return Plan(decisions, o, hw, view, n_eq, dense, sparse)

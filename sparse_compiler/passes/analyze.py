@@ -289,3 +289,76 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
             )
         )
     return candidates
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """What the planner needs to know about the graph beyond its candidates.
+
+    ``n_params`` counts the parameters the graph reads; ``other_flops`` and ``other_bytes`` are the
+    forward matmul FLOPs and the bytes written by every node that is not a candidate (attention,
+    norms, activations), so the planner can weigh the candidates' share of a step.
+    """
+
+    n_params: int
+    other_flops: float
+    other_bytes: float
+    dtype: torch.dtype | None
+    device: str
+
+
+_VIEWS = {
+    operator.getitem, "view", "reshape", "transpose", "permute", "t", "split", "chunk", "size",
+    "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "contiguous", "getattr", "T",
+}  # fmt: skip
+
+
+def _numel_hint(meta: Any) -> int:
+    n = 1
+    for d in meta.shape:
+        n *= _dim_expr(d)[1]
+    return n
+
+
+def _other_flops(node: fx.Node) -> float:
+    """Forward FLOPs of a non-candidate matmul-like node (0 for everything else)."""
+    metas = [_meta(a) for a in node.args[:3]]
+    if node.target is F.scaled_dot_product_attention and all(isinstance(m, torch.Tensor) for m in metas):
+        q, k = metas[0], metas[1]
+        batch_heads = _numel_hint(q) // (_dim_expr(q.shape[-2])[1] * _dim_expr(q.shape[-1])[1])
+        lq, lk, dh = _dim_expr(q.shape[-2])[1], _dim_expr(k.shape[-2])[1], _dim_expr(q.shape[-1])[1]
+        causal = 0.5 if node.kwargs.get("is_causal") else 1.0
+        return 4.0 * batch_heads * lq * lk * dh * causal
+    is_matmul = node.target in _MATMUL_FUNCTIONS or node.target in (torch.bmm, torch.baddbmm) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS
+    )
+    if is_matmul and len(metas) >= 2 and all(isinstance(m, torch.Tensor) for m in metas[:2]):
+        a, out = metas[0], _meta(node)
+        if isinstance(out, torch.Tensor) and a.dim() >= 1:
+            return 2.0 * _numel_hint(out) * _dim_expr(a.shape[-1])[1]
+    return 0.0
+
+
+def summarize(gm: fx.GraphModule, example_inputs: Sequence[Any], candidates: Sequence[Candidate]) -> GraphSummary:
+    """Parameter count and the cost of the non-candidate work of ``gm`` (see ``GraphSummary``)."""
+    params = [v for v in example_inputs if isinstance(v, torch.nn.Parameter)]
+    seen: set[int] = set()
+    n_params = 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            n_params += p.numel()
+    candidate_nodes = {c.node for c in candidates}
+    flops = nbytes = 0.0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node.name in candidate_nodes:
+            continue
+        if node.target in _VIEWS or getattr(node.target, "__name__", None) in _VIEWS:
+            continue  # views and shape queries move no data
+        flops += _other_flops(node)
+        out = _meta(node)
+        if isinstance(out, torch.Tensor):
+            nbytes += _numel_hint(out) * out.element_size()
+    dtype = params[0].dtype if params else None
+    device = params[0].device.type if params else (candidates[0].device if candidates else "cpu")
+    return GraphSummary(n_params, flops, nbytes, dtype, device)
