@@ -267,3 +267,18 @@ def test_autocast_regions_stay_dense_and_correct():
     torch.testing.assert_close(got, want)
     rows = sparse_compiler.last_report().rows
     assert rows and all(r["decision"] == "dense" and "autocast" in r["reason"] for r in rows)
+
+
+def test_report_header_html_and_report_option(tmp_path):
+    model = Block()
+    report = sparse_compiler.report(model, torch.randn(2, 16, 64), **SMALL, tokens=1e6)
+    header = report.to_dict()["header"]
+    assert header["mode"] == "explicit density" and header["tokens"] == 1e6
+    assert header["critical_size"] < header["n_params"]
+    assert header["n_equivalent"] < header["n_params"]
+    page = report.to_html()
+    assert page.count("<figure><svg") == len({r["layout"] for r in report.rows if r["layout"]})
+    assert "Estimated time per layer" in page and "critical size" in page
+    path = tmp_path / "plan.html"
+    _compile(Block(), eager=True, report=str(path))(torch.randn(1, 16, 64))
+    assert path.read_text().startswith("<!doctype html>")
