@@ -99,6 +99,13 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def model_and_inputs(batch: int = 16, seq: int = 128) -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
+    """The default model and a batch of example inputs, for ``sparse-compiler report train_gpt:model_and_inputs``."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (batch, seq + 1))
+    return GPT(seq=seq), (idx[:, :-1], idx[:, 1:])
+
+
 # ---------------------------------------------------------------------------------------------- loop
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

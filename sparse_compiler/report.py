@@ -181,7 +181,7 @@ class Report:
             text += f"; predicted step speed-up {speedup:.2f}x"
         ttt = self.header.get("time_to_target_ratio")
         if ttt is not None and self.n_sparse:
-            text += f", time to the dense loss x{ttt:.2f}"
+            text += f"; predicted time to reach the dense model's loss {ttt:.2f}x that of dense training"
         return text
 
     def header_lines(self) -> list[str]:
