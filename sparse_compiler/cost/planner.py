@@ -303,39 +303,52 @@ def _n_equivalent(candidates: Sequence[Candidate], layouts: dict[int, Layout], v
 
 
 def _greedy(candidates, choices, decided, o: Options, hw: HardwareProfile, summary: GraphSummary | None) -> None:
-    """Fill ``decided`` for the layers in ``choices`` (module docstring, step 3)."""
+    """Fill ``decided`` for the layers in ``choices`` (module docstring, step 3).
+
+    The objective is kept as running sums (dense-equivalent size, step time), so trying a move costs
+    O(1) and a plan over hundreds of layers stays fast.
+    """
     view = _scaling_view(candidates, o, summary)
+    gamma = o.sparsity_efficiency
     dense_time = {i: _estimate(candidates[i], hw, None).training for i in choices}
-    fixed = sum(d.estimate.training for d in decided.values() if d.estimate is not None)
+    numel = {i: candidates[i].in_features * candidates[i].out_features for i in choices}
     fixed_layouts = {i: d.layout for i, d in decided.items() if d.layout is not None}
     base = _step_time(summary, hw, 0.0) if summary is not None else 0.0
-    step_dense = base + fixed + sum(dense_time.values())
+    step_dense = base + sum(d.estimate.training for d in decided.values() if d.estimate is not None) + sum(dense_time.values())
+    n_eq = _n_equivalent(candidates, fixed_layouts, view, gamma)
+    step = step_dense
     current: dict[int, int] = {}  # layer -> index into its choices
 
-    def objective(state: dict[int, int]) -> float:
-        layouts = dict(fixed_layouts)
-        layouts.update({i: choices[i][k][0] for i, k in state.items()})
-        n_eq = _n_equivalent(candidates, layouts, view, o.sparsity_efficiency)
-        if n_eq < view.minimum_size:
-            return math.inf
-        step = base + fixed + sum(choices[i][state[i]][1].training if i in state else dense_time[i] for i in choices)
-        return (step / step_dense) * view.token_ratio(n_eq)
+    def contribution(i: int, k: int | None) -> tuple[float, float]:
+        """(dense-equivalent parameters, training seconds) of layer ``i`` with choice ``k``."""
+        if k is None:
+            return float(numel[i]), dense_time[i]
+        layout, est = choices[i][k]
+        return equivalent_params(numel[i], layout.density, gamma), est.training
 
-    best_value = objective(current)
+    def objective(n: float, t: float) -> float:
+        if n < view.minimum_size:
+            return math.inf
+        return (t / step_dense) * view.token_ratio(n)
+
+    best_value = objective(n_eq, step)
     while True:
         best_move = None
         for i in sorted(choices):
+            n_old, t_old = contribution(i, current.get(i))
             for k in range(len(choices[i])):
                 if current.get(i) == k:
                     continue
-                trial = dict(current)
-                trial[i] = k
-                value = objective(trial)
+                n_new, t_new = contribution(i, k)
+                value = objective(n_eq - n_old + n_new, step - t_old + t_new)
                 if value < best_value - 1e-12:
-                    best_value, best_move = value, (i, k)
+                    best_value, best_move = value, (i, k, n_new - n_old, t_new - t_old)
         if best_move is None:
             break
-        current[best_move[0]] = best_move[1]
+        i, k, dn, dt = best_move
+        current[i] = k
+        n_eq += dn
+        step += dt
 
     for i in sorted(choices):
         c = candidates[i]
@@ -343,10 +356,8 @@ def _greedy(candidates, choices, decided, o: Options, hw: HardwareProfile, summa
             layout, est = choices[i][current[i]]
             decided[i] = Decision(c, layout, f"cost model: {est.training_speedup:.2f}x faster per step, within the critical-size bound", est)
             continue
-        trial = dict(current)
-        trial[i] = 0
-        value = objective(trial)
-        if math.isinf(value):
+        n_new, t_new = contribution(i, 0)
+        if n_eq - numel[i] + n_new < view.minimum_size:
             why = f"sparsifying it would take the model below the critical size (N_crit = {view.critical_size:.3g} parameters, margin {o.critical_margin:g})"
         else:
             why = "the extra tokens a smaller model needs outweigh the faster steps (predicted time to the dense loss would grow)"

@@ -19,6 +19,7 @@ block 16, 20.8% with block 32).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -92,6 +93,7 @@ def _stretch(grid: torch.Tensor, out_features: int, in_features: int, block_size
     return (rows @ grid.float() @ cols.t()) > 0
 
 
+@functools.lru_cache(maxsize=4096)  # layouts are immutable values: planners ask for the same ones often
 def flat_butterfly(
     out_features: int,
     in_features: int,
@@ -170,6 +172,7 @@ def butterfly_configs(out_features: int, in_features: int, block_size: int) -> l
     return configs
 
 
+@functools.lru_cache(maxsize=4096)
 def nearest_flat_butterfly(
     out_features: int,
     in_features: int,
