@@ -121,7 +121,8 @@ def _time_chart_svg(rows: list[dict[str, Any]], width: int = 640) -> str:
     if not timed:
         return ""
     top = max(r["dense_step_ms"] for r in timed) or 1.0
-    label_w, bar_w, row_h = 190, width - 260, 22
+    label_w, row_h = 190, 22
+    bar_w = width - label_w - 140  # room for the "a → b ms" label after the longest bar
     height = row_h * len(timed) + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">']
     for k, r in enumerate(timed):
