@@ -52,10 +52,21 @@ def test_compiled_matches_masked_dense_reference(make, x):
     report = sparse_compiler.last_report()
     assert report.n_sparse >= 1
     ref = _sparse_reference(before, report, rescale=False)
-    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     # the eager model itself now is that sparse model (masked blocks zeroed in place)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    # gradients: the reference's, masked to the kept blocks of each sparse weight
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    keep = {r["parameter"]: r for r in report.rows if r["layout"]}
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        want = q.grad
+        if name in keep:
+            mask = get_layout(keep[name]["layout"]).element_mask()
+            want = want * (mask if keep[name]["weight_stored"] == "out_in" else mask.t())
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_every_linear_of_the_block_is_found_including_in_out_weights():
