@@ -1,0 +1,468 @@
+"""Static block layouts of the attention score matrix: (query blocks × key blocks) masks.
+
+A block ``(i, j)`` is kept when the queries ``[i·b, (i+1)·b)`` may attend to the keys ``[j·b, (j+1)·b)``
+(``b`` the attention block size). Lengths that are not a multiple of ``b`` round up: the last block
+row or column is partial, and the element mask (:func:`attention_element_mask`) crops it.
+
+Patterns (each a function of the grid ``n_q × n_k`` and a few integers; all return bool tensors):
+
+- ``butterfly``: the flat block butterfly of Pixelated Butterfly on a ``butterfly_size`` grid
+  stretched over the blocks: query cell ``r`` sees key cells ``r, r^1, r^2, …, r^(2^(n_factors-1))``.
+  The parameters are chosen to approach the target density (:func:`attention_layout`).
+- ``local``: a band of ``window`` blocks on each side of the diagonal (``|i - j| <= window``).
+- ``global``: the first ``global_blocks`` query blocks see every key, and every query sees the first
+  ``global_blocks`` key blocks (tokens such as CLS or BOS that gather and broadcast).
+- ``strided`` (Sparse Transformer, Child et al. 2019): ``|i - j| < stride`` or ``(i - j) % stride == 0``.
+- ``fixed`` (Sparse Transformer): same ``stride``-block chunk (``i // stride == j // stride``), or a
+  key block among the last ``summary`` blocks of its chunk (the "summary" columns).
+- ``bigbird`` (Zaheer et al. 2020): local window + global blocks + ``n_random`` random key blocks per
+  query block, drawn once from ``seed`` (so the layout is static and the same in every process).
+
+Patterns named with ``+`` (``"butterfly+local+global"``) are unions. Whatever the pattern, the
+diagonal (block ``(i, min(i, n_k - 1))``) is always kept so that every query sees itself, and with
+``causal=True`` every block above the diagonal (``j > i``) is dropped (the causal restriction, with the
+top-left alignment of ``scaled_dot_product_attention(is_causal=True)``).
+
+Density: the fraction of kept blocks among the blocks the attention could use at all, i.e. among all
+``n_q · n_k`` blocks, or among the lower triangle (diagonal included) when causal. That is the ratio of
+work against the dense fused kernel, which skips the upper triangle of causal attention too.
+
+Layouts are :class:`~sparse_compiler.layouts.layout.Layout` values (``kind="attention"``) whose key
+spells out every resolved parameter (``attention:pattern=…,lq=…,lk=…,b=…,…``): any process rebuilds the
+same layout from its key (:func:`get_attention_layout`), which keeps compiled graphs that refer to it
+meaningful wherever they are cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import threading
+from typing import Any
+
+import torch
+
+from sparse_compiler.layouts.butterfly import butterfly_grid
+from sparse_compiler.layouts.layout import Layout
+
+__all__ = [
+    "PATTERNS",
+    "attention_density",
+    "attention_element_mask",
+    "attention_layout",
+    "attention_layout_from_options",
+    "bigbird_blocks",
+    "butterfly_blocks",
+    "causal_blocks",
+    "diagonal_blocks",
+    "fixed_blocks",
+    "get_attention_layout",
+    "global_blocks",
+    "layout_geometry",
+    "local_blocks",
+    "strided_blocks",
+]
+
+COMBINABLE = ("butterfly", "local", "global")
+ALONE = ("strided", "fixed", "bigbird")
+PATTERNS = COMBINABLE + ALONE
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run small mask arithmetic on one thread: on a few busy cores, waking the intra-op pool costs
+    far more than these (at most a few million element) operations."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _fail(name: str, value: Any, why: str) -> None:
+    raise ValueError(f"attention layout: {name}={value!r}: {why}")
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(name, value, f"expected an int >= {low}")
+    return value
+
+
+def _grid_ids(n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_int("n_q", n_q, 1)
+    _check_int("n_k", n_k, 1)
+    return torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+
+
+# ---------------------------------------------------------------------------------------------- patterns
+def diagonal_blocks(n_q: int, n_k: int) -> torch.Tensor:
+    """Block ``(i, min(i, n_k - 1))`` of every query block: every query sees its own position."""
+    i, j = _grid_ids(n_q, n_k)
+    return j == i.clamp(max=n_k - 1)
+
+
+def causal_blocks(n_q: int, n_k: int) -> torch.Tensor:
+    """Blocks that hold at least one (query, key) pair with ``key <= query``: ``j <= i``."""
+    i, j = _grid_ids(n_q, n_k)
+    return j <= i
+
+
+def local_blocks(n_q: int, n_k: int, window: int) -> torch.Tensor:
+    """``|i - j| <= window``: a band of ``2·window + 1`` blocks."""
+    _check_int("window", window, 0)
+    i, j = _grid_ids(n_q, n_k)
+    return (i - j).abs() <= window
+
+
+def global_blocks(n_q: int, n_k: int, n_global: int) -> torch.Tensor:
+    """The first ``n_global`` block rows and block columns."""
+    _check_int("global_blocks", n_global, 0)
+    i, j = _grid_ids(n_q, n_k)
+    return (i < n_global) | (j < n_global)
+
+
+def butterfly_blocks(n_q: int, n_k: int, butterfly_size: int, n_factors: int) -> torch.Tensor:
+    """The flat block butterfly grid (``butterfly_size``, ``n_factors``) stretched over the blocks.
+
+    Query block ``i`` lies in grid row ``i · butterfly_size // n_q`` and key block ``j`` in grid column
+    ``j · butterfly_size // n_k``; a block is kept when its grid cell is. The grid may not be finer
+    than the blocks (``butterfly_size <= min(n_q, n_k)``).
+    """
+    grid = butterfly_grid(butterfly_size, n_factors)  # validates both parameters
+    if butterfly_size > min(n_q, n_k):
+        _fail(
+            "butterfly_size",
+            butterfly_size,
+            f"a grid finer than the blocks (n_q={n_q}, n_k={n_k} blocks) only rounds up; use at most {min(n_q, n_k)}",
+        )
+    i, j = _grid_ids(n_q, n_k)
+    return grid[(i * butterfly_size // n_q), (j * butterfly_size // n_k)]
+
+
+def strided_blocks(n_q: int, n_k: int, stride: int) -> torch.Tensor:
+    """Sparse Transformer "strided": the previous/next ``stride - 1`` blocks and every ``stride``-th one."""
+    _check_int("stride", stride, 1)
+    i, j = _grid_ids(n_q, n_k)
+    return ((i - j).abs() < stride) | ((i - j) % stride == 0)
+
+
+def fixed_blocks(n_q: int, n_k: int, stride: int, summary: int = 1) -> torch.Tensor:
+    """Sparse Transformer "fixed": the query's own ``stride``-block chunk, plus the last ``summary``
+    blocks of every chunk (which therefore summarise their chunk for all later queries)."""
+    _check_int("stride", stride, 1)
+    _check_int("summary", summary, 1)
+    if summary > stride:
+        _fail("summary", summary, f"must not exceed stride={stride}")
+    i, j = _grid_ids(n_q, n_k)
+    return (i // stride == j // stride) | (j % stride >= stride - summary)
+
+
+def bigbird_blocks(
+    n_q: int, n_k: int, window: int, n_global: int, n_random: int, seed: int, causal: bool = False
+) -> torch.Tensor:
+    """BigBird: local ``window`` + ``n_global`` global blocks + ``n_random`` random key blocks per
+    query block, drawn among the blocks not kept yet (and allowed by ``causal``) with Python's
+    ``random.Random(seed)``, row by row: the same seed gives the same layout in every process."""
+    _check_int("n_random", n_random, 0)
+    _check_int("seed", seed, 0)
+    mask = local_blocks(n_q, n_k, window) | global_blocks(n_q, n_k, n_global) | diagonal_blocks(n_q, n_k)
+    if causal:
+        mask &= causal_blocks(n_q, n_k)
+    rng = random.Random(seed)
+    rows = mask.tolist()
+    for i, row in enumerate(rows):
+        limit = min(i + 1, n_k) if causal else n_k
+        free = [j for j in range(limit) if not row[j]]
+        for j in rng.sample(free, min(n_random, len(free))):
+            mask[i, j] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def _n_blocks(seq_len: int, block_size: int) -> int:
+    return -(-seq_len // block_size)
+
+
+def attention_density(block_mask: torch.Tensor, causal: bool) -> float:
+    """Kept blocks over usable blocks (all of them, or the causal lower triangle)."""
+    n_q, n_k = block_mask.shape
+    usable = int(causal_blocks(n_q, n_k).sum()) if causal else n_q * n_k
+    return int(block_mask.sum()) / usable
+
+
+def _parse_pattern(pattern: Any) -> tuple[str, ...]:
+    if not isinstance(pattern, str) or not pattern:
+        _fail("pattern", pattern, f"expected one of {', '.join(PATTERNS)} or a '+' union of {', '.join(COMBINABLE)}")
+    parts = tuple(pattern.split("+"))
+    if len(parts) == 1 and parts[0] in ALONE:
+        return parts
+    unknown = [p for p in parts if p not in COMBINABLE]
+    if unknown or len(set(parts)) != len(parts):
+        _fail(
+            "pattern",
+            pattern,
+            f"expected one of {', '.join(PATTERNS)}, or a '+' union (each part once) of {', '.join(COMBINABLE)}"
+            + (f"; {', '.join(unknown)} cannot be combined" if unknown else ""),
+        )
+    return tuple(p for p in COMBINABLE if p in parts)  # canonical order
+
+
+def _build(params: dict[str, Any]) -> torch.Tensor:
+    """The block mask of fully resolved parameters (the fields of a key)."""
+    parts = params["pattern"].split("+")
+    n_q = _n_blocks(params["lq"], params["b"])
+    n_k = _n_blocks(params["lk"], params["b"])
+    causal = bool(params["causal"])
+    mask = diagonal_blocks(n_q, n_k)
+    if parts == ["strided"]:
+        mask = mask | strided_blocks(n_q, n_k, params["stride"])
+    elif parts == ["fixed"]:
+        mask = mask | fixed_blocks(n_q, n_k, params["stride"], params["summary"])
+    elif parts == ["bigbird"]:
+        mask = bigbird_blocks(n_q, n_k, params["window"], params["global"], params["random"], params["seed"], causal)
+    else:
+        if "local" in parts:
+            mask = mask | local_blocks(n_q, n_k, params["window"])
+        if "global" in parts:
+            mask = mask | global_blocks(n_q, n_k, params["global"])
+        if "butterfly" in parts and params["bs"]:
+            mask = mask | butterfly_blocks(n_q, n_k, params["bs"], params["nf"])
+    if causal:
+        mask = mask & causal_blocks(n_q, n_k)
+    return mask
+
+
+_FIELDS = ("pattern", "lq", "lk", "b", "causal", "bs", "nf", "window", "global", "stride", "summary", "random", "seed")
+_REPORT_NAMES = {
+    "lq": "seq_len_q",
+    "lk": "seq_len_k",
+    "b": "block_size",
+    "bs": "butterfly_size",
+    "nf": "n_factors",
+    "global": "global_blocks",
+    "random": "n_random",
+}
+
+
+def _make(params: dict[str, Any]) -> Layout:
+    key = "attention:" + ",".join(f"{f}={int(params[f]) if f != 'pattern' else params[f]}" for f in _FIELDS)
+    cached = _LAYOUTS.get(key)
+    if cached is not None:
+        return cached
+    with _one_thread():
+        mask = _build(params)
+    report = {_REPORT_NAMES.get(f, f): params[f] for f in _FIELDS}
+    report["causal"] = bool(params["causal"])
+    report["density"] = attention_density(mask, bool(params["causal"]))
+    layout = Layout(mask, int(params["b"]), kind="attention", params=report, key=key)
+    with _LOCK:
+        return _LAYOUTS.setdefault(key, layout)
+
+
+def _nearest(candidates: list[dict[str, Any]], density: float) -> Layout:
+    """Among fully resolved parameter sets, the layout whose density is nearest ``density`` (log
+    scale); ties go to the earlier candidate."""
+    best: tuple[float, dict[str, Any]] | None = None
+    for params in candidates:
+        score = round(abs(math.log(attention_density(_build(params), bool(params["causal"])) / density)), 9)
+        if best is None or score < best[0]:
+            best = (score, params)
+    assert best is not None
+    return _make(best[1])
+
+
+def attention_layout(pattern: str, seq_len_q: int, seq_len_k: int, block_size: int, **kwargs: Any) -> Layout:
+    """The attention layout of ``pattern`` for ``seq_len_q`` queries and ``seq_len_k`` keys.
+
+    Keyword arguments: ``density`` (0.25), ``window`` (1), ``global_blocks`` (1), ``seed`` (0),
+    ``causal`` (False), and to fix a pattern's free parameter instead of deriving it from
+    ``density``: ``butterfly_size`` with ``n_factors``, ``stride`` (with ``summary``, 1, for
+    ``fixed``), ``n_random``.
+
+    The free parameter of each pattern approaches ``density`` unless given explicitly:
+    ``butterfly_size``/``n_factors`` for patterns with ``butterfly`` (every power-of-2 grid up to the
+    number of blocks, every factor count), ``stride`` for ``strided`` and ``fixed``, ``n_random`` for
+    ``bigbird``. ``window`` and ``global_blocks`` are taken as given, so a union whose fixed parts
+    already exceed the target keeps them (the layout's ``params["density"]`` is the real density).
+    Invalid parameters raise ``ValueError`` naming the parameter.
+    """
+    with _one_thread():
+        return _attention_layout(pattern, seq_len_q, seq_len_k, block_size, **kwargs)
+
+
+def _attention_layout(
+    pattern: str,
+    seq_len_q: int,
+    seq_len_k: int,
+    block_size: int,
+    *,
+    density: float = 0.25,
+    window: int = 1,
+    global_blocks: int = 1,
+    seed: int = 0,
+    causal: bool = False,
+    butterfly_size: int | None = None,
+    n_factors: int | None = None,
+    stride: int | None = None,
+    summary: int = 1,
+    n_random: int | None = None,
+) -> Layout:
+    parts = _parse_pattern(pattern)
+    _check_int("seq_len_q", seq_len_q, 1)
+    _check_int("seq_len_k", seq_len_k, 1)
+    _check_int("block_size", block_size, 1)
+    _check_int("window", window, 0)
+    _check_int("global_blocks", global_blocks, 0)
+    _check_int("seed", seed, 0)
+    _check_int("summary", summary, 1)
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        _fail("density", density, "expected a number in (0, 1]")
+    if not isinstance(causal, bool):
+        _fail("causal", causal, "expected True or False")
+    n_q, n_k = _n_blocks(seq_len_q, block_size), _n_blocks(seq_len_k, block_size)
+    base = {
+        "pattern": "+".join(parts),
+        "lq": seq_len_q,
+        "lk": seq_len_k,
+        "b": block_size,
+        "causal": int(causal),
+        "bs": 0,
+        "nf": 0,
+        "window": window if ("local" in parts or parts == ("bigbird",)) else 0,
+        "global": global_blocks if ("global" in parts or parts == ("bigbird",)) else 0,
+        "stride": 0,
+        "summary": summary if parts == ("fixed",) else 0,
+        "random": 0,
+        "seed": seed if parts == ("bigbird",) else 0,
+    }
+    if "butterfly" in parts:
+        if (butterfly_size is None) != (n_factors is None):
+            _fail("butterfly_size" if butterfly_size is None else "n_factors", None, "set butterfly_size and n_factors together")
+        if butterfly_size is not None:
+            butterfly_blocks(n_q, n_k, butterfly_size, n_factors)  # validates
+            return _make({**base, "bs": butterfly_size, "nf": n_factors})
+        # Preference at equal density: finer grids and more factors (more butterfly levels mix more
+        # distant blocks).
+        sizes = [2**e for e in range(1, int(math.log2(min(n_q, n_k))) + 1)] if min(n_q, n_k) >= 2 else []
+        configs = [{**base, "bs": bs, "nf": k} for bs in reversed(sizes) for k in range(int(math.log2(bs)), 0, -1)]
+        if len(parts) > 1:  # the other parts alone may come nearer (short sequences)
+            configs.append(base)
+        return _nearest(configs or [base], density)
+    if parts in (("strided",), ("fixed",)):
+        if stride is not None:
+            _check_int("stride", stride, 1)
+            if parts == ("fixed",) and summary > stride:
+                _fail("summary", summary, f"must not exceed stride={stride}")
+            return _make({**base, "stride": stride})
+        low, high = (summary if parts == ("fixed",) else 1), max(n_q, n_k, 1)
+        strides, s = [], low
+        while s <= max(high, low):  # every stride up to 64, then steps of about 5%
+            strides.append(s)
+            s = s + 1 if s < 64 else int(s * 1.05) + 1
+        return _nearest([{**base, "stride": s} for s in strides], density)
+    if parts == ("bigbird",):
+        if n_random is not None:
+            _check_int("n_random", n_random, 0)
+            return _make({**base, "random": n_random})
+        fixed = attention_density(_build(base), causal)
+        usable_per_row = n_k if not causal else (n_k + 1) / 2
+        guess = max(0, round((density - fixed) * usable_per_row))
+        return _nearest([{**base, "random": r} for r in sorted({max(0, guess - 1), guess, guess + 1})], density)
+    return _make(base)
+
+
+def attention_layout_from_options(options: Any, seq_len_q: int, seq_len_k: int, causal: bool) -> Layout:
+    """:func:`attention_layout` with the ``attention_*`` fields of :class:`~sparse_compiler.Options`."""
+    return attention_layout(
+        options.attention_pattern,
+        seq_len_q,
+        seq_len_k,
+        options.attention_block_size,
+        density=options.attention_density,
+        window=options.attention_window,
+        global_blocks=options.attention_global,
+        seed=options.attention_seed,
+        causal=causal,
+    )
+
+
+def layout_geometry(
+    layout: Layout, seq_len_q: int | None = None, seq_len_k: int | None = None, causal: bool | None = None
+) -> tuple[int, int, bool]:
+    """``(seq_len_q, seq_len_k, causal)`` of an attention layout: the given values, else those the
+    layout was built for (an explicit block mask covers ``grid × block_size`` and is not causal).
+    Raises ``ValueError`` when the lengths do not fit the layout's block grid."""
+    p = layout.params
+    lq = seq_len_q if seq_len_q is not None else p.get("seq_len_q", layout.shape[0])
+    lk = seq_len_k if seq_len_k is not None else p.get("seq_len_k", layout.shape[1])
+    c = causal if causal is not None else bool(p.get("causal", False))
+    n_q, n_k = layout.grid
+    b = layout.block_size
+    if _n_blocks(lq, b) != n_q or _n_blocks(lk, b) != n_k:
+        raise ValueError(
+            f"attention layout {layout.key!r} has a {n_q}x{n_k} grid of {b}-blocks, which does not fit "
+            f"{lq} queries x {lk} keys"
+        )
+    return lq, lk, c
+
+
+def attention_element_mask(
+    layout: Layout,
+    seq_len_q: int | None = None,
+    seq_len_k: int | None = None,
+    causal: bool | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The ``(seq_len_q, seq_len_k)`` bool mask of allowed (query, key) pairs: the blocks stretched and
+    cropped, and the element-level causal mask (``key <= query``) when causal (see
+    :func:`layout_geometry` for the defaults)."""
+    lq, lk, c = layout_geometry(layout, seq_len_q, seq_len_k, causal)
+    mask = layout.element_mask(device=device)[:lq, :lk]
+    if c:
+        mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- keys
+_LAYOUTS: dict[str, Layout] = {}
+_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_key(key: str) -> dict[str, Any]:
+    kind, _, rest = key.partition(":")
+    if kind != "attention":
+        raise ValueError(f"not an attention layout key: {key!r}")
+    params: dict[str, Any] = {}
+    for item in rest.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name not in _FIELDS:
+            raise ValueError(f"malformed attention layout key {key!r}: bad field {item!r}")
+        params[name] = value if name == "pattern" else int(value)
+    missing = [f for f in _FIELDS if f not in params]
+    if missing:
+        raise ValueError(f"malformed attention layout key {key!r}: missing {', '.join(missing)}")
+    _parse_pattern(params["pattern"])
+    return params
+
+
+def get_attention_layout(key: str) -> Layout:
+    """The attention layout with this key, rebuilt from the key's parameters on first use in a
+    process; explicit-mask keys (``mask:…``) come from ``sparse_compiler.layouts.register``."""
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    if key.startswith("mask:"):
+        from sparse_compiler.layouts.registry import get_layout
+
+        return get_layout(key)
+    layout = _make(_parse_key(key))
+    if layout.key != key:
+        raise ValueError(f"attention layout key {key!r} is not canonical (expected {layout.key!r})")
+    return layout
