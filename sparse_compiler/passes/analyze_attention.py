@@ -1,0 +1,571 @@
+"""Analysis pass: find the attention computations of a Dynamo graph.
+
+Two forms are recognised:
+
+- ``scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+  enable_gqa=False)``, positional or keyword, any head layout (``q`` of 2 to 4 dims);
+- attention written by hand, found as a subgraph of the graph's *data flow* whatever the nodes are
+  called::
+
+      kᵀ = k.transpose(-2, -1) | k.mT | k.permute(…, -1, -2)
+      s  = q @ kᵀ                                  (matmul, @, bmm)
+      s  = s * c | s / c                           optional, c a number
+      s  = s + bias | s.masked_fill(m, -inf)       optional
+      s  = s.float() | s.to(dtype)                 optional
+      p  = softmax(s, dim=-1[, dtype])
+      p  = p.to(dtype) | p.type_as(x)              optional
+      p  = dropout(p, …)                           optional (must be inactive)
+      y  = p @ v
+
+  Each combination of the optional steps is a small pattern graph; ``networkx``'s VF2 matcher finds
+  its monomorphisms into the graph of labelled nodes (edges carry the argument position, so ``q @ kᵀ``
+  is not confused with ``kᵀ @ q``). The match is then checked node by node (transposed dims, softmax
+  dim, the fill value, that no intermediate result is used elsewhere); a check that fails turns into
+  the candidate's ``blocker`` rather than silently dropping the node.
+
+A boolean mask computed only from module buffers (nanoGPT's ``bias[:, :, :T, :T] == 0``) is evaluated
+on the example inputs; when it is exactly the causal mask, the candidate is marked causal and the mask
+dropped (``mask_origin="causal buffer"``): such buffers are assumed constant, as Dynamo itself assumes
+when it does not guard on buffer values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from networkx.algorithms import isomorphism
+
+from sparse_compiler.passes.analyze import _calling_module, _dim_expr, _meta
+
+__all__ = ["AttentionCandidate", "analyze_attention"]
+
+
+@dataclass(frozen=True)
+class AttentionCandidate:
+    """One attention computation that could become block-sparse.
+
+    Lengths and the batch may be sympy expressions when Dynamo made them symbolic; ``*_hint`` are
+    their values for the example inputs.
+    """
+
+    node: str  # the node whose value is the attention output (the SDPA call, or the final ·v)
+    nodes: tuple[str, ...]  # every node of the match, output last
+    kind: str  # "sdpa" | "explicit"
+    module_name: str
+    module_type: str
+    query: str  # input node names
+    key: str
+    value: str
+    mask: str | None  # the mask node (None without one, or when a causal buffer mask was absorbed)
+    mask_mode: str  # "none" | "keep" (bool, True attends) | "drop" (bool, True is masked) | "add" (float)
+    mask_origin: str  # "" | "argument" | "causal buffer"
+    mask_shape: tuple[int, ...] | None
+    mask_requires_grad: bool
+    batch: Any
+    batch_hint: int
+    heads: int
+    kv_heads: int
+    seq_len_q: Any
+    seq_len_q_hint: int
+    seq_len_k: Any
+    seq_len_k_hint: int
+    head_dim: int
+    value_dim: int
+    causal: bool
+    scale: float | None  # None: 1/sqrt(head_dim)
+    dropout_p: float
+    enable_gqa: bool
+    dtype: torch.dtype | None  # of q, k, v
+    output_dtype: torch.dtype | None
+    device: str
+    requires_grad: bool  # q, k or v requires grad (a training graph)
+    blocker: str | None
+
+    @property
+    def symbolic(self) -> bool:
+        return not all(isinstance(x, int) for x in (self.batch, self.seq_len_q, self.seq_len_k))
+
+    @property
+    def flops(self) -> Any:
+        """Forward FLOPs of dense attention, ``2·B·H·Lq·Lk·(D + Dv)`` (``4·B·H·Lq·Lk·D`` when ``Dv = D``)."""
+        return 2 * self.batch * self.heads * self.seq_len_q * self.seq_len_k * (self.head_dim + self.value_dim)
+
+    @property
+    def flops_hint(self) -> int:
+        return 2 * self.batch_hint * self.heads * self.seq_len_q_hint * self.seq_len_k_hint * (self.head_dim + self.value_dim)
+
+
+# ---------------------------------------------------------------------------------------------- node labels
+_SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+_MUL = {operator.mul, torch.mul, torch.Tensor.mul, "mul", "__mul__", "mul_"}
+_DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide", "__truediv__", "div_"}
+_ADD = {operator.add, torch.add, torch.Tensor.add, "add", "__add__", "add_"}
+_MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill, "masked_fill", "masked_fill_"}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch._C._nn.softmax if hasattr(torch._C._nn, "softmax") else F.softmax, "softmax"}
+_CAST_METHODS = {"to", "type_as", "float", "half", "bfloat16", "type", "double"}
+_DROPOUT = {F.dropout, torch.dropout, "dropout"}
+_TRANSPOSE = {torch.transpose, torch.Tensor.transpose, "transpose", torch.permute, torch.Tensor.permute, "permute", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims"}
+
+
+def _target_in(node: fx.Node, group: set) -> bool:
+    if node.op == "call_method":
+        return node.target in group
+    if node.op == "call_function":
+        try:
+            return node.target in group
+        except TypeError:  # unhashable target
+            return False
+    return False
+
+
+def _ndim(node: Any) -> int | None:
+    m = _meta(node)
+    return m.dim() if isinstance(m, torch.Tensor) else None
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """``node`` transposes the last two dims of its input (``.mT``, ``transpose(-2, -1)``, …)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] == "mT"
+    if not _target_in(node, _TRANSPOSE):
+        return False
+    nd = _ndim(node.args[0])
+    if nd is None or nd < 2:
+        return False
+    rest = list(node.args[1:])
+    if node.target in (torch.permute, torch.Tensor.permute, "permute"):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        if "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        try:
+            dims = [int(d) % nd for d in dims]
+        except TypeError:
+            return False
+        return dims == list(range(nd - 2)) + [nd - 1, nd - 2]
+    dims = rest + [node.kwargs[k] for k in ("dim0", "dim1", "axis0", "axis1") if k in node.kwargs]
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    return {d % nd for d in dims} == {nd - 2, nd - 1}
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def _label(node: fx.Node) -> str | None:
+    """The role a node can play in a hand-written attention (None: none)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if _target_in(node, _MATMUL_FUNCTIONS) or (node.op == "call_method" and node.target in _MATMUL_METHODS):
+        return "matmul"
+    if _swaps_last_two(node):
+        return "transpose"
+    if _target_in(node, _MUL | _DIV):
+        if len(node.args) == 2 and sum(isinstance(a, fx.Node) for a in node.args) == 1:
+            return "scale"
+        return None
+    if _target_in(node, _ADD):
+        if len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            return "mask"
+        return None
+    if _target_in(node, _MASKED_FILL):
+        return "mask"
+    if _target_in(node, _SOFTMAX):
+        return "softmax"
+    if node.op == "call_method" and node.target in _CAST_METHODS:
+        return "cast"
+    if _target_in(node, _DROPOUT):
+        return "dropout"
+    return None
+
+
+def _positions(src: fx.Node, dst: fx.Node) -> frozenset:
+    pos = {i for i, a in enumerate(dst.args) if a is src}
+    pos |= {k for k, a in dst.kwargs.items() if a is src}
+    return frozenset(pos)
+
+
+def _dataflow(gm: fx.GraphModule) -> nx.DiGraph:
+    """The labelled nodes of ``gm`` and the data-flow edges among them (``pos``: argument positions)."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        label = _label(node)
+        if label is not None:
+            g.add_node(node, label=label)
+    for node in list(g.nodes):
+        for user in node.users:
+            if user in g:
+                g.add_edge(node, user, pos=_positions(node, user))
+    return g
+
+
+_OPTIONAL = ("scale", "mask", "pre_cast", "post_cast", "dropout")
+# argument position of the chain's data in each step (None: any position)
+_CHAIN_POS = {"scale": None, "mask": None, "pre_cast": 0, "softmax": 0, "post_cast": 0, "dropout": 0, "mm2": 0}
+_ROLE_LABEL = {"kT": "transpose", "mm1": "matmul", "mm2": "matmul", "pre_cast": "cast", "post_cast": "cast"}
+
+
+def _patterns() -> list[tuple[tuple[str, ...], nx.DiGraph]]:
+    """Every combination of the optional steps, longest first."""
+    out = []
+    for flags in itertools.product((True, False), repeat=len(_OPTIONAL)):
+        chosen = dict(zip(_OPTIONAL, flags))
+        roles = ["kT", "mm1"] + [r for r in ("scale", "mask", "pre_cast") if chosen[r]] + ["softmax"]
+        roles += [r for r in ("post_cast", "dropout") if chosen[r]] + ["mm2"]
+        p = nx.DiGraph()
+        for r in roles:
+            p.add_node(r, label=_ROLE_LABEL.get(r, r))
+        p.add_edge("kT", "mm1", pos=1)
+        for a, b in zip(roles[1:], roles[2:]):
+            p.add_edge(a, b, pos=_CHAIN_POS[b])
+        out.append((tuple(roles), p))
+    out.sort(key=lambda item: -len(item[0]))
+    return out
+
+
+_PATTERNS = _patterns()
+
+
+def _node_match(g_attrs: dict, p_attrs: dict) -> bool:
+    return g_attrs["label"] == p_attrs["label"]
+
+
+def _edge_match(g_attrs: dict, p_attrs: dict) -> bool:
+    return p_attrs["pos"] is None or p_attrs["pos"] in g_attrs["pos"]
+
+
+def _explicit_matches(gm: fx.GraphModule) -> list[dict[str, fx.Node]]:
+    """Role → node for each hand-written attention, at most one match per output node."""
+    g = _dataflow(gm)
+    if not any(d["label"] == "softmax" for _, d in g.nodes(data=True)):
+        return []
+    taken: set[fx.Node] = set()
+    found = []
+    for roles, pattern in _PATTERNS:
+        matcher = isomorphism.DiGraphMatcher(g, pattern, node_match=_node_match, edge_match=_edge_match)
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            by_role = {role: node for node, role in mapping.items()}
+            if by_role["mm2"] in taken or by_role["softmax"] in taken:
+                continue
+            taken.update(by_role.values())
+            found.append(by_role)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found.sort(key=lambda m: order[m["mm2"]])
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _shape_info(q: Any, k: Any, v: Any) -> tuple[dict[str, Any], str | None]:
+    qm, km, vm = _meta(q), _meta(k), _meta(v)
+    if not all(isinstance(m, torch.Tensor) for m in (qm, km, vm)):
+        return {}, "query, key or value shape unknown to the analysis"
+    info: dict[str, Any] = {
+        "dtype": qm.dtype,
+        "device": qm.device.type,
+        "requires_grad": bool(qm.requires_grad or km.requires_grad or vm.requires_grad),
+    }
+    blocker = None
+    if not 2 <= qm.dim() <= 4:
+        blocker = f"query with {qm.dim()} dims (2 to 4 supported)"
+    if km.dim() != qm.dim() or vm.dim() != qm.dim():
+        blocker = blocker or "query, key and value differ in their number of dims"
+    if not (qm.dtype == km.dtype == vm.dtype):
+        blocker = blocker or "query, key and value differ in dtype"
+    batch: Any = 1
+    batch_hint = 1
+    for d in tuple(qm.shape[:-3]) if qm.dim() >= 3 else ():
+        e, h = _dim_expr(d)
+        batch, batch_hint = batch * e, batch_hint * h
+    if isinstance(batch, sympy.Basic):
+        batch = sympy.simplify(batch)
+        batch = int(batch) if isinstance(batch, sympy.Integer) else batch
+
+    def static(d: Any, what: str) -> int:
+        nonlocal blocker
+        e, h = _dim_expr(d)
+        if not isinstance(e, int):
+            blocker = blocker or f"{what} is dynamic ({e})"
+        return int(h)
+
+    heads = static(qm.shape[-3], "number of heads") if qm.dim() >= 3 else 1
+    kv_heads = static(km.shape[-3], "number of heads") if km.dim() >= 3 else 1
+    if qm.dim() == 3:  # (batch, length, dim): one head
+        batch, batch_hint = _dim_expr(qm.shape[0])
+        heads = kv_heads = 1
+    lq, lq_hint = _dim_expr(qm.shape[-2])
+    lk, lk_hint = _dim_expr(km.shape[-2])
+    info.update(
+        batch=batch,
+        batch_hint=int(batch_hint),
+        heads=heads,
+        kv_heads=kv_heads,
+        seq_len_q=lq,
+        seq_len_q_hint=int(lq_hint),
+        seq_len_k=lk,
+        seq_len_k_hint=int(lk_hint),
+        head_dim=static(qm.shape[-1], "head dim"),
+        value_dim=static(vm.shape[-1], "value dim"),
+    )
+    return info, blocker
+
+
+def _mask_info(mask: Any, lq: int, lk: int, q_ndim: int) -> tuple[tuple[int, ...] | None, bool, torch.dtype | None, str | None]:
+    m = _meta(mask)
+    if not isinstance(m, torch.Tensor):
+        return None, False, None, "mask shape unknown to the analysis"
+    shape = []
+    for d in m.shape:
+        e, h = _dim_expr(d)
+        if not isinstance(e, int):
+            return None, False, m.dtype, f"mask has a dynamic dim ({e})"
+        shape.append(int(h))
+    if m.dim() > q_ndim:
+        return tuple(shape), bool(m.requires_grad), m.dtype, f"mask has more dims ({m.dim()}) than the query"
+    if m.dim() >= 1 and shape[-1] not in (1, lk) or m.dim() >= 2 and shape[-2] not in (1, lq):
+        return tuple(shape), bool(m.requires_grad), m.dtype, f"mask of shape {tuple(shape)} does not broadcast to ({lq}, {lk})"
+    return tuple(shape), bool(m.requires_grad), m.dtype, None
+
+
+def _static_value(node: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> torch.Tensor | None:
+    """Evaluate ``node`` on the example inputs when it depends only on module buffers, else None."""
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    needed: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            grapharg = n.meta.get("grapharg")
+            source = getattr(grapharg, "source", None)
+            name = getattr(source, "name", "") if source is not None else ""
+            name = name() if callable(name) else str(name)  # a method in older torch, a property now
+            value = example_inputs[placeholders[n]] if placeholders.get(n, len(example_inputs)) < len(example_inputs) else None
+            if "_buffers" not in name or not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+                return None
+        elif n.op not in ("call_function", "call_method"):
+            return None
+        needed.append(n)
+        stack.extend(n.all_input_nodes)
+    env: dict[fx.Node, Any] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    try:
+        for n in sorted(needed, key=order.__getitem__):
+            if n.op == "placeholder":
+                env[n] = example_inputs[placeholders[n]]
+                continue
+            args = fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            if n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            else:
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+    except Exception:  # anything unexpected: not statically known
+        return None
+    value = env.get(node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_causal_mask(allowed: torch.Tensor, lq: int, lk: int) -> bool:
+    if allowed.dtype != torch.bool or allowed.dim() < 2 or tuple(allowed.shape[-2:]) != (lq, lk):
+        return False
+    tril = torch.ones(lq, lk, dtype=torch.bool, device=allowed.device).tril()
+    return bool((allowed == tril).all())
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def _candidate(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    out: fx.Node,
+    nodes: list[fx.Node],
+    kind: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any,
+    mask_mode: str,
+    causal: Any,
+    scale: Any,
+    dropout_p: Any,
+    enable_gqa: Any,
+    blocker: str | None,
+) -> AttentionCandidate:
+    info, shape_blocker = _shape_info(q, k, v)
+    blocker = blocker or shape_blocker
+    if not info:
+        info = dict(batch=0, batch_hint=0, heads=0, kv_heads=0, seq_len_q=0, seq_len_q_hint=0, seq_len_k=0,
+                    seq_len_k_hint=0, head_dim=0, value_dim=0, dtype=None, device="", requires_grad=False)
+    if not isinstance(causal, bool):
+        blocker = blocker or "is_causal is not a constant"
+        causal = False
+    if scale is not None and _number(scale) is None:
+        blocker = blocker or "scale is not a constant number"
+        scale = None
+    if _number(dropout_p) is None:
+        blocker = blocker or "dropout_p is not a constant number"
+        dropout_p = 0.0
+    elif dropout_p > 0:
+        blocker = blocker or f"attention dropout (p={dropout_p}) is not supported by the block-sparse kernels"
+    if not isinstance(enable_gqa, bool):
+        blocker = blocker or "enable_gqa is not a constant"
+        enable_gqa = False
+    mask_shape, mask_requires_grad, mask_origin = None, False, ""
+    if mask is not None:
+        mask_origin = "argument"
+        lq, lk = info.get("seq_len_q_hint", 0), info.get("seq_len_k_hint", 0)
+        mask_shape, mask_requires_grad, mask_dtype, mask_blocker = _mask_info(mask, lq, lk, _ndim(q) or 4)
+        blocker = blocker or mask_blocker
+        if mask_dtype is not None and mask_mode == "keep" and mask_dtype != torch.bool:
+            mask_mode = "add"
+        if mask_mode in ("keep", "drop") and mask_dtype not in (None, torch.bool):
+            blocker = blocker or f"masked_fill with a {mask_dtype} condition"
+        if mask_mode == "add" and mask_dtype == torch.bool:
+            blocker = blocker or "a boolean mask added to the scores"
+        if mask_requires_grad:
+            blocker = blocker or "the attention mask requires grad (a learned bias): not supported yet"
+        if mask_mode in ("keep", "drop") and not causal and blocker is None and isinstance(mask, fx.Node):
+            value = _static_value(mask, gm, example_inputs)
+            if value is not None:
+                allowed = value if mask_mode == "keep" else ~value
+                if allowed.dim() >= 2 and all(s == 1 for s in allowed.shape[:-2]):
+                    allowed = allowed.reshape(allowed.shape[-2:])
+                if _is_causal_mask(allowed, lq, lk):
+                    causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
+    caller, module_type = _calling_module(out)
+    return AttentionCandidate(
+        node=out.name,
+        nodes=tuple(n.name for n in nodes),
+        kind=kind,
+        module_name=caller or "",
+        module_type=module_type,
+        query=q.name if isinstance(q, fx.Node) else "",
+        key=k.name if isinstance(k, fx.Node) else "",
+        value=v.name if isinstance(v, fx.Node) else "",
+        mask=mask.name if isinstance(mask, fx.Node) else None,
+        mask_mode=mask_mode if mask is not None else "none",
+        mask_origin=mask_origin,
+        mask_shape=mask_shape,
+        mask_requires_grad=mask_requires_grad,
+        causal=causal,
+        scale=_number(scale) if scale is not None else None,
+        dropout_p=float(dropout_p),
+        enable_gqa=enable_gqa,
+        output_dtype=getattr(_meta(out), "dtype", None),
+        blocker=blocker,
+        **info,
+    )
+
+
+def _sdpa_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], node: fx.Node) -> AttentionCandidate:
+    a = {name: _arg(node, i, name, _SDPA_DEFAULTS.get(name)) for i, name in enumerate(_SDPA_ARGS)}
+    blocker = None
+    if a["attn_mask"] is not None and a["is_causal"] is True:
+        blocker = "attn_mask and is_causal together (SDPA rejects them)"
+    if a["enable_gqa"] is False and _meta(a["query"]) is not None and _meta(a["key"]) is not None:
+        if _ndim(a["query"]) and _ndim(a["query"]) >= 3 and _meta(a["query"]).shape[-3] != _meta(a["key"]).shape[-3]:
+            blocker = blocker or "query and key differ in heads without enable_gqa"
+    return _candidate(
+        gm, example_inputs, node, [node], "sdpa", a["query"], a["key"], a["value"], a["attn_mask"],
+        "keep" if a["attn_mask"] is not None else "none", a["is_causal"], a["scale"], a["dropout_p"],
+        a["enable_gqa"], blocker,
+    )
+
+
+def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: dict[str, fx.Node]) -> AttentionCandidate | None:
+    mm1, kt, sm, mm2 = m["mm1"], m["kT"], m["softmax"], m["mm2"]
+    q, k, v = mm1.args[0], kt.args[0], mm2.args[1] if len(mm2.args) > 1 else None
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)) or len(mm1.args) != 2 or len(mm2.args) != 2:
+        return None
+    blocker = None
+    nd = _ndim(sm)
+    dim = _arg(sm, 1, "dim")
+    if nd is None or not isinstance(dim, int) or dim % nd != nd - 1:
+        return None  # a softmax over another dim is not attention
+    scale = 1.0
+    if "scale" in m:
+        s = m["scale"]
+        c = next(a for a in s.args if not isinstance(a, fx.Node))
+        if _target_in(s, _DIV):
+            if s.args[0] is not m["mm1"]:
+                return None  # c / scores is not a scaling
+            scale = 1.0 / c if _number(c) else None
+        else:
+            scale = c
+        if _number(scale) is None or scale <= 0:
+            blocker = "scale of the scores is not a positive constant"
+    mask, mask_mode = None, "none"
+    if "mask" in m:
+        node = m["mask"]
+        prev = m.get("scale", mm1)
+        if _target_in(node, _MASKED_FILL):
+            if _arg(node, 0, "input") is not prev:
+                return None
+            mask = _arg(node, 1, "mask")
+            fill = _number(_arg(node, 2, "value"))
+            if fill is None or not (fill == -math.inf or fill <= -1e4):
+                blocker = blocker or f"masked_fill with {_arg(node, 2, 'value')!r} rather than -inf"
+            mask_mode = "drop"
+        else:
+            mask = node.args[1] if node.args[0] is prev else node.args[0]
+            mask_mode = "add"
+            if len(node.args) > 2 or "alpha" in node.kwargs:
+                blocker = blocker or "mask added with alpha"
+    dropout = m.get("dropout")
+    dropout_p = 0.0
+    if dropout is not None:
+        p = _arg(dropout, 1, "p", 0.5)
+        training = _arg(dropout, 2, "training" if dropout.target is not torch.dropout else "train", True)
+        if not isinstance(training, bool) or _number(p) is None:
+            blocker = blocker or "attention dropout with non-constant arguments"
+        elif training:
+            dropout_p = float(p)
+    chain = [m[r] for r in ("mm1", "scale", "mask", "pre_cast", "softmax", "post_cast", "dropout") if r in m]
+    for a, b in zip(chain, chain[1:] + [mm2]):
+        others = [u.name for u in a.users if u is not b]
+        if others:
+            blocker = blocker or f"attention scores or weights ({a.name}) are also used by {', '.join(others)}"
+    if len(kt.users) != 1:
+        pass  # kᵀ used elsewhere too: fine, it stays
+    nodes = [kt] + chain + [mm2]
+    return _candidate(gm, example_inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale,
+                      dropout_p, False, blocker)
+
+
+def analyze_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[AttentionCandidate]:
+    """All attention candidates of ``gm`` in graph order (module docstring)."""
+    candidates = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _SDPA_TARGETS:
+            candidates.append(_sdpa_candidate(gm, example_inputs, node))
+    for match in _explicit_matches(gm):
+        c = _explicit_candidate(gm, example_inputs, match)
+        if c is not None:
+            candidates.append(c)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    candidates.sort(key=lambda c: order[c.node])
+    return candidates
