@@ -1,0 +1,378 @@
+"""Planning attention: does a static block-sparse pattern pay at this sequence length, and which?
+
+``plan_attention(candidates, options) -> list[AttentionDecision]``, one decision per candidate: a
+layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"sdpa"``, see
+``kernels/attention.py``), or ``None`` with the reason the node stays dense. The rules, in order:
+
+1. attention sparsity is off unless ``"attention" in options.targets`` (it changes what the model
+   computes more than weight sparsity does); ``enabled=False`` turns everything off;
+2. a structural blocker found by the analysis (dropout, a learned mask, a non-constant scale, …);
+3. unsupported device or dtype, or a torch without FlexAttention;
+4. ``include`` / ``exclude`` globs over the module name;
+5. a dynamic (symbolic) sequence length: a static layout needs a fixed length;
+6. fewer than two blocks along the queries or the keys; a layout that keeps every block;
+7. too short: the estimated block-sparse time is not below the dense fused kernel's.
+
+Lengths that are not a multiple of the block size are handled (the last block is partial).
+
+The time model (:func:`estimate_attention_time`) is a roofline sketch, documented so it can be
+replaced by measured profiles (``cost/hardware.py``): with ``F = 2·B·H·(D + Dv)`` FLOPs per
+(query, key) pair,
+
+- dense fused kernel (flash SDPA): ``F · pairs / (peak · dense_efficiency) + launch``, where
+  ``pairs = Lq·Lk``, or the causal lower triangle (the kernel skips the rest);
+- block-sparse kernel (FlexAttention): ``F · kept·b² / (peak · sparse_efficiency) + launch +
+  sparse_overhead + per_block · B·H · kept``;
+- training multiplies the work by ``1 + backward_factor`` (the backward is about 2.5 forwards).
+
+Every input is explicit: the profile is any object with the fields of :class:`AttentionProfile`.
+The numbers of the two built-in profiles are rough public figures, not measurements: a generic
+recent CUDA GPU (H100-class bf16 tensor-core peak; flash attention at about 40% of it, FlexAttention
+at about 85% of flash) and a small CPU. ``pays_from_seq_len`` is the shortest self-attention length
+(block size × a power of 2, up to 1024 blocks) from which the sparse estimate beats the dense one,
+with the same options; ``None`` when it never does in that range.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
+from sparse_compiler.layouts.attention import attention_layout_from_options, causal_blocks
+from sparse_compiler.layouts.layout import Layout
+from sparse_compiler.options import Options
+from sparse_compiler.passes.analyze_attention import AttentionCandidate
+
+__all__ = [
+    "AttentionDecision",
+    "AttentionEstimate",
+    "AttentionProfile",
+    "CPU_PROFILE",
+    "CUDA_PROFILE",
+    "estimate_attention_time",
+    "pays_from_seq_len",
+    "plan_attention",
+    "profile_for",
+]
+
+SUPPORTED_DEVICES = ("cpu", "cuda")
+MAX_LADDER_BLOCKS = 1024
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (it holds a dict)
+class AttentionProfile:
+    """What the attention time model needs to know about a device (see module docstring)."""
+
+    name: str
+    peak_flops: Mapping[torch.dtype, float]  # dense matmul peak per dtype, FLOP/s
+    dense_efficiency: float  # fused dense attention, fraction of peak
+    sparse_efficiency: float  # block-sparse attention on its kept blocks, fraction of peak
+    launch_s: float  # fixed cost of one attention call (both kernels)
+    sparse_overhead_s: float  # extra fixed cost of the block-sparse call (tables, BlockMask)
+    per_block_s: float  # cost of visiting one kept block of one (batch, head): index loads, loop
+    backward_factor: float = 2.5  # backward work / forward work
+
+    def peak(self, dtype: torch.dtype | None) -> float:
+        return float(self.peak_flops.get(dtype, min(self.peak_flops.values())))
+
+
+CUDA_PROFILE = AttentionProfile(
+    name="cuda-generic",
+    peak_flops={torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 60e12},
+    dense_efficiency=0.40,
+    sparse_efficiency=0.34,
+    launch_s=10e-6,
+    sparse_overhead_s=15e-6,
+    per_block_s=2e-9,
+)
+
+CPU_PROFILE = AttentionProfile(
+    name="cpu-generic",
+    peak_flops={torch.float32: 100e9, torch.bfloat16: 100e9, torch.float16: 50e9},
+    dense_efficiency=0.5,
+    sparse_efficiency=0.3,
+    launch_s=20e-6,
+    sparse_overhead_s=100e-6,
+    per_block_s=1e-7,
+)
+
+
+def profile_for(device: str) -> AttentionProfile:
+    """The built-in profile of a device type."""
+    return CUDA_PROFILE if device == "cuda" else CPU_PROFILE
+
+
+def estimate_attention_time(
+    profile: Any,
+    *,
+    batch_heads: int,
+    seq_len_q: int,
+    seq_len_k: int,
+    head_dim: int,
+    value_dim: int,
+    dtype: torch.dtype | None,
+    causal: bool,
+    training: bool,
+    block_size: int | None = None,
+    kept_blocks: int | None = None,
+) -> float:
+    """Estimated seconds of one attention call (module docstring): dense when ``kept_blocks`` is
+    None, else block-sparse with ``kept_blocks`` blocks of ``block_size``."""
+    per_pair = 2.0 * batch_heads * (head_dim + value_dim)
+    work = 1.0 + (profile.backward_factor if training else 0.0)
+    peak = profile.peak(dtype)
+    if kept_blocks is None:
+        pairs = seq_len_q * seq_len_k
+        if causal:
+            pairs = sum(min(i + 1, seq_len_k) for i in range(seq_len_q)) if seq_len_q < 4096 else pairs / 2
+        return per_pair * pairs * work / (peak * profile.dense_efficiency) + profile.launch_s
+    assert block_size is not None
+    compute = per_pair * kept_blocks * block_size * block_size * work / (peak * profile.sparse_efficiency)
+    return compute + profile.launch_s + profile.sparse_overhead_s + profile.per_block_s * batch_heads * kept_blocks * work
+
+
+@dataclass(frozen=True)
+class AttentionEstimate:
+    dense_s: float
+    sparse_s: float
+    profile: str
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.sparse_s if self.sparse_s > 0 else float("inf")
+
+
+def _estimate(c: AttentionCandidate, layout: Layout, profile: Any, training: bool) -> AttentionEstimate:
+    common = dict(
+        batch_heads=max(c.batch_hint, 1) * max(c.heads, 1),
+        seq_len_q=c.seq_len_q_hint,
+        seq_len_k=c.seq_len_k_hint,
+        head_dim=c.head_dim,
+        value_dim=c.value_dim,
+        dtype=c.dtype,
+        causal=c.causal,
+        training=training,
+    )
+    dense = estimate_attention_time(profile, **common)
+    sparse = estimate_attention_time(profile, **common, block_size=layout.block_size, kept_blocks=layout.nnz_blocks)
+    return AttentionEstimate(dense, sparse, getattr(profile, "name", "custom"))
+
+
+def _options_key(o: Options) -> tuple:
+    return (o.attention_pattern, o.attention_density, o.attention_block_size, o.attention_window, o.attention_global, o.attention_seed)
+
+
+@functools.lru_cache(maxsize=256)
+def _pays_from_cached(okey: tuple, profile: Any, batch_heads: int, head_dim: int, value_dim: int,
+                      dtype: torch.dtype | None, causal: bool, training: bool) -> int | None:
+    pattern, density, b, window, n_global, seed = okey
+    o = Options(attention_pattern=pattern, attention_density=density, attention_block_size=b,
+                attention_window=window, attention_global=n_global, attention_seed=seed)
+    blocks = 2
+    while blocks <= MAX_LADDER_BLOCKS:
+        length = blocks * b
+        layout = attention_layout_from_options(o, length, length, causal)
+        common = dict(batch_heads=batch_heads, seq_len_q=length, seq_len_k=length, head_dim=head_dim,
+                      value_dim=value_dim, dtype=dtype, causal=causal, training=training)
+        dense = estimate_attention_time(profile, **common)
+        sparse = estimate_attention_time(profile, **common, block_size=b, kept_blocks=layout.nnz_blocks)
+        if sparse < dense:
+            return length
+        blocks *= 2
+    return None
+
+
+def pays_from_seq_len(c: AttentionCandidate, options: Options, profile: Any, training: bool) -> int | None:
+    """The shortest self-attention length from which the block-sparse estimate beats the dense one
+    (module docstring), for this candidate's batch, heads, dims, dtype and causality."""
+    try:
+        return _pays_from_cached(_options_key(options), profile, max(c.batch_hint, 1) * max(c.heads, 1),
+                                 c.head_dim, c.value_dim, c.dtype, c.causal, training)
+    except (ValueError, TypeError):
+        return None
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "" if dtype is None else str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class AttentionDecision:
+    """What the planner chose for one attention candidate and why."""
+
+    candidate: AttentionCandidate
+    layout: Layout | None
+    reason: str
+    lowering: str | None = None  # "flex" | "sdpa" when sparse
+    estimate: AttentionEstimate | None = None
+    pays_from_seq_len: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparse(self) -> bool:
+        return self.layout is not None
+
+    @property
+    def density(self) -> float:
+        """Kept blocks over the blocks the dense kernel computes (the causal triangle when causal)."""
+        return float(self.layout.params["density"]) if self.layout is not None else 1.0
+
+    @property
+    def flops(self) -> Any:
+        """Forward FLOPs after the decision (the candidate's dense formula × density)."""
+        return self.candidate.flops * self.density if self.sparse else self.candidate.flops
+
+    @property
+    def flops_saved_hint(self) -> float:
+        if not self.sparse:
+            return 0.0
+        c, layout = self.candidate, self.layout
+        usable = 1.0
+        if c.causal:  # the dense kernel already skips the upper triangle
+            n_q, n_k = layout.grid
+            usable = float(causal_blocks(n_q, n_k).sum()) / (n_q * n_k)
+        return c.flops_hint * usable * (1.0 - self.density)
+
+    def to_row(self) -> dict[str, Any]:
+        """A report row: the keys of the linear rows (``report._row``) plus attention-specific ones."""
+        c, layout = self.candidate, self.layout
+        params = layout.params if layout is not None else {}
+        est = self.estimate
+        return {
+            "module": c.module_name or c.node,
+            "parameter": "",
+            "module_type": c.module_type,
+            "kind": "attention",
+            "node": c.node,
+            "shape": [c.seq_len_q_hint, c.seq_len_k_hint],
+            "weight_stored": "",
+            "tokens": str(c.batch * c.seq_len_q),
+            "tokens_hint": c.batch_hint * c.seq_len_q_hint,
+            "symbolic": c.symbolic,
+            "dtype": _dtype_name(c.dtype),
+            "device": c.device,
+            "decision": "sparse" if self.sparse else "dense",
+            "reason": self.reason,
+            "density": self.density,
+            "layout": layout.key if layout is not None else None,
+            "layout_kind": params.get("pattern") if layout is not None else None,
+            "block_size": layout.block_size if layout is not None else None,
+            "butterfly_size": (params.get("butterfly_size") or None) if layout is not None else None,
+            "n_factors": (params.get("n_factors") or None) if layout is not None else None,
+            "flops": str(c.flops),
+            "flops_hint": c.flops_hint,
+            "flops_saved_hint": self.flops_saved_hint,
+            # attention-specific
+            "attention_form": c.kind,
+            "seq_len_q": str(c.seq_len_q),
+            "seq_len_k": str(c.seq_len_k),
+            "seq_len_q_hint": c.seq_len_q_hint,
+            "seq_len_k_hint": c.seq_len_k_hint,
+            "batch": str(c.batch),
+            "heads": c.heads,
+            "head_dim": c.head_dim,
+            "causal": c.causal,
+            "mask": c.mask_mode if c.mask_origin != "causal buffer" else "causal buffer",
+            "lowering": self.lowering,
+            "pays_from_seq_len": self.pays_from_seq_len,
+            "estimated_speedup": est.speedup if est is not None else None,
+            "estimated_dense_ms": est.dense_s * 1e3 if est is not None else None,
+            "estimated_sparse_ms": est.sparse_s * 1e3 if est is not None else None,
+            "profile": est.profile if est is not None else None,
+        }
+
+
+def _matches(name: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _dense(c: AttentionCandidate, reason: str, **kw: Any) -> AttentionDecision:
+    return AttentionDecision(c, None, reason, **kw)
+
+
+def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
+    if "attention" not in o.targets:
+        return _dense(c, f"attention sparsity is off (targets={list(o.targets)}); add 'attention' to targets to enable it: "
+                         "it changes what the model computes")
+    if not o.enabled:
+        return _dense(c, "sparsity disabled (enabled=False)")
+    if c.blocker:
+        return _dense(c, c.blocker)
+    if c.device not in SUPPORTED_DEVICES:
+        return _dense(c, f"device {c.device!r} not supported (supported: {', '.join(SUPPORTED_DEVICES)})")
+    if c.dtype not in SUPPORTED_DTYPES:
+        return _dense(c, f"dtype {_dtype_name(c.dtype)} not supported (float32, bfloat16, float16)")
+    if not flex_available():
+        return _dense(c, f"this torch ({torch.__version__}) has no FlexAttention")
+    name = c.module_name or c.node
+    if not _matches(name, o.include):
+        return _dense(c, f"not matched by include={list(o.include)}")
+    if _matches(name, o.exclude):
+        return _dense(c, f"excluded by exclude={list(o.exclude)}")
+    if not isinstance(c.seq_len_q, int) or not isinstance(c.seq_len_k, int):
+        dyn = c.seq_len_q if not isinstance(c.seq_len_q, int) else c.seq_len_k
+        return _dense(c, f"sequence length is dynamic ({dyn}); a static layout needs a fixed length "
+                         "(compile with dynamic=False, or torch._dynamo.mark_static on the length)")
+    b = o.attention_block_size
+    lq, lk = c.seq_len_q, c.seq_len_k
+    if -(-lq // b) < 2 or -(-lk // b) < 2:
+        return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way")
+    if c.device == "cuda" and b % 16:
+        return _dense(c, f"attention_block_size={b} is not a multiple of 16, which FlexAttention's CUDA kernels need")
+    try:
+        layout = attention_layout_from_options(o, lq, lk, c.causal)
+    except ValueError as exc:
+        return _dense(c, f"no attention layout: {exc}")
+    if layout.params["density"] >= 1.0:
+        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lq}x{lk} (blocks of {b}): nothing to skip")
+    prof = profile if profile is not None else profile_for(c.device)
+    training = c.requires_grad
+    est = _estimate(c, layout, prof, training)
+    pays = pays_from_seq_len(c, o, prof, training)
+    threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
+    pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
+    if threshold is not None:
+        if min(lq, lk) < threshold:
+            return _dense(c, f"too short: {min(lq, lk)} tokens < attention_min_seq_len={threshold}",
+                          estimate=est, pays_from_seq_len=pays)
+    elif est.sparse_s >= est.dense_s:
+        return _dense(c, f"too short: block-sparse attention {pay_text}; here {lq}x{lk} "
+                         f"(estimated {est.speedup:.2f}x)", estimate=est, pays_from_seq_len=pays)
+    p = layout.params
+    what = p["pattern"]
+    if p.get("butterfly_size"):
+        what += f" (butterfly {p['butterfly_size']}, k={p['n_factors']})"
+    ragged = "" if lq % b == 0 and lk % b == 0 else "; last block partial"
+    why = f"{what} at density {p['density']:.3f}, blocks of {b}{ragged}; estimated {est.speedup:.2f}x the dense kernel ({pay_text})"
+    if c.mask_origin == "causal buffer":
+        why += "; the mask buffer is causal: is_causal"
+    if o.eager:
+        lowering = "sdpa"
+        why += "; eager=True: SDPA with the equivalent element mask (same result, no speedup)"
+    elif c.device == "cpu" and training:
+        lowering = "sdpa"
+        why += "; CPU training: FlexAttention has no CPU backward, so SDPA with the equivalent element mask (same result, no speedup)"
+    else:
+        lowering = "flex"
+    return AttentionDecision(c, layout, why, lowering=lowering, estimate=est, pays_from_seq_len=pays)
+
+
+def plan_attention(
+    candidates: list[AttentionCandidate],
+    options: Options,
+    profile: Any | None = None,
+    min_seq_len: int | None = None,
+) -> list[AttentionDecision]:
+    """One decision per candidate, in order (module docstring).
+
+    ``profile``: an :class:`AttentionProfile`-like object for every candidate (default: the built-in
+    profile of each candidate's device). ``min_seq_len``: replace the time model's verdict by a fixed
+    threshold (sparse from this many tokens on), e.g. to study quality at short lengths; an
+    ``attention_min_seq_len`` option, once ``Options`` has one, does the same.
+    """
+    return [_decide(c, options, profile, min_seq_len) for c in candidates]
