@@ -1,0 +1,81 @@
+"""Rewrite pass: chosen attention nodes become calls of the block-sparse attention lowering.
+
+For each sparse :class:`~sparse_compiler.cost.attention.AttentionDecision`, the attention output node
+(the SDPA call, or the final ``· v`` of a hand-written attention) is replaced by::
+
+    block_sparse_attention(q, k, v, mask, layout=<key>, causal=…, scale=…, enable_gqa=…,
+                           mask_mode=…, lowering="flex" | "sdpa")
+
+(``sparse_compiler.kernels.attention``), whose arguments are the graph's own q, k, v and mask nodes
+and constants; the layout travels as its key. The nodes of a hand-written attention that nothing else
+uses any more (scores, softmax, casts, dropout, the mask computation) are removed. Nothing is baked
+into the graph: when Inductor compiles it, AOTAutograd traces through the lowering, so the
+FlexAttention kernels (forward and backward) are generated for the graph's own shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from sparse_compiler.cost.attention import AttentionDecision
+from sparse_compiler.kernels.attention import block_sparse_attention
+
+__all__ = ["rewrite_attention"]
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr", "example_value", "val")
+
+
+def rewrite_attention(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], decisions: Sequence[AttentionDecision]
+) -> fx.GraphModule:
+    """Apply the sparse ``decisions`` to ``gm`` in place and return it (module docstring)."""
+    chosen = [d for d in decisions if d.sparse]
+    if not chosen:
+        return gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    erased: set[fx.Node] = set()
+    for d in chosen:
+        c = d.candidate
+        out = nodes[c.node]
+        q, k, v = nodes[c.query], nodes[c.key], nodes[c.value]
+        mask = nodes[c.mask] if c.mask is not None else None
+        kwargs = {
+            "layout": d.layout.key,
+            "causal": c.causal,
+            "scale": c.scale,
+            "enable_gqa": c.enable_gqa,
+            "mask_mode": c.mask_mode,
+            "lowering": d.lowering or "flex",
+        }
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
+            if c.output_dtype is not None and c.dtype is not None and c.output_dtype != c.dtype:
+                new = gm.graph.call_method("to", (new, c.output_dtype))
+        for key in _COPIED_META:
+            if key in out.meta:
+                new.meta[key] = out.meta[key]
+        out.replace_all_uses_with(new)
+        # drop the replaced node and whatever of the old computation nothing uses any more
+        for name in (c.node, *reversed(c.nodes)):
+            _erase_cascade(gm.graph, nodes[name], erased)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node]) -> None:
+    """Erase ``node`` if unused, then its inputs that became unused (out-of-place calls only)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in erased or n.users or n.op not in ("call_function", "call_method"):
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):  # in-place: its effect may matter
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)
+        stack.extend(inputs)
