@@ -1,0 +1,534 @@
+"""Static block-sparse attention: layouts, the lowering, the analysis, the planner and the rewrite.
+
+Most tests run the rewritten graphs eagerly (fast); two go through Inductor on CPU (the compiled
+FlexAttention forward, and a training graph traced by AOTAutograd). GPU tests are marked ``gpu``.
+"""
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparse_compiler.cost.attention import (
+    CUDA_PROFILE,
+    AttentionDecision,
+    estimate_attention_time,
+    plan_attention,
+)
+from sparse_compiler.kernels.attention import block_sparse_attention, block_tables
+from sparse_compiler.layouts.attention import (
+    attention_element_mask,
+    attention_layout,
+    causal_blocks,
+    get_attention_layout,
+)
+from sparse_compiler.options import Options
+from sparse_compiler.passes.analyze_attention import analyze_attention
+from sparse_compiler.passes.rewrite_attention import rewrite_attention
+
+from models import Block
+
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+ATTN = Options(targets=("linear", "attention"), attention_block_size=16, attention_density=0.3)
+_SDPA = F.scaled_dot_product_attention
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _backend(options=ATTN, compiled=False, record=None, min_seq_len=0, override_layout=None, rename=False):
+    """What the sparsify backend will do: analyze_attention → plan_attention → rewrite_attention."""
+
+    def backend(gm, example_inputs):
+        if rename:  # node names must not matter to the analysis
+            for i, n in enumerate(gm.graph.nodes):
+                if n.op not in ("placeholder", "output"):
+                    n._rename(f"zz{i}")
+            gm.recompile()
+        candidates = analyze_attention(gm, example_inputs)
+        decisions = plan_attention(candidates, options, min_seq_len=min_seq_len)
+        if override_layout is not None:
+            decisions = [
+                AttentionDecision(d.candidate, override_layout(d.candidate), "test", lowering=override_layout.lowering)
+                for d in decisions
+            ]
+        if record is not None:
+            record.extend(decisions)
+        gm = rewrite_attention(gm, example_inputs, decisions)
+        if compiled:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, list(example_inputs))
+        return gm.forward
+
+    return backend
+
+
+class _FullLayout:
+    """A decision override: a layout that keeps every block (local window wider than the grid)."""
+
+    def __init__(self, lowering):
+        self.lowering = lowering
+
+    def __call__(self, c):
+        return attention_layout("local", c.seq_len_q_hint, c.seq_len_k_hint, 16, window=1000, causal=c.causal)
+
+
+def _masked_sdpa(layout):
+    """SDPA with the layout's element mask folded into the model's mask (the reference)."""
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        allowed = attention_element_mask(layout, q.shape[-2], k.shape[-2], is_causal, device=q.device)
+        if attn_mask is None:
+            mask = allowed
+        elif attn_mask.dtype == torch.bool:
+            mask = attn_mask & allowed
+        else:
+            mask = attn_mask.masked_fill(~allowed, float("-inf"))
+        return _SDPA(q, k, v, attn_mask=mask, scale=scale)
+
+    return sdpa
+
+
+class HandAttention(nn.Module):
+    """Attention as models write it by hand: nanoGPT-style causal buffer or an additive padding mask."""
+
+    def __init__(self, d=32, heads=2, max_len=128, causal_buffer=True, p_drop=0.0):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.drop = nn.Dropout(p_drop)
+        self.causal_buffer = causal_buffer
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x, pad=None):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        if self.causal_buffer:
+            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        else:
+            att = att + pad
+        att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+        att = self.drop(att)
+        return (att @ v).transpose(1, 2).reshape(b, t, d)
+
+
+def _hand_reference(model, x, pad, layout, causal):
+    """``HandAttention`` computed with SDPA and the layout's element mask."""
+    b, t, d = x.shape
+    q, k, v = (z.view(b, t, model.heads, d // model.heads).transpose(1, 2) for z in model.qkv(x).split(d, -1))
+    allowed = attention_element_mask(layout, t, t, causal)
+    mask = allowed if pad is None else pad.masked_fill(~allowed, float("-inf"))
+    return _SDPA(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, d)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+PATTERNS = ["butterfly+local+global", "butterfly", "local", "global", "local+global", "strided", "fixed", "bigbird"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(1024, 1024), (1000, 1000), (512, 1024), (1024, 384)])
+def test_diagonal_always_kept_and_causal_restriction(pattern, causal, lengths):
+    lq, lk = lengths
+    layout = attention_layout(pattern, lq, lk, 64, density=0.2, causal=causal, window=0, global_blocks=0)
+    n_q, n_k = layout.grid
+    assert (n_q, n_k) == (-(-lq // 64), -(-lk // 64))
+    mask = layout.block_mask
+    for i in range(n_q):
+        assert mask[i, min(i, n_k - 1)], (pattern, i)
+    if causal:
+        assert not (mask & ~causal_blocks(n_q, n_k)).any()
+        # the causal layout is the non-causal one restricted (bigbird draws its random blocks per case)
+        if pattern != "bigbird":
+            full = get_attention_layout(layout.key.replace("causal=1", "causal=0")).block_mask
+            assert torch.equal(mask, full & causal_blocks(n_q, n_k))
+
+
+def test_pattern_shapes():
+    local = attention_layout("local", 8 * 16, 8 * 16, 16, window=1).block_mask
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    assert torch.equal(local, (i - j).abs() <= 1)
+    glob = attention_layout("global", 128, 128, 16, global_blocks=2).block_mask
+    assert torch.equal(glob, (i < 2) | (j < 2) | (i == j))
+    strided = attention_layout("strided", 128, 128, 16, stride=3).block_mask
+    assert torch.equal(strided, ((i - j).abs() < 3) | ((i - j) % 3 == 0))
+    fixed = attention_layout("fixed", 128, 128, 16, stride=4).block_mask
+    assert torch.equal(fixed, (i // 4 == j // 4) | (j % 4 == 3))
+    butterfly = attention_layout("butterfly", 128, 128, 16, butterfly_size=8, n_factors=3).block_mask
+    for r in range(8):  # one block per cell: row r keeps its xor partners r^1, r^2, r^4
+        assert set(butterfly[r].nonzero().flatten().tolist()) == {r, r ^ 1, r ^ 2, r ^ 4}
+    bf = attention_layout("butterfly", 256, 256, 16, butterfly_size=8, n_factors=1).block_mask
+    assert bf[0, 0] and bf[0, 3] and bf[1, 1] and not bf[0, 5]  # cells of 2x2 blocks, partner 0^1
+
+
+@pytest.mark.parametrize("pattern", ["butterfly+local+global", "butterfly", "bigbird", "strided", "fixed"])
+@pytest.mark.parametrize("density", [1 / 4, 1 / 8, 1 / 16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_density_approaches_target(pattern, density, causal):
+    layout = attention_layout(pattern, 16384, 16384, 128, density=density, causal=causal)
+    got = layout.params["density"]
+    usable = causal_blocks(*layout.grid).sum() if causal else layout.block_mask.numel()
+    assert got == pytest.approx(layout.nnz_blocks / float(usable))
+    if pattern in ("strided", "fixed"):  # their density has a floor near 2/sqrt(blocks): the stride is the nearest
+        stride = layout.params["stride"]
+        for other in (stride - 1, stride + 1):
+            if other >= 1:
+                alt = attention_layout(pattern, 16384, 16384, 128, stride=other, causal=causal).params["density"]
+                assert abs(math.log(got / density)) <= abs(math.log(alt / density)) + 1e-9
+    else:
+        assert density / 1.35 <= got <= density * 1.35, (pattern, got)
+
+
+def test_bigbird_is_deterministic_by_seed_and_rebuilt_from_its_key():
+    a = attention_layout("bigbird", 4096, 4096, 128, density=0.25, seed=7)
+    b = attention_layout("bigbird", 4096, 4096, 128, density=0.25, seed=7)
+    c = attention_layout("bigbird", 4096, 4096, 128, density=0.25, seed=8)
+    assert torch.equal(a.block_mask, b.block_mask) and not torch.equal(a.block_mask, c.block_mask)
+    assert a.params["n_random"] > 0
+    from sparse_compiler.layouts import attention as attention_layouts
+
+    attention_layouts._LAYOUTS.clear()  # as in a fresh process
+    rebuilt = get_attention_layout(a.key)
+    assert rebuilt.key == a.key and torch.equal(rebuilt.block_mask, a.block_mask)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(pattern="dense"), "pattern"),
+        (dict(pattern="strided+local"), "pattern"),
+        (dict(pattern="local+local"), "pattern"),
+        (dict(density=0.0), "density"),
+        (dict(density=1.5), "density"),
+        (dict(block_size=0), "block_size"),
+        (dict(seq_len_q=0), "seq_len_q"),
+        (dict(window=-1), "window"),
+        (dict(global_blocks=-2), "global_blocks"),
+        (dict(seed=-1), "seed"),
+        (dict(pattern="butterfly", butterfly_size=6, n_factors=1), "butterfly_size"),
+        (dict(pattern="butterfly", butterfly_size=8, n_factors=4), "n_factors"),
+        (dict(pattern="butterfly", butterfly_size=64, n_factors=2), "butterfly_size"),
+        (dict(pattern="butterfly", butterfly_size=8), "n_factors"),
+        (dict(pattern="strided", stride=0), "stride"),
+        (dict(pattern="fixed", stride=2, summary=3), "summary"),
+        (dict(pattern="bigbird", n_random=-1), "n_random"),
+    ],
+)
+def test_invalid_parameters_name_the_parameter(kwargs, name):
+    args = dict(pattern="butterfly+local+global", seq_len_q=512, seq_len_k=512, block_size=16)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        attention_layout(args.pop("pattern"), args.pop("seq_len_q"), args.pop("seq_len_k"), args.pop("block_size"), **args)
+
+
+def test_tables_split_full_and_partial_blocks():
+    layout = attention_layout("butterfly+local+global", 200, 200, 32, density=0.4, causal=True)
+    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx, keep = block_tables(layout.key, 200, 200, True, True, "cpu")
+    n = layout.grid[0]
+    partial = torch.zeros(n, n, dtype=torch.bool)
+    full = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        partial[i, kv_idx[0, 0, i, : kv_num[0, 0, i]].long()] = True
+        full[i, full_idx[0, 0, i, : full_num[0, 0, i]].long()] = True
+    assert not (partial & full).any() and torch.equal(partial | full, keep)
+    assert torch.equal(keep, layout.block_mask)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    assert not (full & (j >= i)).any()  # diagonal blocks of a causal layout need the element mask
+    assert not full[-1].any() and not full[:, -1].any()  # 200 = 6·32 + 8: the ragged block is partial
+    for col in range(n):  # the q tables are the transpose
+        rows = set(q_idx[0, 0, col, : q_num[0, 0, col]].tolist()) | set(fq_idx[0, 0, col, : fq_num[0, 0, col]].tolist())
+        assert rows == set(keep[:, col].nonzero().flatten().tolist())
+
+
+def test_tables_op_has_a_fake_impl():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layout = attention_layout("local", 100, 70, 16)
+    with FakeTensorMode():
+        out = torch.ops.sparse_compiler.attention_block_tables(layout.key, 100, 70, False, True, torch.device("cpu"))
+    assert [tuple(t.shape) for t in out[:2]] == [(1, 1, 7), (1, 1, 7, 5)]
+    assert tuple(out[5].shape) == (1, 1, 5, 7) and out[-1].dtype == torch.bool
+
+
+# ---------------------------------------------------------------------------------------------- the lowering
+def _qkv(shape, lq, lk, d=8, requires_grad=False):
+    q = torch.randn(*shape, lq, d, requires_grad=requires_grad)
+    k = torch.randn(*shape, lk, d, requires_grad=requires_grad)
+    v = torch.randn(*shape, lk, d, requires_grad=requires_grad)
+    return q, k, v
+
+
+@pytest.mark.parametrize("lowering", ["flex", "sdpa"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_layout_keeping_every_block_equals_plain_attention(lowering, causal, padding):
+    layout = attention_layout("local", 100, 100, 16, window=100, causal=causal)
+    assert layout.params["density"] == 1.0
+    q, k, v = _qkv((2, 3), 100, 100)
+    pad = None
+    if padding:
+        pad = torch.ones(2, 1, 1, 100, dtype=torch.bool)
+        pad[1, ..., 90:] = False
+    want = _SDPA(q, k, v, attn_mask=pad, is_causal=causal) if not (causal and padding) else _SDPA(
+        q, k, v, attn_mask=pad & torch.ones(100, 100, dtype=torch.bool).tril()
+    )
+    got = block_sparse_attention(q, k, v, pad, layout=layout.key, causal=causal, mask_mode="keep" if padding else "none", lowering=lowering)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lowering", ["flex", "sdpa"])
+@pytest.mark.parametrize(
+    "shape,lq,lk,causal,mode",
+    [
+        ((2, 3), 100, 100, False, "none"),
+        ((2, 3), 100, 100, True, "keep"),
+        ((2,), 96, 96, True, "add"),  # 3-D (batch, length, dim)
+        ((), 80, 80, False, "drop"),  # 2-D
+        ((1, 2), 48, 100, False, "none"),  # cross attention, ragged
+    ],
+)
+def test_sparse_layout_equals_sdpa_with_the_element_mask(lowering, shape, lq, lk, causal, mode):
+    layout = attention_layout("butterfly+local+global", lq, lk, 16, density=0.3, causal=causal, global_blocks=0)
+    assert layout.params["density"] < 0.8
+    allowed = attention_element_mask(layout)
+    q, k, v = _qkv(shape, lq, lk, requires_grad=lowering == "sdpa")
+    mask, ref_mask = None, allowed
+    if mode == "keep":
+        mask = torch.rand(lq, lk) > 0.2
+        mask |= torch.eye(lq, lk, dtype=torch.bool)
+        ref_mask = allowed & mask
+    elif mode == "drop":
+        mask = torch.zeros(lq, lk, dtype=torch.bool)
+        mask[:, 1] = True
+        ref_mask = allowed & ~mask
+    elif mode == "add":
+        mask = torch.randn(*shape, lq, lk)
+        ref_mask = mask.masked_fill(~allowed, float("-inf"))
+    got = block_sparse_attention(q, k, v, mask, layout=layout.key, causal=causal, mask_mode=mode, lowering=lowering)
+    want = _SDPA(q, k, v, attn_mask=ref_mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if lowering == "sdpa":  # backward (on CPU training always takes this path)
+        g = torch.randn_like(got)
+        grads = torch.autograd.grad(got, (q, k, v), g)
+        want_grads = torch.autograd.grad(want, (q, k, v), g)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_lowering_falls_back_to_sdpa_for_cpu_training():
+    layout = attention_layout("butterfly+local+global", 64, 64, 16, density=0.3)
+    q, k, v = _qkv((1, 2), 64, 64, requires_grad=True)
+    out = block_sparse_attention(q, k, v, layout=layout.key, lowering="flex")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- analysis and plan
+def test_sdpa_is_found_with_its_shapes():
+    record = []
+    model = Block(d=64, heads=4)
+    torch.compile(model, backend=_backend(record=record))(torch.randn(2, 96, 64))
+    (d,) = record
+    c = d.candidate
+    assert (c.kind, c.batch, c.heads, c.seq_len_q, c.seq_len_k, c.head_dim) == ("sdpa", 2, 4, 96, 96, 16)
+    assert c.causal and c.mask_mode == "none" and c.requires_grad
+    assert c.flops == 4 * 2 * 4 * 96 * 96 * 16
+    assert d.sparse and d.lowering == "sdpa"  # CPU training
+    row = d.to_row()
+    for key in ("module", "parameter", "module_type", "kind", "node", "shape", "weight_stored", "tokens", "tokens_hint",
+                "symbolic", "dtype", "device", "decision", "reason", "density", "layout", "layout_kind", "block_size",
+                "butterfly_size", "n_factors", "flops", "flops_hint", "flops_saved_hint", "seq_len_q", "seq_len_k",
+                "causal", "pays_from_seq_len"):
+        assert key in row, key
+    assert row["kind"] == "attention" and row["decision"] == "sparse" and row["shape"] == [96, 96]
+    assert 0 < row["flops_saved_hint"] < row["flops_hint"]
+
+
+@pytest.mark.parametrize("rename", [False, True])
+def test_hand_written_attention_is_found_and_rewritten_like_sdpa(rename):
+    record = []
+    model = HandAttention(causal_buffer=True)
+    x = torch.randn(2, 80, 32)
+    got = torch.compile(model, backend=_backend(record=record, rename=rename))(x)
+    (d,) = record
+    c = d.candidate
+    assert c.kind == "explicit" and len(c.nodes) == 8  # kᵀ, q·kᵀ, ·c, masked_fill, softmax, cast, dropout, ·v
+    assert c.causal and c.mask_origin == "causal buffer" and c.mask is None  # nanoGPT's tril buffer
+    assert c.scale == pytest.approx(1 / math.sqrt(16)) and (c.heads, c.seq_len_q, c.head_dim) == (2, 80, 16)
+    assert d.sparse
+    torch.testing.assert_close(got, _hand_reference(model, x, None, d.layout, causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_attention_with_padding_mask_trains_through_the_fallback():
+    record = []
+    model = HandAttention(causal_buffer=False)
+    x = torch.randn(2, 64, 32)
+    pad = torch.zeros(2, 1, 1, 64)
+    pad[1, ..., 50:] = float("-inf")
+    compiled = torch.compile(model, backend=_backend(record=record))
+    got = compiled(x, pad)
+    (d,) = record
+    assert d.candidate.mask_mode == "add" and not d.candidate.causal and d.lowering == "sdpa"
+    want = _hand_reference(model, x, pad, d.layout, causal=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, list(model.parameters()), g)
+    want_grads = torch.autograd.grad(want, list(model.parameters()), g)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_blockers_keep_nodes_dense_with_a_reason():
+    record = []
+    model = HandAttention(causal_buffer=True, p_drop=0.1).train()
+    torch.compile(model, backend=_backend(record=record))(torch.randn(2, 64, 32))
+    (d,) = record
+    assert not d.sparse and "dropout" in d.reason
+
+    class ReturnsWeights(nn.Module):
+        def forward(self, q, k, v):
+            p = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+            return p @ v, p
+
+    record.clear()
+    torch._dynamo.reset()
+    torch.compile(ReturnsWeights(), backend=_backend(record=record))(*_qkv((1, 2), 64, 64))
+    (d,) = record
+    assert not d.sparse and "also used" in d.reason
+
+
+def test_plan_reasons():
+    record = []
+    model = Block(d=64, heads=4)
+    torch.compile(model, backend=_backend(options=Options(), record=record))(torch.randn(2, 512, 64))
+    assert "off" in record[0].reason and "targets" in record[0].reason
+    c = record[0].candidate
+    opts = Options(targets=("attention",), attention_block_size=128)
+    short = plan_attention([dataclasses.replace(c, seq_len_q=96, seq_len_k=96, seq_len_q_hint=96, seq_len_k_hint=96)], opts)[0]
+    assert not short.sparse and "too short" in short.reason and "two blocks" in short.reason
+    # the time model: 512 tokens do not pay on a GPU profile; the reason names where it starts to pay
+    timed = plan_attention([c], opts, profile=CUDA_PROFILE)[0]
+    assert not timed.sparse and "too short" in timed.reason and "pays from about" in timed.reason
+    assert timed.pays_from_seq_len is not None and timed.pays_from_seq_len > 512
+    n = timed.pays_from_seq_len * 2
+    long = dataclasses.replace(c, seq_len_q=n, seq_len_k=n, seq_len_q_hint=n, seq_len_k_hint=n, device="cuda")
+    chosen = plan_attention([long], opts)[0]
+    assert chosen.sparse and chosen.lowering == "flex" and chosen.estimate.speedup > 1
+    assert "butterfly+local+global" in chosen.reason and chosen.to_row()["layout_kind"] == "butterfly+local+global"
+    assert "disabled" in plan_attention([c], Options(targets=("attention",), enabled=False))[0].reason
+    assert "exclude" in plan_attention([c], Options(targets=("attention",), exclude=("*",)))[0].reason
+
+
+def test_time_model_sparse_pays_more_with_length():
+    common = dict(batch_heads=16, head_dim=64, value_dim=64, dtype=torch.bfloat16, causal=False, training=True)
+    speedups = []
+    for n in (1024, 4096, 16384):
+        layout = attention_layout("butterfly+local+global", n, n, 128, density=0.25)
+        dense = estimate_attention_time(CUDA_PROFILE, seq_len_q=n, seq_len_k=n, **common)
+        sparse = estimate_attention_time(CUDA_PROFILE, seq_len_q=n, seq_len_k=n, block_size=128, kept_blocks=layout.nnz_blocks, **common)
+        speedups.append(dense / sparse)
+    assert speedups[0] < speedups[1] < speedups[2] and speedups[2] > 2
+
+
+def test_dynamic_sequence_length_stays_dense_with_the_reason():
+    record = []
+    model = Block(d=64, heads=4)
+    compiled = torch.compile(model, backend=_backend(record=record), dynamic=True)
+    compiled(torch.randn(2, 96, 64))
+    (d,) = record
+    assert d.candidate.symbolic and not d.sparse and "dynamic" in d.reason
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("lowering", ["flex", "sdpa"])
+def test_rewrite_with_full_layout_equals_the_original_model(lowering):
+    model = Block(d=64, heads=4)
+    x = torch.randn(2, 100, 64)  # 100 = 6·16 + 4: ragged last block
+    want = model(x)
+    with torch.no_grad():
+        got = torch.compile(model, backend=_backend(override_layout=_FullLayout(lowering)))(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_cpu_inference_through_flex_attention_matches_masked_sdpa(monkeypatch):
+    """One Inductor compilation: the C++ FlexAttention forward on a ragged causal length."""
+    record = []
+    model = Block(d=64, heads=4).eval()
+    x = torch.randn(2, 100, 64)
+    with torch.no_grad():
+        got = torch.compile(model, backend=_backend(record=record, compiled=True))(x)
+    (d,) = record
+    assert d.sparse and d.lowering == "flex" and d.density < 0.9
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_cpu_training_graph_matches_masked_sdpa(monkeypatch):
+    """One Inductor compilation of a training graph: AOTAutograd traces the rewritten graph."""
+    record = []
+    model = Block(d=64, heads=4)
+    x = torch.randn(2, 64, 64)
+    compiled = torch.compile(model, backend=_backend(record=record, compiled=True))
+    got = compiled(x)
+    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    (d,) = record
+    assert d.sparse and d.lowering == "sdpa"
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+    want = model(x)
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,padding", [(False, False), (True, False), (False, True)])
+def test_gpu_flex_forward_backward_matches_masked_sdpa(causal, padding):
+    dev = "cuda"
+    lq = lk = 1000  # ragged: 7 blocks of 128 + 104
+    layout = attention_layout("butterfly+local+global", lq, lk, 128, density=0.3, causal=causal)
+    q, k, v = (torch.randn(2, 4, n, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for n in (lq, lk, lk))
+    pad = None
+    if padding:
+        pad = torch.ones(2, 1, 1, lk, dtype=torch.bool, device=dev)
+        pad[1, ..., 900:] = False
+    fn = torch.compile(
+        lambda q, k, v, m: block_sparse_attention(q, k, v, m, layout=layout.key, causal=causal,
+                                                  mask_mode="keep" if padding else "none", lowering="flex"),
+        fullgraph=True,
+    )
+    out = fn(q, k, v, pad)
+    allowed = attention_element_mask(layout, device=dev)
+    ref_mask = allowed if pad is None else allowed & pad
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = _SDPA(qf, kf, vf, attn_mask=ref_mask)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(out, (q, k, v), g.to(out.dtype))
+    want_grads = torch.autograd.grad(want, (qf, kf, vf), g)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_path_trains_a_block():
+    record = []
+    model = Block(d=256, heads=4).cuda()
+    x = torch.randn(2, 1024, 256, device="cuda")
+    compiled = torch.compile(model, backend=_backend(record=record, compiled=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = compiled(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    (d,) = record
+    assert d.sparse and d.lowering == "flex" and torch.isfinite(loss)
