@@ -328,6 +328,57 @@ def test_flex_lowering_falls_back_to_sdpa_for_cpu_training():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("lowering", ["flex", "sdpa"])
+def test_grouped_query_attention(lowering):
+    layout = attention_layout("butterfly+local+global", 64, 64, 16, density=0.3, causal=True)
+    q = torch.randn(2, 4, 64, 8)
+    k, v = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 64, 8)
+    got = block_sparse_attention(q, k, v, layout=layout.key, causal=True, enable_gqa=True, lowering=lowering)
+    want = _SDPA(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=attention_element_mask(layout))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_training_graph_is_traced_with_its_backward(monkeypatch):
+    """The graph CUDA compiles for training (FlexAttention forward and backward, block tables from the
+    custom op), traced by AOTAutograd on CPU and run with the unfused reference implementation."""
+    import torch.nn.attention.flex_attention as flex_module
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from sparse_compiler.kernels import attention as kernels
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)  # its CPU backward check
+    monkeypatch.setattr(kernels, "_CPU_FLEX_TRAINING", True)
+    record, code = [], {}
+
+    def backend(gm, example_inputs):
+        decisions = plan_attention(analyze_attention(gm, example_inputs), ATTN, min_seq_len=0)
+        decisions = [dataclasses.replace(d, lowering="flex") for d in decisions]
+        record.extend(decisions)
+        gm = rewrite_attention(gm, example_inputs, decisions)
+
+        def keep(name):
+            def compiler(g, _inputs):
+                code[name] = g.code
+                return g.forward
+
+            return compiler
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+
+    model = Block(d=64, heads=4)
+    x = torch.randn(2, 100, 64)
+    got = torch.compile(model, backend=backend)(x)
+    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    assert "sparse_compiler.attention_block_tables" in code["fw"] and "flex_attention" in code["fw"]
+    assert "flex_attention_backward" in code["bw"] and "_tensor_constant" not in code["fw"] + code["bw"]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(record[0].layout))
+    want = model(x)
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- analysis and plan
 def test_sdpa_is_found_with_its_shapes():
     record = []

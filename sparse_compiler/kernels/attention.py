@@ -72,6 +72,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOWERINGS = ("flex", "sdpa")
 MASK_MODES = ("none", "keep", "drop", "add")
 
+# Tests set this (with torch's CPU check patched out) to trace FlexAttention's training graph on CPU,
+# the same graph CUDA compiles, and run it with the unfused reference implementation.
+_CPU_FLEX_TRAINING = False
+
 _TABLE_NAMES = (
     "kv_num_blocks",
     "kv_indices",
@@ -343,7 +347,7 @@ def block_sparse_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if lowering == "flex" and (q.device.type == "cpu" and wants_grad or not flex_available()):
+    if lowering == "flex" and (q.device.type == "cpu" and wants_grad and not _CPU_FLEX_TRAINING or not flex_available()):
         lowering = "sdpa"  # FlexAttention has no CPU backward: same result through SDPA
     split_full = mask_mode in ("none", "add")
     tables = torch.ops.sparse_compiler.attention_block_tables(layout, lq, lk, causal, split_full, q.device)
