@@ -117,6 +117,28 @@ class HandAttention(nn.Module):
         return (att @ v).transpose(1, 2).reshape(b, t, d)
 
 
+class GPT2StyleAttention(nn.Module):
+    """Hugging Face GPT-2's eager attention, restated: divide by a 0-dim tensor, torch.where with a
+    bool causal buffer and the dtype's minimum, casts around the softmax."""
+
+    def __init__(self, d=32, heads=2, max_len=128):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        tril = torch.tril(torch.ones((max_len, max_len), dtype=torch.bool)).view(1, 1, max_len, max_len)
+        self.register_buffer("bias", tril, persistent=False)
+
+    def forward(self, x, pad=None):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).permute(0, 2, 1, 3) for z in self.qkv(x).split(d, dim=2))
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        lowest = torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device)
+        w = torch.where(self.bias[:, :, :t, :t], w.to(w.dtype), lowest)
+        w = nn.functional.softmax(w, dim=-1).type(v.dtype)
+        return torch.matmul(w, v).permute(0, 2, 1, 3).reshape(b, t, d)
+
+
 def _hand_reference(model, x, pad, layout, causal):
     """``HandAttention`` computed with SDPA and the layout's element mask."""
     b, t, d = x.shape
@@ -411,6 +433,18 @@ def test_hand_written_attention_is_found_and_rewritten_like_sdpa(rename):
     assert c.kind == "explicit" and len(c.nodes) == 8  # kᵀ, q·kᵀ, ·c, masked_fill, softmax, cast, dropout, ·v
     assert c.causal and c.mask_origin == "causal buffer" and c.mask is None  # nanoGPT's tril buffer
     assert c.scale == pytest.approx(1 / math.sqrt(16)) and (c.heads, c.seq_len_q, c.head_dim) == (2, 80, 16)
+    assert d.sparse
+    torch.testing.assert_close(got, _hand_reference(model, x, None, d.layout, causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_style_attention_is_found_and_rewritten():
+    record = []
+    model = GPT2StyleAttention()
+    x = torch.randn(2, 64, 32)
+    got = torch.compile(model, backend=_backend(record=record))(x)
+    (d,) = record
+    c = d.candidate
+    assert c.kind == "explicit" and c.causal and c.mask_origin == "causal buffer" and c.scale == pytest.approx(0.25)
     assert d.sparse
     torch.testing.assert_close(got, _hand_reference(model, x, None, d.layout, causal=True), rtol=1e-5, atol=1e-5)
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -213,7 +213,6 @@ class AttentionDecision:
     lowering: str | None = None  # "flex" | "sdpa" when sparse
     estimate: AttentionEstimate | None = None
     pays_from_seq_len: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sparse(self) -> bool:

@@ -9,8 +9,9 @@ Two forms are recognised:
 
       kᵀ = k.transpose(-2, -1) | k.mT | k.permute(…, -1, -2)
       s  = q @ kᵀ                                  (matmul, @, bmm)
-      s  = s * c | s / c                           optional, c a number
-      s  = s + bias | s.masked_fill(m, -inf)       optional
+      s  = s * c | s / c                           optional, c a number or torch.full([], c)
+      s  = s.to(dtype)                             optional
+      s  = s + bias | s.masked_fill(m, -inf) | torch.where(m, s, -inf)    optional
       s  = s.float() | s.to(dtype)                 optional
       p  = softmax(s, dim=-1[, dtype])
       p  = p.to(dtype) | p.type_as(x)              optional
@@ -115,7 +116,7 @@ _MUL = {operator.mul, torch.mul, torch.Tensor.mul, "mul", "__mul__", "mul_"}
 _DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide", "__truediv__", "div_"}
 _ADD = {operator.add, torch.add, torch.Tensor.add, "add", "__add__", "add_"}
 _MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill, "masked_fill", "masked_fill_"}
-_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch._C._nn.softmax if hasattr(torch._C._nn, "softmax") else F.softmax, "softmax"}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
 _CAST_METHODS = {"to", "type_as", "float", "half", "bfloat16", "type", "double"}
 _DROPOUT = {F.dropout, torch.dropout, "dropout"}
 _TRANSPOSE = {torch.transpose, torch.Tensor.transpose, "transpose", torch.permute, torch.Tensor.permute, "permute", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims"}
@@ -168,6 +169,20 @@ def _number(x: Any) -> float | None:
     return float(x)
 
 
+def _constant(x: Any) -> float | None:
+    """A Python number, or a node that makes a 0-dim constant tensor (``torch.full([], c)``,
+    ``torch.tensor(c)``: Hugging Face GPT-2 divides its scores by one); else None."""
+    if not isinstance(x, fx.Node):
+        return _number(x)
+    if x.op != "call_function" or not x.args:
+        return None
+    if x.target is torch.full and len(x.args) >= 2 and tuple(x.args[0]) == ():
+        return _number(x.args[1])
+    if x.target is torch.tensor:
+        return _number(x.args[0])
+    return None
+
+
 def _label(node: fx.Node) -> str | None:
     """The role a node can play in a hand-written attention (None: none)."""
     if node.op not in ("call_function", "call_method"):
@@ -177,9 +192,11 @@ def _label(node: fx.Node) -> str | None:
     if _swaps_last_two(node):
         return "transpose"
     if _target_in(node, _MUL | _DIV):
-        if len(node.args) == 2 and sum(isinstance(a, fx.Node) for a in node.args) == 1:
+        if len(node.args) == 2 and sum(_constant(a) is not None for a in node.args) == 1:
             return "scale"
         return None
+    if node.op == "call_function" and node.target is torch.where and len(node.args) == 3:
+        return "mask" if _constant(node.args[2]) is not None else None
     if _target_in(node, _ADD):
         if len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
             return "mask"
@@ -215,10 +232,10 @@ def _dataflow(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-_OPTIONAL = ("scale", "mask", "pre_cast", "post_cast", "dropout")
+_OPTIONAL = ("scale", "cast", "mask", "pre_cast", "post_cast", "dropout")
 # argument position of the chain's data in each step (None: any position)
-_CHAIN_POS = {"scale": None, "mask": None, "pre_cast": 0, "softmax": 0, "post_cast": 0, "dropout": 0, "mm2": 0}
-_ROLE_LABEL = {"kT": "transpose", "mm1": "matmul", "mm2": "matmul", "pre_cast": "cast", "post_cast": "cast"}
+_CHAIN_POS = {"scale": None, "cast": 0, "mask": None, "pre_cast": 0, "softmax": 0, "post_cast": 0, "dropout": 0, "mm2": 0}
+_ROLE_LABEL = {"kT": "transpose", "mm1": "matmul", "mm2": "matmul", "pre_cast": "cast", "post_cast": "cast"}  # else the role
 
 
 def _patterns() -> list[tuple[tuple[str, ...], nx.DiGraph]]:
@@ -226,7 +243,7 @@ def _patterns() -> list[tuple[tuple[str, ...], nx.DiGraph]]:
     out = []
     for flags in itertools.product((True, False), repeat=len(_OPTIONAL)):
         chosen = dict(zip(_OPTIONAL, flags))
-        roles = ["kT", "mm1"] + [r for r in ("scale", "mask", "pre_cast") if chosen[r]] + ["softmax"]
+        roles = ["kT", "mm1"] + [r for r in ("scale", "cast", "mask", "pre_cast") if chosen[r]] + ["softmax"]
         roles += [r for r in ("post_cast", "dropout") if chosen[r]] + ["mm2"]
         p = nx.DiGraph()
         for r in roles:
@@ -293,6 +310,12 @@ def _shape_info(q: Any, k: Any, v: Any) -> tuple[dict[str, Any], str | None]:
         blocker = blocker or "query, key and value differ in their number of dims"
     if not (qm.dtype == km.dtype == vm.dtype):
         blocker = blocker or "query, key and value differ in dtype"
+    if qm.dim() >= 3 and not (tuple(qm.shape[:-3]) == tuple(km.shape[:-3]) == tuple(vm.shape[:-3])) or (
+        qm.dim() == 3 and not qm.shape[0] == km.shape[0] == vm.shape[0]
+    ):
+        blocker = blocker or "query, key and value differ in batch dims (broadcast batches are not supported)"
+    if km.shape[-2] != vm.shape[-2] or qm.shape[-1] != km.shape[-1]:
+        blocker = blocker or "key and value lengths or query and key dims differ"
     batch: Any = 1
     batch_hint = 1
     for d in tuple(qm.shape[:-3]) if qm.dim() >= 3 else ():
@@ -369,6 +392,10 @@ def _static_value(node: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[An
                 return None
         elif n.op not in ("call_function", "call_method"):
             return None
+        else:
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if name.endswith("_") and not name.endswith("__"):  # in place: evaluating it would mutate
+                return None
         needed.append(n)
         stack.extend(n.all_input_nodes)
     env: dict[fx.Node, Any] = {}
@@ -509,11 +536,11 @@ def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: di
     scale = 1.0
     if "scale" in m:
         s = m["scale"]
-        c = next(a for a in s.args if not isinstance(a, fx.Node))
+        c = next(_constant(a) for a in s.args if _constant(a) is not None)
         if _target_in(s, _DIV):
             if s.args[0] is not m["mm1"]:
                 return None  # c / scores is not a scaling
-            scale = 1.0 / c if _number(c) else None
+            scale = 1.0 / c if c else None
         else:
             scale = c
         if _number(scale) is None or scale <= 0:
@@ -521,8 +548,16 @@ def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: di
     mask, mask_mode = None, "none"
     if "mask" in m:
         node = m["mask"]
-        prev = m.get("scale", mm1)
-        if _target_in(node, _MASKED_FILL):
+        prev = m.get("cast", m.get("scale", mm1))
+        if node.op == "call_function" and node.target is torch.where:
+            if node.args[1] is not prev:
+                return None
+            mask = node.args[0]
+            fill = _constant(node.args[2])
+            if fill is None or not (fill == -math.inf or fill <= -1e4):
+                blocker = blocker or f"torch.where with {node.args[2]!r} rather than -inf"
+            mask_mode = "keep"
+        elif _target_in(node, _MASKED_FILL):
             if _arg(node, 0, "input") is not prev:
                 return None
             mask = _arg(node, 1, "mask")
@@ -544,13 +579,11 @@ def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: di
             blocker = blocker or "attention dropout with non-constant arguments"
         elif training:
             dropout_p = float(p)
-    chain = [m[r] for r in ("mm1", "scale", "mask", "pre_cast", "softmax", "post_cast", "dropout") if r in m]
+    chain = [m[r] for r in ("mm1", "scale", "cast", "mask", "pre_cast", "softmax", "post_cast", "dropout") if r in m]
     for a, b in zip(chain, chain[1:] + [mm2]):
         others = [u.name for u in a.users if u is not b]
         if others:
             blocker = blocker or f"attention scores or weights ({a.name}) are also used by {', '.join(others)}"
-    if len(kt.users) != 1:
-        pass  # kᵀ used elsewhere too: fine, it stays
     nodes = [kt] + chain + [mm2]
     return _candidate(gm, example_inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale,
                       dropout_p, False, blocker)
