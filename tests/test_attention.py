@@ -505,6 +505,8 @@ def test_plan_reasons():
     chosen = plan_attention([long], opts)[0]
     assert chosen.sparse and chosen.lowering == "flex" and chosen.estimate.speedup > 1
     assert "butterfly+local+global" in chosen.reason and chosen.to_row()["layout_kind"] == "butterfly+local+global"
+    on_64 = plan_attention([long], Options(targets=("attention",), attention_block_size=64))[0]
+    assert not on_64.sparse and "multiple of 128" in on_64.reason
     assert "disabled" in plan_attention([c], Options(targets=("attention",), enabled=False))[0].reason
     assert "exclude" in plan_attention([c], Options(targets=("attention",), exclude=("*",)))[0].reason
 

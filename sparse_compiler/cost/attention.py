@@ -10,7 +10,8 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
 3. unsupported device or dtype, or a torch without FlexAttention;
 4. ``include`` / ``exclude`` globs over the module name;
 5. a dynamic (symbolic) sequence length: a static layout needs a fixed length;
-6. fewer than two blocks along the queries or the keys; a layout that keeps every block;
+6. fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
+   of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
 7. too short: the estimated block-sparse time is not below the dense fused kernel's.
 
 Lengths that are not a multiple of the block size are handled (the last block is partial).
@@ -323,8 +324,9 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     lq, lk = c.seq_len_q, c.seq_len_k
     if -(-lq // b) < 2 or -(-lk // b) < 2:
         return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way")
-    if c.device == "cuda" and b % 16:
-        return _dense(c, f"attention_block_size={b} is not a multiple of 16, which FlexAttention's CUDA kernels need")
+    if c.device == "cuda" and b % 128:
+        return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
+                         "(up to 128) must divide the block size")
     try:
         layout = attention_layout_from_options(o, lq, lk, c.causal)
     except ValueError as exc:
