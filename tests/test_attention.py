@@ -606,11 +606,12 @@ def test_gpu_flex_forward_backward_matches_masked_sdpa(causal, padding):
 
 
 @pytest.mark.gpu
-def test_gpu_backend_path_trains_a_block():
+def test_gpu_backend_path_trains_a_block(monkeypatch):
     record = []
     model = Block(d=256, heads=4).cuda()
     x = torch.randn(2, 1024, 256, device="cuda")
-    compiled = torch.compile(model, backend=_backend(record=record, compiled=True))
+    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
+    compiled = torch.compile(model, backend=_backend(options=options, record=record, compiled=True))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
         loss = compiled(x).square().mean()
@@ -619,3 +620,6 @@ def test_gpu_backend_path_trains_a_block():
         opt.step()
     (d,) = record
     assert d.sparse and d.lowering == "flex" and torch.isfinite(loss)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)

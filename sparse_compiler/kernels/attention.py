@@ -92,10 +92,10 @@ _TABLE_NAMES = (
 def flex_available() -> bool:
     """Whether this torch has FlexAttention."""
     try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+        import torch.nn.attention.flex_attention as flex_module
     except ImportError:
         return False
-    return True
+    return hasattr(flex_module, "BlockMask") and hasattr(flex_module, "flex_attention")
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -376,8 +376,10 @@ def block_sparse_attention(
     elif mask_mode == "add":
         read_bias = _index_fn(m4, lq, lk)
 
-        def score_mod(score, b_, h, q_idx, kv_idx):
+        def add_bias(score, b_, h, q_idx, kv_idx):
             return score + read_bias(b_, h, q_idx, kv_idx)
+
+        score_mod = add_bias
 
     mask_mod = _mask_mod(keep, b, causal, user_bool, (lq, lk))
     bm = _make_block_mask(tables, b, lq, lk, mask_mod)
