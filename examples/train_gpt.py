@@ -3,6 +3,7 @@
     python examples/train_gpt.py                      # backend "sparsify": the cost model decides
     python examples/train_gpt.py --backend inductor   # the dense baseline, compiled the same way
     python examples/train_gpt.py --backend eager      # no compilation at all
+    python examples/train_gpt.py --sparse-attention --seq 1024 --batch 2   # block-sparse attention too
 
 The corpus is every ``.py`` file of the running interpreter's standard library, read as bytes, so it
 exists offline on every machine. The only line that differs from a dense training loop is the
@@ -111,6 +112,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=("sparsify", "inductor", "eager"), default="sparsify")
     p.add_argument("--density", type=float, default=None, help="force this density (default: the cost model decides)")
+    p.add_argument(
+        "--sparse-attention", action="store_true",
+        help="also make attention block-sparse (butterfly + local + global); pays from long sequences, e.g. --seq 2048",
+    )  # fmt: skip
+    p.add_argument("--attention-density", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
@@ -136,6 +142,8 @@ def main() -> None:
         options = {"tokens": args.steps * args.batch * args.seq}
         if args.density is not None:
             options["density"] = args.density
+        if args.sparse_attention:
+            options.update(targets=("linear", "attention"), attention_density=args.attention_density)
         step_fn = torch.compile(model, backend="sparsify", options=options)
     elif args.backend == "inductor":
         step_fn = torch.compile(model)

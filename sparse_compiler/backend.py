@@ -1,5 +1,9 @@
 """The ``sparsify`` torch.compile backend: validate options → analyze → plan → rewrite → Inductor.
 
+Linear layers and attention go through the same steps side by side: both are analysed on the
+untouched graph, attention is rewritten first (its q, k and v are often outputs of linear layers,
+which the linear rewrite replaces), and both kinds of decision join one report.
+
 ``torch.compile(model, backend="sparsify", options={...})`` reaches :func:`sparsify` through the
 ``torch_dynamo_backends`` entry point, so no import is needed. Dynamo calls it once per graph (per
 graph break and per recompilation, e.g. when input shapes change); backward graphs are derived by
@@ -13,10 +17,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from sparse_compiler.cost.attention import AttentionDecision, plan_attention
 from sparse_compiler.cost.planner import Plan
 from sparse_compiler.cost.planner import plan as make_plan
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import analyze, summarize
+from sparse_compiler.passes.analyze_attention import analyze_attention
+from sparse_compiler.passes.rewrite_attention import rewrite_attention
 from sparse_compiler.passes.rewrite_linear import rewrite_linear
 from sparse_compiler.report import Report, set_last_report
 
@@ -33,10 +40,10 @@ def sparsify(
             f"(accepted options: {', '.join(Options.accepted())})"
         )
     opts = Options.from_mapping(options)
-    candidates = analyze(gm, example_inputs)
-    the_plan = make_plan(candidates, opts, summarize(gm, example_inputs, candidates))
+    the_plan, attention = _plan_graph(gm, example_inputs, opts)
+    gm = rewrite_attention(gm, example_inputs, attention)
     gm = rewrite_linear(gm, example_inputs, the_plan)
-    report = Report.from_plan(the_plan)
+    report = Report.from_plan(the_plan, attention=attention)
     set_last_report(report)
     if opts.report is True:
         print(report.table())
@@ -49,21 +56,33 @@ def sparsify(
     return compile_fx(gm, list(example_inputs), config_patches=dict(opts.inductor_config) or None)
 
 
+def _plan_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options
+) -> tuple[Plan, list[AttentionDecision]]:
+    """Analyse and plan the linear and attention candidates of the untouched graph."""
+    candidates = analyze(gm, example_inputs)
+    the_plan = make_plan(candidates, opts, summarize(gm, example_inputs, candidates))
+    attention = plan_attention(analyze_attention(gm, example_inputs), opts)
+    return the_plan, attention
+
+
 def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs: Any, **options: Any) -> Report:
     """Run analyze → plan on ``model`` traced with ``example_inputs`` and return the report.
 
     Nothing is rewritten, compiled or zeroed: the graph runs as traced.
     """
     opts = Options.from_mapping(options)
-    plans = []
+    plans: list[Plan] = []
+    attention: list[AttentionDecision] = []
 
     def capture(gm: fx.GraphModule, inputs: Sequence[Any], **_: Any) -> Callable[..., Any]:
-        candidates = analyze(gm, inputs)
-        plans.append(make_plan(candidates, opts, summarize(gm, inputs, candidates)))
+        the_plan, decisions = _plan_graph(gm, inputs, opts)
+        plans.append(the_plan)
+        attention.extend(decisions)
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, dynamic=False)
     with torch.no_grad():
         compiled(*example_inputs)
     notes = [f"the model was traced as {len(plans)} graphs (graph breaks)"] if len(plans) > 1 else []
-    return Report.from_plan(Plan.merge(plans, opts), notes=notes)
+    return Report.from_plan(Plan.merge(plans, opts), notes=notes, attention=attention)

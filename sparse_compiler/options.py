@@ -67,6 +67,8 @@ class Options:
         attention_window: half-width of the local window, in blocks.
         attention_global: number of leading global blocks (they attend and are attended everywhere).
         attention_seed: seed of BigBird's random blocks (fixed, so the layout stays static).
+        attention_min_seq_len: ``None``: the time model decides from which sequence length sparse
+            attention pays; an int makes attention sparse from that length on.
     """
 
     enabled: bool = True
@@ -96,6 +98,7 @@ class Options:
     attention_window: int = 1
     attention_global: int = 1
     attention_seed: int = 0
+    attention_min_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -171,6 +174,9 @@ class Options:
         d = self.attention_density
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
             fail("attention_density", "expected a number in (0, 1]")
+        m = self.attention_min_seq_len
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            fail("attention_min_seq_len", "expected None or a positive int")
         for name in ("attention_block_size", "attention_window", "attention_global", "attention_seed"):
             value = getattr(self, name)
             low = 1 if name == "attention_block_size" else 0

@@ -16,7 +16,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sparse_compiler.cost.planner import Decision, Plan, dtype_name
 from sparse_compiler.layouts.layout import Layout
@@ -149,17 +149,34 @@ class Report:
     pictures: dict[str, str] = field(default_factory=dict)  # layout key -> SVG
 
     @classmethod
-    def from_plan(cls, plan: Plan, title: str = "sparse_compiler report", notes: list[str] | None = None) -> "Report":
+    def from_plan(
+        cls,
+        plan: Plan,
+        title: str = "sparse_compiler report",
+        notes: list[str] | None = None,
+        attention: Sequence[Any] = (),
+    ) -> "Report":
+        """The report of a linear ``plan`` and of the attention decisions (``cost.attention``)."""
         notes = list(notes or [])
-        if not plan.decisions:
+        if not plan.decisions and not attention:
             notes.append("no Linear-like node with a 2-D parameter weight was found in this graph")
+        if attention and "attention" not in plan.options.targets:
+            notes.append("attention sparsity is off unless enabled: options={'targets': ('linear', 'attention')}")
         pictures = {d.layout.key: layout_svg(d.layout) for d in plan.chosen}
-        return cls([_row(d) for d in plan.decisions], plan.options.to_dict(), _header(plan), title, notes, pictures)
+        for d in attention:
+            if getattr(d, "layout", None) is not None:
+                pictures[d.layout.key] = layout_svg(d.layout)
+        rows = [_row(d) for d in plan.decisions] + [d.to_row() for d in attention]
+        return cls(rows, plan.options.to_dict(), _header(plan), title, notes, pictures)
 
     # ------------------------------------------------------------------ summary numbers
     @property
     def n_sparse(self) -> int:
         return sum(r["decision"] == "sparse" for r in self.rows)
+
+    def _count(self, kind: str) -> tuple[int, int]:
+        rows = [r for r in self.rows if (r["kind"] == "attention") == (kind == "attention")]
+        return sum(r["decision"] == "sparse" for r in rows), len(rows)
 
     @property
     def flops_dense(self) -> float:
@@ -173,10 +190,12 @@ class Report:
         total = self.flops_dense
         saved = self.flops_saved
         share = f"{100 * saved / total:.1f}%" if total else "0%"
-        text = (
-            f"{self.n_sparse} of {len(self.rows)} linear layers sparse; forward FLOPs "
-            f"{_flops_text(total - saved)} instead of {_flops_text(total)} ({share} saved, at the example shapes)"
-        )
+        sparse_linear, n_linear = self._count("linear")
+        text = f"{sparse_linear} of {n_linear} linear layers sparse"
+        sparse_attention, n_attention = self._count("attention")
+        if n_attention:
+            text += f", {sparse_attention} of {n_attention} attention nodes sparse"
+        text += f"; forward FLOPs {_flops_text(total - saved)} instead of {_flops_text(total)} ({share} saved, at the example shapes)"
         speedup = self.header.get("step_speedup")
         if speedup is not None:
             text += f"; predicted step speed-up {speedup:.2f}x"

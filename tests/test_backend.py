@@ -32,6 +32,10 @@ def _sparse_reference(model, report, rescale):
     return ref
 
 
+def _linear_rows(report=None):
+    return [r for r in (report or sparse_compiler.last_report()).rows if r["kind"] != "attention"]
+
+
 def _compile(model, **options):
     return torch.compile(model, backend="sparsify", options={**SMALL, **options})
 
@@ -72,7 +76,7 @@ def test_compiled_matches_masked_dense_reference(make, x):
 def test_every_linear_of_the_block_is_found_including_in_out_weights():
     model = Block(conv1d=True)
     _compile(model, eager=True)(torch.randn(2, 16, 64))
-    rows = {r["parameter"]: r for r in sparse_compiler.last_report().rows}
+    rows = {r["parameter"]: r for r in _linear_rows()}
     assert set(rows) == {"qkv.weight", "proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
     assert rows["qkv.weight"]["weight_stored"] == "in_out" and rows["qkv.weight"]["kind"] == "addmm"
     assert rows["mlp.fc1.weight"]["module_type"] == "Linear"
@@ -191,7 +195,7 @@ def test_left_dense_reasons():
 def test_include_exclude_globs():
     model = Block()
     _compile(model, eager=True, include="mlp.*", exclude=["*fc2"])(torch.randn(1, 16, 64))
-    decisions = {r["module"]: r["decision"] for r in sparse_compiler.last_report().rows}
+    decisions = {r["module"]: r["decision"] for r in _linear_rows()}
     assert decisions == {"qkv": "dense", "proj": "dense", "mlp.fc1": "sparse", "mlp.fc2": "dense"}
 
 
@@ -314,3 +318,31 @@ def test_backend_on_cuda_matches_masked_dense_reference(dtype):
         want = q.grad * keep[name] if name in keep else q.grad  # the sparse op's weight gradient is masked
         torch.testing.assert_close(p.grad, want, rtol=tol * 10, atol=tol * 10, msg=name)
     assert sparse_compiler.last_report().n_sparse == 4
+
+
+def test_attention_joins_the_pipeline_when_targeted():
+    torch.manual_seed(3)
+    model = Block(d=64, heads=4)
+    x = torch.randn(2, 256, 64)
+    dense_out = model(x).detach()
+    options = dict(targets=("linear", "attention"), attention_block_size=32, attention_min_seq_len=64)
+    y_eager = _compile(copy.deepcopy(model), eager=True, **options)(x)
+    torch._dynamo.reset()
+    compiled_model = copy.deepcopy(model)
+    y = _compile(compiled_model, **options)(x)
+    report = sparse_compiler.last_report()
+    attention = [r for r in report.rows if r["kind"] == "attention"]
+    assert len(attention) == 1 and attention[0]["decision"] == "sparse", attention
+    assert "1 of 1 attention nodes sparse" in report.summary()
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(y, dense_out, atol=1e-3)
+    y.sum().backward()  # training goes through the CPU fallback
+    assert compiled_model.qkv.weight.grad is not None
+
+
+def test_attention_stays_dense_unless_targeted():
+    _compile(Block(), eager=True)(torch.randn(1, 16, 64))
+    report = sparse_compiler.last_report()
+    attention = [r for r in report.rows if r["kind"] == "attention"]
+    assert attention and attention[0]["decision"] == "dense"
+    assert any("off unless enabled" in n for n in report.notes)
