@@ -52,7 +52,8 @@ def time_steps(backend: str, options: dict | None, steps: int, warmup: int, batc
         report = sparse_compiler.last_report()
         result["n_sparse"] = report.n_sparse
         result["predicted_step_speedup"] = report.header.get("step_speedup")
-        result["mean_density"] = statistics.mean(r["density"] for r in report.rows) if report.rows else 1.0
+        linear = [r for r in report.rows if r["kind"] != "attention"]
+        result["mean_linear_density"] = statistics.mean(r["density"] for r in linear) if linear else 1.0
     return result
 
 

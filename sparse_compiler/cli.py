@@ -68,10 +68,10 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise SystemExit("error: --device cuda but no CUDA device is available")
     result = calibrate(args.device, quick=args.quick)
     print(f"calibrated {result['name']} ({result['device_name']}, {result['dtype']}):")
-    print(f"  launch overhead   {result['launch_overhead'] * 1e6:.1f} us")
+    print(f"  call overhead     {result['launch_overhead'] * 1e6:.1f} us dense, {result['sparse_op_overhead'] * 1e6:.1f} us block-sparse op")
     print(f"  dense efficiency  {result['dense_efficiency']:.2f} ({result['dense_flops_per_second'] / 1e9:.1f} GFLOP/s)")
     for b, e in result["sparse_efficiency"].items():
-        print(f"  block {b:>3}: block-sparse efficiency {e:.2f} of dense")
+        print(f"  tile {b:>3}: block-sparse efficiency {e:.2f} of dense")
     print(f"stored in {result['path']}")
     return 0
 

@@ -2,11 +2,12 @@
 
 ``calibrate(device)`` measures
 
-- the launch overhead ``λ``: the time of the block-sparse op on a tiny problem;
+- the call overheads: the time of ``F.linear`` and of the block-sparse op on a tiny problem;
 - the dense efficiency: achieved ``F.linear`` FLOP/s over the profile's peak, at a few sizes (the best);
-- per block size (16, 32, 64, 128), the block-sparse efficiency: the FLOP/s the op achieves on the
-  tiles it computes, over the achieved dense FLOP/s, after removing ``calls · λ``
-  (flat butterfly layouts at densities 1/4 and 1/8, averaged).
+- per tile size (16 … 256), the block-sparse efficiency: the FLOP/s the op achieves on the tiles it
+  computes, over the achieved dense FLOP/s, after removing ``calls · λ``. On GPUs the tile is the
+  block size (flat butterflies at densities 1/4 and 1/8, averaged); on the CPU it is the narrow side
+  of the layout's rectangles (butterflies whose grid cells are that size, ``cost.estimate.granularity``).
 
 It writes them to ``cost.hardware.cache_path(name)``, which ``cost.hardware.profile`` loads from
 then on. Run it as ``sparse-compiler calibrate``; on a 2-core CPU it takes about a minute.
@@ -24,9 +25,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sparse_compiler.cost.estimate import charged_tiles
+from sparse_compiler.cost.estimate import charged_tiles, granularity
 from sparse_compiler.cost.hardware import BUILTIN_PROFILES, cache_path, detect_name
-from sparse_compiler.layouts.butterfly import nearest_flat_butterfly
+from sparse_compiler.layouts.butterfly import flat_butterfly, nearest_flat_butterfly
+from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["calibrate"]
 
@@ -69,8 +71,17 @@ def calibrate(
     size = 512 if quick else (2048 if device.type == "cpu" else 4096)
     tokens = size if device.type == "cpu" else 8192
     repeat = 3 if quick else 5
-    block_sizes = (16, 32, 64, 128)
-    steps = 2 + len(block_sizes) * 2
+    tiles = (16, 32, 64, 128) if device.type != "cpu" else (16, 32, 64, 128, 256)
+
+    def layouts_for(tile: int) -> list[Layout]:
+        if device.type != "cpu":
+            found = [nearest_flat_butterfly(size, size, d, tile) for d in (1 / 4, 1 / 8)]
+            return [layout for layout in found if layout is not None]
+        if size // tile < 4:
+            return []
+        return [flat_butterfly(size, size, size // tile, 2, min(tile, 32))]  # grid cells of `tile`
+
+    steps = 2 + len(tiles)
 
     from rich.progress import Progress
 
@@ -81,6 +92,7 @@ def calibrate(
         tiny = nearest_flat_butterfly(64, 64, 0.5, 16)
         xs, ws = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(64, 64, device=device, dtype=dtype)
         launch = measure(lambda: _op(xs, ws, None, tiny.key), 20)
+        dense_launch = measure(lambda: F.linear(xs, ws), 20)
         bar.advance(task)
         bar.refresh()
 
@@ -94,23 +106,18 @@ def calibrate(
         bar.advance(task)
 
         sparse: dict[int, float] = {}
-        for b in block_sizes:
+        for tile in tiles:
             ratios = []
-            for density in (1 / 4, 1 / 8):
-                layout = nearest_flat_butterfly(size, size, density, b)
-                if layout is None:
-                    bar.advance(task)
-                    continue
+            for layout in layouts_for(tile):
                 with torch.no_grad():
                     seconds = measure(lambda: _op(x, w, None, layout.key), repeat)
-                calls = len(layout.rects) if device.type == "cpu" else 1
                 touched, total = charged_tiles(layout, base.hardware_block)
-                compute = max(seconds - calls * launch, seconds * 0.05)
+                compute = max(seconds - launch, seconds * 0.05)
                 ratios.append(min(2.0, (flops * touched / total / achieved) / compute))
-                bar.advance(task)
-                bar.refresh()
             if ratios:
-                sparse[b] = sum(ratios) / len(ratios)
+                sparse[granularity(layouts_for(tile)[0], device.type)] = sum(ratios) / len(ratios)
+            bar.advance(task)
+            bar.refresh()
 
     result = {
         "name": name,
@@ -119,7 +126,8 @@ def calibrate(
         "dtype": dtype_name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
-        "launch_overhead": launch,
+        "launch_overhead": dense_launch,
+        "sparse_op_overhead": launch,
         "dense_efficiency": min(1.0, achieved / peak),
         "dense_flops_per_second": achieved,
         "sparse_efficiency": {str(b): e for b, e in sparse.items()},

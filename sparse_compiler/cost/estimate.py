@@ -6,8 +6,10 @@ For ``T`` tokens, an ``(out, in)`` weight and element size ``s`` bytes, one matm
 
 with ``F = 2·T·in·out·d`` FLOPs and ``Q = s·(T·in + d·in·out + T·out)`` bytes, ``R`` the achieved
 dense throughput, ``e`` the block-sparse efficiency (1 for dense), ``BW`` the memory bandwidth,
-``n`` kernel launches (on the CPU: one BLAS call per rectangle of the layout) and ``λ`` the launch
-overhead. ``d`` is the *charged* density: the fraction of hardware tiles the layout touches, so a
+``n`` kernel launches or op calls and ``λ`` the overhead of one (a dense launch, or a call of the
+block-sparse op, which costs more). ``e`` depends on the layout's
+``granularity``: its block size on GPUs, the narrow side of its rectangles on the CPU (where ``e``
+also absorbs the cost of one BLAS call per rectangle, as calibration measures it). ``d`` is the *charged* density: the fraction of hardware tiles the layout touches, so a
 layout finer than the hardware block pays for every tile it touches. Training (forward + input
 gradient + weight gradient) is three such products.
 """
@@ -26,6 +28,22 @@ from sparse_compiler.layouts.layout import Layout
 __all__ = ["LinearEstimate", "charged_tiles", "estimate_linear"]
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def granularity(layout: Layout, device_type: str) -> int:
+    """The tile size that sets a layout's block-sparse efficiency.
+
+    On GPUs the kernels compute one block at a time: the block size. On the CPU the rectangle path
+    runs one BLAS call per rectangle of the layout, whose efficiency depends on the rectangle's
+    narrow side: the area-weighted mean of ``min(height, width)`` over the rectangles, rounded down
+    to a power of two.
+    """
+    if device_type != "cpu":
+        return layout.block_size
+    areas = [(r.r1 - r.r0) * (r.c1 - r.c0) for r in layout.rects]
+    sides = [min(r.r1 - r.r0, r.c1 - r.c0) for r in layout.rects]
+    mean = sum(a * s for a, s in zip(areas, sides)) / max(sum(areas), 1)
+    return 1 << max(0, int(math.log2(max(mean, 1))))
 
 
 def charged_tiles(layout: Layout, hardware_block: int) -> tuple[int, int]:
@@ -87,18 +105,17 @@ def estimate_linear(
 
     touched, total = charged_tiles(layout, hw.hardware_block)
     d = touched / total
-    e = hw.sparse_fraction(layout.block_size)
-    on_cpu = hw.device_type == "cpu"
-    calls_fwd = len(layout.rects) if on_cpu else 1
-    calls_dx = len(layout.rects_transposed) if on_cpu else 1
+    e = hw.sparse_fraction(granularity(layout, hw.device_type))
+    calls_fwd = calls_dx = 1
     sparse_flops = dense_flops * d
     sparse_bytes = item * (T * K + d * K * N + T * N)
+    lam = hw.sparse_op_overhead
     fwd = _product_time(sparse_flops, sparse_bytes, rate * e, bw, calls_fwd, lam)
     dx = _product_time(sparse_flops, sparse_bytes, rate * e, bw, calls_dx, lam)
     # the weight gradient also writes the dense (out, in) gradient, zeros included
     dw = _product_time(sparse_flops, sparse_bytes + item * K * N * (1 - d), rate * e, bw, calls_fwd, lam)
     formula = (
-        f"max(2·{tokens_expr or T}·{K}·{N}·{d:.4g} / (R·{e:.2f}), bytes / BW) + {calls_fwd}·λ"
+        f"max(2·{tokens_expr or T}·{K}·{N}·{d:.4g} / (R·{e:.2f}), bytes / BW) + λ_sparse"
         f"  [d = {touched}/{total} tiles of {hw.hardware_block}]"
     )
     return LinearEstimate(dense_fwd, dense_train, fwd, fwd + dx + dw, d, touched, total, formula)

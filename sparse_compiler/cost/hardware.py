@@ -4,11 +4,15 @@ A ``HardwareProfile`` holds
 
 - ``peak_flops``: dense matmul throughput per dtype (FLOP/s), as the vendor states it;
 - ``dense_efficiency``: the fraction of that peak a large dense matmul achieves;
-- ``memory_bandwidth`` (bytes/s) and ``launch_overhead`` (seconds per kernel launch or op call);
+- ``memory_bandwidth`` (bytes/s), ``launch_overhead`` (seconds per dense kernel launch) and
+  ``sparse_op_overhead`` (seconds per call of the block-sparse op: a Python-level custom op costs
+  more to call than a cuBLAS or MKL matmul, which decides tiny layers);
 - ``hardware_block``: the tile the hardware reads or multiplies at once. A layout finer than it is
   charged for every tile it touches (a 16-block layout on 64-tile hardware pays whole 64-tiles);
-- ``sparse_efficiency``: per block size, the fraction of dense throughput the block-sparse kernels
-  achieve on the tiles they compute (measured by calibration; defaults are conservative guesses).
+- ``sparse_efficiency``: per tile size (the block size on GPUs; on the CPU the narrow side of the
+  layout's rectangles, see ``cost.estimate.granularity``), the fraction of dense throughput the
+  block-sparse kernels achieve on the tiles they compute (measured by calibration; the defaults are
+  conservative guesses).
 
 Built-in profiles cover A100, H100, H200, L4, a generic CUDA fallback and the CPU. ``profile("auto",
 device)`` detects the device; ``calibrate`` (``sparse-compiler calibrate``) times this machine and
@@ -37,10 +41,11 @@ class HardwareProfile:
     device_type: str  # "cpu" | "cuda"
     peak_flops: Mapping[str, float]  # dtype name -> FLOP/s
     memory_bandwidth: float  # bytes/s
-    launch_overhead: float  # s per launch / op call
+    launch_overhead: float  # s per dense matmul launch
     hardware_block: int
     dense_efficiency: float = 0.7
-    sparse_efficiency: Mapping[int, float] = field(default_factory=dict)  # block size -> fraction of dense
+    sparse_op_overhead: float = 3e-5  # s per call of the block-sparse op
+    sparse_efficiency: Mapping[int, float] = field(default_factory=dict)  # tile size -> fraction of dense
     calibrated: bool = False
     description: str = ""
 
@@ -49,20 +54,20 @@ class HardwareProfile:
         peak = self.peak_flops.get(dtype) or self.peak_flops["float32"]
         return peak * self.dense_efficiency
 
-    def sparse_fraction(self, block_size: int) -> float:
-        """Fraction of dense throughput that block-sparse kernels reach with ``block_size`` blocks.
+    def sparse_fraction(self, tile: int) -> float:
+        """Fraction of dense throughput that block-sparse kernels reach at this tile size.
 
-        Between measured block sizes the nearest smaller one applies (smaller blocks are slower);
-        below all of them the smallest measured value is scaled down in proportion to the block.
+        Between measured sizes the nearest smaller one applies (smaller tiles are slower); below all
+        of them the smallest measured value is scaled down in proportion to the tile.
         """
         table = {int(k): float(v) for k, v in self.sparse_efficiency.items()}
         if not table:
             return 0.5
-        smaller = [b for b in table if b <= block_size]
+        smaller = [b for b in table if b <= tile]
         if smaller:
             return table[max(smaller)]
         least = min(table)
-        return table[least] * block_size / least
+        return table[least] * tile / least
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -102,11 +107,12 @@ def _cpu_profile() -> HardwareProfile:
         # ~100 GFLOP/s fp32 per core (AVX2/AVX-512 FMA); bf16/fp16 matmuls are not faster on most CPUs
         peak_flops={"float32": 100e9 * cores, "bfloat16": 50e9 * cores, "float16": 25e9 * cores},
         memory_bandwidth=20e9,
-        launch_overhead=2e-5,
+        launch_overhead=1e-5,
+        sparse_op_overhead=7e-5,
         hardware_block=32,
-        dense_efficiency=0.8,
-        # the rectangle path runs BLAS on coarse tiles: near dense speed for wide tiles
-        sparse_efficiency={16: 0.5, 32: 0.75, 64: 0.85, 128: 0.95},
+        dense_efficiency=0.85,
+        # keyed by the narrow side of the layout's rectangles: BLAS on thin slices is slow
+        sparse_efficiency={16: 0.3, 32: 0.5, 64: 0.75, 128: 0.9, 256: 1.0},
         description=f"CPU, {cores} threads (uncalibrated defaults)",
     )
 
@@ -159,6 +165,7 @@ def profile(name: str = "auto", device: str | torch.device = "cpu") -> HardwareP
                 dense_efficiency=float(stored["dense_efficiency"]),
                 sparse_efficiency={int(k): float(v) for k, v in stored["sparse_efficiency"].items()},
                 launch_overhead=float(stored.get("launch_overhead", base.launch_overhead)),
+                sparse_op_overhead=float(stored.get("sparse_op_overhead", base.sparse_op_overhead)),
                 calibrated=True,
                 description=f"{base.description}; calibrated {stored.get('date', '')}".strip(),
             )
