@@ -42,6 +42,10 @@ def sparsify(
     opts = Options.from_mapping(options)
     the_plan, attention = _plan_graph(gm, example_inputs, opts)
     gm = rewrite_attention(gm, example_inputs, attention)
+    remaining = {n.name for n in gm.graph.nodes}
+    absorbed = {d.candidate.node for d in the_plan.decisions if d.candidate.node not in remaining}
+    if absorbed:  # e.g. q·Kᵀ with a parameter K: now part of the block-sparse attention
+        the_plan = the_plan.with_dense(absorbed, "part of an attention pattern rewritten as block-sparse attention")
     gm = rewrite_linear(gm, example_inputs, the_plan)
     report = Report.from_plan(the_plan, attention=attention)
     set_last_report(report)

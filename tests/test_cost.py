@@ -77,7 +77,7 @@ def _candidate(name, out_f, in_f, tokens=4096, index=0, **kw):
         weight_stored="out_in", weight_input_index=index, out_features=out_f, in_features=in_f,
         tokens=tokens, tokens_hint=tokens if isinstance(tokens, int) else 4096, has_bias=True,
         dtype=torch.float32, input_dtype=torch.float32, output_dtype=torch.float32, device="cpu",
-        shared_with=(), existing_layout=None, blocker=None,
+        shared_with=(), existing_layout=None, existing_stored=None, blocker=None,
     )  # fmt: skip
     fields.update(kw)
     return Candidate(**fields)

@@ -23,6 +23,7 @@ The planner is pure and deterministic: the same candidates, options and summary 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from sparse_compiler.cost.scaling import LOSS_LAWS, LossLaw, ScalingView, equiva
 from sparse_compiler.kernels.ops import SUPPORTED_DTYPES
 from sparse_compiler.layouts.butterfly import flat_butterfly, nearest_flat_butterfly
 from sparse_compiler.layouts.layout import Layout
-from sparse_compiler.layouts.registry import get_layout
+from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import Candidate, GraphSummary
 
@@ -87,6 +88,15 @@ class Plan:
     @property
     def chosen(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.sparse)
+
+    def with_dense(self, nodes: set[str], reason: str) -> "Plan":
+        """The same plan with the decisions of ``nodes`` turned dense for ``reason``."""
+        decisions = tuple(
+            Decision(d.candidate, None, reason, d.estimate and dataclasses.replace(d.estimate, forward=d.estimate.dense_forward, training=d.estimate.dense_training, charged_density=1.0))
+            if d.candidate.node in nodes else d
+            for d in self.decisions
+        )  # fmt: skip
+        return dataclasses.replace(self, decisions=decisions)
 
     @classmethod
     def merge(cls, plans: Sequence["Plan"], options: Options) -> "Plan":
@@ -147,8 +157,9 @@ def _hard_reason(c: Candidate, o: Options) -> str | None:
         return f"device {c.device!r} not supported (supported: {', '.join(SUPPORTED_DEVICES)})"
     if c.dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype_name(c.dtype)} not supported (float32, bfloat16, float16)"
-    if (c.input_dtype is not None and c.input_dtype != c.dtype) or (c.output_dtype is not None and c.output_dtype != c.dtype):
-        return "input or output dtype differs from the weight's (autocast or mixed precision)"
+    compute = c.output_dtype or c.dtype
+    if compute not in SUPPORTED_DTYPES:
+        return f"computes in {dtype_name(compute)} (float32, bfloat16, float16 supported)"
     return None
 
 
@@ -245,6 +256,8 @@ def plan(candidates: Sequence[Candidate], options: Options, summary: GraphSummar
         reason = _hard_reason(c, o)
         if reason is None and c.existing_layout is not None:
             layout = get_layout(c.existing_layout)
+            if c.existing_stored != c.weight_stored:  # the same parameter read the other way round
+                layout = register(layout.transposed())
             decided[i] = Decision(c, layout, "sparsified by an earlier compilation; layout kept", _estimate(c, hw, layout))
             continue
         if reason is None:
@@ -364,7 +377,27 @@ def _greedy(candidates, choices, decided, o: Options, hw: HardwareProfile, summa
         decided[i] = Decision(c, None, why, _estimate(c, hw, None))
 
 
+def _one_mask_per_parameter(candidates, decided, hw: HardwareProfile) -> None:
+    """A parameter read by several sparse nodes (``allow_shared_weights``) gets one mask: every
+    use takes the first use's layout, transposed where it reads the parameter the other way."""
+    first: dict[int, Decision] = {}
+    for i in range(len(candidates)):
+        d = decided[i]
+        if not d.sparse:
+            continue
+        index = d.candidate.weight_input_index
+        if index not in first:
+            first[index] = d
+            continue
+        layout = first[index].layout
+        if first[index].candidate.weight_stored != d.candidate.weight_stored:
+            layout = register(layout.transposed())
+        if layout.key != d.layout.key:
+            decided[i] = Decision(d.candidate, layout, f"shares {first[index].candidate.node}'s mask (one mask per parameter)", _estimate(d.candidate, hw, layout))
+
+
 def _finish(candidates, decided, o: Options, hw: HardwareProfile, summary: GraphSummary | None) -> Plan:
+    _one_mask_per_parameter(candidates, decided, hw)
     decisions = tuple(decided[i] for i in range(len(candidates)))
     view = _scaling_view(candidates, o, summary)
     layouts = {i: d.layout for i, d in enumerate(decisions) if d.layout is not None}

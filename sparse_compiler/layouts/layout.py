@@ -142,6 +142,11 @@ class Layout:
         m = self.block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
         return m.to(device=device, dtype=dtype)
 
+    def transposed(self) -> "Layout":
+        """The layout of the transposed weight (an explicit-mask layout; register it before use)."""
+        params = {"block_size": self.block_size, "transpose_of": self.key}
+        return Layout(self.block_mask.t().contiguous(), self.block_size, kind=self.kind, params={**self.params, **params})
+
     def describe(self) -> str:
         """A one-line human description, e.g. ``flat_butterfly(butterfly_size=8, n_factors=2) b=32``."""
         args = ", ".join(f"{k}={v}" for k, v in self.params.items() if k not in ("out_features", "in_features", "block_size"))

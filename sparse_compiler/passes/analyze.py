@@ -55,8 +55,9 @@ class Candidate:
     input_dtype: torch.dtype | None
     output_dtype: torch.dtype | None
     device: str  # device type: "cpu", "cuda", ...
-    shared_with: tuple[str, ...]  # other nodes that use the same parameter
+    shared_with: tuple[str, ...]  # other nodes (or earlier graphs' nodes) that use the same parameter
     existing_layout: str | None  # layout key when this parameter was already sparsified
+    existing_stored: str | None  # the weight_stored of the use that sparsified it
     blocker: str | None  # a reason this node cannot be rewritten whatever the plan (else None)
 
     @property
@@ -241,6 +242,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
             params[ph] = i
 
     candidates = []
+    matched: dict[fx.Node, fx.Node] = {}  # candidate node -> its parameter placeholder
     for node in gm.graph.nodes:
         match = _match(node, params)
         if match is None:
@@ -259,12 +261,20 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 blocker = blocker or "mm with an input that is not 2-D"
             if x_meta.dim() < 1 or x_meta.shape[-1] != in_features:
                 blocker = blocker or "input's last dim does not match the weight"
+        bias_meta = _meta(bias)
+        if bias is not None and not (isinstance(bias_meta, torch.Tensor) and tuple(bias_meta.shape) == (out_features,)):
+            blocker = blocker or f"bias of shape {tuple(getattr(bias_meta, 'shape', ()))} is not a ({out_features},) vector"
+        matched[node] = param
         grapharg = param.meta.get("grapharg")
         fqn = source_fqn(grapharg.source) if grapharg is not None else None
         param_name = fqn or param.name
         caller, module_type = _calling_module(node)
         module_name = caller if caller is not None else param_name.rpartition(".")[0]
         others = sorted(n.name for n in _consumers(param) if n is not node)
+        earlier = state.dense_use_of(weight)
+        if earlier is not None:
+            others.append(f"{earlier} in an earlier graph")
+        existing = state.layout_of(weight)
         candidates.append(
             Candidate(
                 node=node.name,
@@ -284,10 +294,17 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 output_dtype=getattr(y_meta, "dtype", None),
                 device=weight.device.type,
                 shared_with=tuple(others),
-                existing_layout=state.layout_of(weight),
+                existing_layout=existing[0] if existing else None,
+                existing_stored=existing[1] if existing else None,
                 blocker=blocker,
             )
         )
+    # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so
+    # that a later graph (after a graph break) keeps their linear uses dense.
+    for param, index in params.items():
+        for user in _consumers(param):
+            if user not in matched:
+                state.mark_used_densely(example_inputs[index], f"{user.name} ({getattr(user.target, '__name__', user.target)})")
     return candidates
 
 

@@ -9,7 +9,12 @@ For each sparse decision:
    to zero, so the eager model, the compiled model and a saved ``state_dict`` all describe the same
    sparse model; with ``rescale_init`` each block-row is also scaled by
    ``sqrt(blocks per row / kept blocks in that row)``, which keeps the output variance of a freshly
-   initialised layer (Pixelated Butterfly's initialisation).
+   initialised layer (Pixelated Butterfly's initialisation). A weight that is already sparse (its
+   dropped blocks all zero: a checkpoint of a sparse model) is not rescaled again;
+3. in an autocast region the operands are cast to the region's compute dtype first, as autocast
+   would cast them for the dense op;
+4. the parameters of linear nodes that stay dense are remembered (``state.mark_used_densely``), so a
+   later graph never sparsifies a weight that an earlier graph trains densely.
 
 Weights are never baked into the graph: the op reads the parameter placeholder, so optimizer steps
 and ``load_state_dict`` are seen by the compiled model without recompiling.
@@ -34,11 +39,16 @@ _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
 
 
 def sparsify_parameter_(weight_out_in: torch.Tensor, layout: Layout, rescale: bool) -> None:
-    """Zero the dropped blocks of an ``(out, in)`` weight view in place; optionally rescale rows."""
+    """Zero the dropped blocks of an ``(out, in)`` weight view in place; optionally rescale rows.
+
+    A weight whose dropped blocks are all zero already is not rescaled: it was sparsified before
+    (a checkpoint of a sparse model, a deep copy), and scaling it again would change the model.
+    """
     with torch.no_grad():
         keep = layout.element_mask(device=weight_out_in.device)
+        already_sparse = not bool(weight_out_in.masked_select(~keep).any())
         weight_out_in.masked_fill_(~keep, 0)
-        if rescale:
+        if rescale and not already_sparse:
             kept = layout.block_mask.sum(1).to(torch.float64)
             total = layout.grid[1]
             scale = torch.where(kept > 0, (total / kept.clamp(min=1)).sqrt(), torch.zeros_like(kept))
@@ -64,6 +74,12 @@ def _input_arg(node: fx.Node, kind: str) -> Any:
 
 def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan) -> fx.GraphModule:
     """Apply ``plan`` to ``gm`` in place and return it (module docstring)."""
+    sparse_params = {d.candidate.weight_input_index for d in plan.chosen}
+    for decision in plan.decisions:
+        index = decision.candidate.weight_input_index
+        param = example_inputs[index]
+        if not decision.sparse and index not in sparse_params and state.layout_of(param) is None:
+            state.mark_used_densely(param, f"dense {decision.candidate.kind} node {decision.candidate.node}")
     if not plan.chosen:
         return gm
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -76,10 +92,14 @@ def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
         param = example_inputs[c.weight_input_index]
         key = register(layout).key
         with gm.graph.inserting_before(node):
-            weight = param_node
+            x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
             if c.weight_stored == "in_out":
                 weight = gm.graph.call_function(torch.t, (param_node,))
-            new = gm.graph.call_function(op, (_input_arg(node, c.kind), weight, _bias_arg(node, c.kind), key))
+            if c.output_dtype is not None and c.output_dtype != c.dtype:  # autocast: compute as it would
+                x, weight = (gm.graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
+                if bias is not None:
+                    bias = gm.graph.call_method("to", (bias, c.output_dtype))
+            new = gm.graph.call_function(op, (x, weight, bias, key))
         for k in _COPIED_META:
             if k in node.meta:
                 new.meta[k] = node.meta[k]
@@ -93,7 +113,7 @@ def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
         if state.layout_of(param) is None:
             view = param if c.weight_stored == "out_in" else param.t()
             sparsify_parameter_(view, layout, plan.options.rescale_init)
-            state.mark_sparsified(param, key)
+            state.mark_sparsified(param, key, c.weight_stored)
     gm.graph.lint()
     gm.recompile()
     return gm
