@@ -73,7 +73,8 @@ def _plan_graph(
 def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs: Any, **options: Any) -> Report:
     """Run analyze → plan on ``model`` traced with ``example_inputs`` and return the report.
 
-    Nothing is rewritten, compiled or zeroed: the graph runs as traced.
+    Nothing is rewritten, compiled or zeroed. The model runs once, in eval mode and with the random
+    state restored afterwards, so batch-norm statistics, dropout and the RNG are left as they were.
     """
     opts = Options.from_mapping(options)
     plans: list[Plan] = []
@@ -86,7 +87,14 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, dynamic=False)
-    with torch.no_grad():
-        compiled(*example_inputs)
+    was_training = getattr(model, "training", None)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            compiled(*example_inputs)
+    finally:
+        if isinstance(model, torch.nn.Module) and was_training:
+            model.train()
     notes = [f"the model was traced as {len(plans)} graphs (graph breaks)"] if len(plans) > 1 else []
     return Report.from_plan(Plan.merge(plans, opts), notes=notes, attention=attention)

@@ -157,10 +157,7 @@ def block_tables(
     cache_key = (layout, int(seq_len_q), int(seq_len_k), bool(causal), bool(split_full), device)
     tables = _TABLES.get(cache_key)
     if tables is None:
-        from sparse_compiler.layouts.attention import _one_thread
-
-        with _one_thread():
-            cpu = _cpu_tables(layout, seq_len_q, seq_len_k, causal, split_full)
+        cpu = _cpu_tables(layout, seq_len_q, seq_len_k, causal, split_full)
         tables = tuple(t.to(device) for t in cpu)
         with _LOCK:
             tables = _TABLES.setdefault(cache_key, tables)

@@ -31,7 +31,13 @@ def _banded_products(
     init: torch.Tensor | None,
 ) -> torch.Tensor:
     """``out[:, r0:r1] (+)= lhs[:, c0:c1] @ rhs_block(R)`` for every rectangle; bands never touched
-    are filled with ``init`` (a row vector) or zeros."""
+    are filled with ``init`` (a row vector) or zeros.
+
+    In bfloat16 and float16 a band of several rectangles is summed in float32 and rounded once, as a
+    single dense product would be, instead of after every rectangle.
+    """
+    if out.dtype in (torch.bfloat16, torch.float16):
+        return _banded_products_fp32_sums(out, rects, lhs, rhs_block, init)
     covered = torch.zeros(out.shape[1], dtype=torch.bool)
     band_start = -1
     for rect in rects:
@@ -47,6 +53,34 @@ def _banded_products(
                 torch.addmm(init[rect.r0 : rect.r1], a, b, out=dst)
         else:
             dst.addmm_(a, b)
+    if not bool(covered.all()):
+        empty = ~covered
+        out[:, empty] = 0 if init is None else init[empty].to(out.dtype)
+    return out
+
+
+def _banded_products_fp32_sums(out, rects, lhs, rhs_block, init) -> torch.Tensor:
+    bands: dict[tuple[int, int], list[Rect]] = {}
+    for rect in rects:
+        bands.setdefault((rect.r0, rect.r1), []).append(rect)
+    covered = torch.zeros(out.shape[1], dtype=torch.bool)
+    for (r0, r1), members in bands.items():
+        covered[r0:r1] = True
+        dst = out[:, r0:r1]
+        if len(members) == 1:
+            rect = members[0]
+            a, b = lhs[:, rect.c0 : rect.c1], rhs_block(rect)
+            if init is None:
+                torch.mm(a, b, out=dst)
+            else:
+                torch.addmm(init[r0:r1], a, b, out=dst)
+            continue
+        acc = torch.zeros(dst.shape, dtype=torch.float32, device=out.device)
+        if init is not None:
+            acc += init[r0:r1].float()
+        for rect in members:
+            acc.addmm_(lhs[:, rect.c0 : rect.c1].float(), rhs_block(rect).float())
+        dst.copy_(acc)
     if not bool(covered.all()):
         empty = ~covered
         out[:, empty] = 0 if init is None else init[empty].to(out.dtype)

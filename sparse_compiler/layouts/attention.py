@@ -35,7 +35,6 @@ meaningful wherever they are cached.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
@@ -68,20 +67,6 @@ __all__ = [
 COMBINABLE = ("butterfly", "local", "global")
 ALONE = ("strided", "fixed", "bigbird")
 PATTERNS = COMBINABLE + ALONE
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run small mask arithmetic on one thread: on a few busy cores, waking the intra-op pool costs
-    far more than these (at most a few million element) operations."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
 
 
 def _fail(name: str, value: Any, why: str) -> None:
@@ -255,8 +240,7 @@ def _make(params: dict[str, Any]) -> Layout:
     cached = _LAYOUTS.get(key)
     if cached is not None:
         return cached
-    with _one_thread():
-        mask = _build(params)
+    mask = _build(params)
     report = {_REPORT_NAMES.get(f, f): params[f] for f in _FIELDS}
     report["causal"] = bool(params["causal"])
     report["density"] = attention_density(mask, bool(params["causal"]))
@@ -292,8 +276,7 @@ def attention_layout(pattern: str, seq_len_q: int, seq_len_k: int, block_size: i
     already exceed the target keeps them (the layout's ``params["density"]`` is the real density).
     Invalid parameters raise ``ValueError`` naming the parameter.
     """
-    with _one_thread():
-        return _attention_layout(pattern, seq_len_q, seq_len_k, block_size, **kwargs)
+    return _attention_layout(pattern, seq_len_q, seq_len_k, block_size, **kwargs)
 
 
 def _attention_layout(
