@@ -435,3 +435,10 @@ def test_attention_over_learned_memory_does_not_lose_a_linear_node():
     for r in _linear_rows():
         if "attention" in r["reason"]:
             assert r["decision"] == "dense"
+
+
+def test_cpu_training_keeps_attention_dense_unless_forced():
+    options = dict(targets=("linear", "attention"), attention_block_size=32)
+    _compile(Block(d=64, heads=4), **options)(torch.randn(1, 2048, 64))
+    attention = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert attention[0]["decision"] == "dense" and "CPU training" in attention[0]["reason"]

@@ -358,6 +358,10 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         lowering = "sdpa"
         why += "; eager=True: SDPA with the equivalent element mask (same result, no speedup)"
     elif c.device == "cpu" and training:
+        if threshold is None:  # the time model's verdict assumed FlexAttention, which CPU training lacks
+            return _dense(c, "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the "
+                             "equivalent element mask gives no speed-up (set attention_min_seq_len to force it)",
+                          estimate=est, pays_from_seq_len=pays)
         lowering = "sdpa"
         why += "; CPU training: FlexAttention has no CPU backward, so SDPA with the equivalent element mask (same result, no speedup)"
     else:
