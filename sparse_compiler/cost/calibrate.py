@@ -6,8 +6,9 @@
 - the dense efficiency: achieved ``F.linear`` FLOP/s over the profile's peak, at a few sizes (the best);
 - per tile size (16 … 256), the block-sparse efficiency: the FLOP/s the op achieves on the tiles it
   computes, over the achieved dense FLOP/s, after removing ``calls · λ``. On GPUs the tile is the
-  block size (flat butterflies at densities 1/4 and 1/8, averaged); on the CPU it is the narrow side
-  of the layout's rectangles (butterflies whose grid cells are that size, ``cost.estimate.granularity``).
+  block size (flat butterflies at densities 1/4 and 1/8, averaged); on the CPU it is the size of the
+  layout's rectangles (``cost.estimate.granularity``), measured on block-diagonal layouts whose
+  rectangles are squares of that size.
 
 It writes them to ``cost.hardware.cache_path(name)``, which ``cost.hardware.profile`` loads from
 then on. Run it as ``sparse-compiler calibrate``; on a 2-core CPU it takes about a minute.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from sparse_compiler.cost.estimate import charged_tiles, granularity
 from sparse_compiler.cost.hardware import BUILTIN_PROFILES, cache_path, detect_name
-from sparse_compiler.layouts.butterfly import flat_butterfly, nearest_flat_butterfly
+from sparse_compiler.layouts.butterfly import block_diagonal, nearest_flat_butterfly
 from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["calibrate"]
@@ -79,7 +80,7 @@ def calibrate(
             return [layout for layout in found if layout is not None]
         if size // tile < 4:
             return []
-        return [flat_butterfly(size, size, size // tile, 2, min(tile, 32))]  # grid cells of `tile`
+        return [block_diagonal(size, size, size // tile, min(tile, 32))]  # square rectangles of `tile`
 
     steps = 2 + len(tiles)
 

@@ -34,15 +34,14 @@ def granularity(layout: Layout, device_type: str) -> int:
     """The tile size that sets a layout's block-sparse efficiency.
 
     On GPUs the kernels compute one block at a time: the block size. On the CPU the rectangle path
-    runs one BLAS call per rectangle of the layout, whose efficiency depends on the rectangle's
-    narrow side: the area-weighted mean of ``min(height, width)`` over the rectangles, rounded down
-    to a power of two.
+    runs one BLAS call per rectangle of the layout, whose efficiency depends on the rectangle's size:
+    the area-weighted mean of ``sqrt(height · width)`` over the rectangles, rounded down to a power
+    of two (calibration measures square rectangles of each such size).
     """
     if device_type != "cpu":
         return layout.block_size
     areas = [(r.r1 - r.r0) * (r.c1 - r.c0) for r in layout.rects]
-    sides = [min(r.r1 - r.r0, r.c1 - r.c0) for r in layout.rects]
-    mean = sum(a * s for a, s in zip(areas, sides)) / max(sum(areas), 1)
+    mean = sum(a * math.sqrt(a) for a in areas) / max(sum(areas), 1)
     return 1 << max(0, int(math.log2(max(mean, 1))))
 
 

@@ -9,8 +9,8 @@ A ``HardwareProfile`` holds
   more to call than a cuBLAS or MKL matmul, which decides tiny layers);
 - ``hardware_block``: the tile the hardware reads or multiplies at once. A layout finer than it is
   charged for every tile it touches (a 16-block layout on 64-tile hardware pays whole 64-tiles);
-- ``sparse_efficiency``: per tile size (the block size on GPUs; on the CPU the narrow side of the
-  layout's rectangles, see ``cost.estimate.granularity``), the fraction of dense throughput the
+- ``sparse_efficiency``: per tile size (the block size on GPUs; on the CPU the size of the layout's
+  rectangles, see ``cost.estimate.granularity``), the fraction of dense throughput the
   block-sparse kernels achieve on the tiles they compute (measured by calibration; the defaults are
   conservative guesses).
 
@@ -111,8 +111,8 @@ def _cpu_profile() -> HardwareProfile:
         sparse_op_overhead=7e-5,
         hardware_block=32,
         dense_efficiency=0.85,
-        # keyed by the narrow side of the layout's rectangles: BLAS on thin slices is slow
-        sparse_efficiency={16: 0.3, 32: 0.5, 64: 0.75, 128: 0.9, 256: 1.0},
+        # keyed by the size of the layout's rectangles: BLAS on small slices is slow
+        sparse_efficiency={16: 0.25, 32: 0.3, 64: 0.55, 128: 0.75, 256: 0.8},
         description=f"CPU, {cores} threads (uncalibrated defaults)",
     )
 
