@@ -225,11 +225,6 @@ class AttentionDecision:
         return float(self.layout.params["density"]) if self.layout is not None else 1.0
 
     @property
-    def flops(self) -> Any:
-        """Forward FLOPs after the decision (the candidate's dense formula × density)."""
-        return self.candidate.flops * self.density if self.sparse else self.candidate.flops
-
-    @property
     def flops_saved_hint(self) -> float:
         if not self.sparse:
             return 0.0

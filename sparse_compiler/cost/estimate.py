@@ -2,15 +2,15 @@
 
 For ``T`` tokens, an ``(out, in)`` weight and element size ``s`` bytes, one matmul product costs
 
-    t = max(F / (R · e), Q / BW) + n · λ
+    t = max(F / (R · e), Q / BW) + λ
 
 with ``F = 2·T·in·out·d`` FLOPs and ``Q = s·(T·in + d·in·out + T·out)`` bytes, ``R`` the achieved
-dense throughput, ``e`` the block-sparse efficiency (1 for dense), ``BW`` the memory bandwidth,
-``n`` kernel launches or op calls and ``λ`` the overhead of one (a dense launch, or a call of the
-block-sparse op, which costs more). ``e`` depends on the layout's
-``granularity``: its block size on GPUs, the narrow side of its rectangles on the CPU (where ``e``
-also absorbs the cost of one BLAS call per rectangle, as calibration measures it). ``d`` is the *charged* density: the fraction of hardware tiles the layout touches, so a
-layout finer than the hardware block pays for every tile it touches. Training (forward + input
+dense throughput, ``e`` the block-sparse efficiency (1 for dense), ``BW`` the memory bandwidth and
+``λ`` the overhead of one call (a dense launch, or a call of the block-sparse op, which costs more).
+``e`` depends on the layout's ``granularity``: its block size on GPUs, the size of its rectangles
+on the CPU (where ``e`` also absorbs the cost of one BLAS call per rectangle, as calibration
+measures it). ``d`` is the *charged* density: the fraction of hardware tiles the layout touches, so
+a layout finer than the hardware block pays for every tile it touches. Training (forward + input
 gradient + weight gradient) is three such products.
 """
 
@@ -75,8 +75,8 @@ class LinearEstimate:
         return self.dense_training / self.training if self.training > 0 else float("inf")
 
 
-def _product_time(flops: float, nbytes: float, rate: float, bandwidth: float, calls: int, overhead: float) -> float:
-    return max(flops / rate, nbytes / bandwidth) + calls * overhead
+def _product_time(flops: float, nbytes: float, rate: float, bandwidth: float, overhead: float) -> float:
+    return max(flops / rate, nbytes / bandwidth) + overhead
 
 
 def estimate_linear(
@@ -92,11 +92,11 @@ def estimate_linear(
     dtype_name = str(dtype).replace("torch.", "")
     item = _ITEMSIZE.get(dtype_name, 4)
     rate = hw.flops_per_second(dtype_name)
-    bw, lam = hw.memory_bandwidth, hw.launch_overhead
+    bw = hw.memory_bandwidth
     T, K, N = tokens, in_features, out_features
     dense_flops = 2.0 * T * K * N
     dense_bytes = item * (T * K + K * N + T * N)
-    dense_fwd = _product_time(dense_flops, dense_bytes, rate, bw, 1, lam)
+    dense_fwd = _product_time(dense_flops, dense_bytes, rate, bw, hw.launch_overhead)
     dense_train = 3 * dense_fwd
     if layout is None:
         formula = f"max(2·{tokens_expr or T}·{K}·{N} / R, bytes / BW) + λ"
@@ -105,14 +105,12 @@ def estimate_linear(
     touched, total = charged_tiles(layout, hw.hardware_block)
     d = touched / total
     e = hw.sparse_fraction(granularity(layout, hw.device_type))
-    calls_fwd = calls_dx = 1
     sparse_flops = dense_flops * d
     sparse_bytes = item * (T * K + d * K * N + T * N)
     lam = hw.sparse_op_overhead
-    fwd = _product_time(sparse_flops, sparse_bytes, rate * e, bw, calls_fwd, lam)
-    dx = _product_time(sparse_flops, sparse_bytes, rate * e, bw, calls_dx, lam)
+    fwd = dx = _product_time(sparse_flops, sparse_bytes, rate * e, bw, lam)
     # the weight gradient also writes the dense (out, in) gradient, zeros included
-    dw = _product_time(sparse_flops, sparse_bytes + item * K * N * (1 - d), rate * e, bw, calls_fwd, lam)
+    dw = _product_time(sparse_flops, sparse_bytes + item * K * N * (1 - d), rate * e, bw, lam)
     formula = (
         f"max(2·{tokens_expr or T}·{K}·{N}·{d:.4g} / (R·{e:.2f}), bytes / BW) + λ_sparse"
         f"  [d = {touched}/{total} tiles of {hw.hardware_block}]"

@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
@@ -69,21 +69,8 @@ class HardwareProfile:
         least = min(table)
         return table[least] * tile / least
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["sparse_efficiency"] = {str(k): v for k, v in self.sparse_efficiency.items()}
-        return d
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HardwareProfile":
-        d = dict(d)
-        d["sparse_efficiency"] = {int(k): float(v) for k, v in d.get("sparse_efficiency", {}).items()}
-        d["peak_flops"] = {str(k): float(v) for k, v in d["peak_flops"].items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _gpu(name, bf16, fp32, tf32, bandwidth, block, description, fp8=None) -> HardwareProfile:
+def _gpu(name, bf16, fp32, tf32, bandwidth, block, description) -> HardwareProfile:
     peaks = {"bfloat16": bf16 * _T, "float16": bf16 * _T, "float32": fp32 * _T, "tf32": tf32 * _T}
     return HardwareProfile(
         name=name,

@@ -27,7 +27,7 @@ import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -64,11 +64,6 @@ class Decision:
     @property
     def density(self) -> float:
         return self.layout.density if self.layout is not None else 1.0
-
-    @property
-    def flops(self) -> Any:
-        """Forward FLOPs after the decision (dense FLOPs × density)."""
-        return self.candidate.flops * self.density if self.sparse else self.candidate.flops
 
     @property
     def flops_saved_hint(self) -> float:

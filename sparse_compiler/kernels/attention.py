@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_compiler.kernels import SUPPORTED_DTYPES
 from sparse_compiler.layouts.attention import get_attention_layout, layout_geometry
 
 __all__ = [
@@ -68,7 +69,6 @@ __all__ = [
     "flex_available",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOWERINGS = ("flex", "sdpa")
 MASK_MODES = ("none", "keep", "drop", "add")
 

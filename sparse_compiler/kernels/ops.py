@@ -27,13 +27,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from sparse_compiler.kernels import rects
+from sparse_compiler.kernels import SUPPORTED_DTYPES, rects
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout
 
 __all__ = ["blocksparse_linear", "SUPPORTED_DTYPES", "register_device_impl"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # device type -> (forward, input_grad, weight_grad); a device type not listed uses the rectangle path.
 _DEVICE_IMPLS: dict[str, tuple[Callable, Callable, Callable]] = {}
@@ -51,28 +50,32 @@ def _impls(device: torch.device) -> tuple[Callable, Callable, Callable]:
     return _DEVICE_IMPLS.get(device.type, (rects.linear_forward, rects.linear_input_grad, rects.linear_weight_grad))
 
 
-def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: Layout) -> None:
-    out_features, in_features = layout.shape
+def check_linear_args(
+    name: str, shape: tuple[int, int], key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]
+) -> None:
+    """Clear errors for arguments that do not fit an ``(out, in) = shape`` layout called ``key``."""
+    out_features, in_features = shape
     if weight.dim() != 2 or tuple(weight.shape) != (out_features, in_features):
         raise ValueError(
-            f"blocksparse_linear: weight has shape {tuple(weight.shape)} but layout {layout.key!r} "
-            f"describes ({out_features}, {in_features})"
+            f"{name}: weight has shape {tuple(weight.shape)} but layout {key!r} describes ({out_features}, {in_features})"
         )
     if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"blocksparse_linear: input has shape {tuple(x.shape)}; its last dim must be in_features={in_features}"
-        )
+        raise ValueError(f"{name}: input has shape {tuple(x.shape)}; its last dim must be in_features={in_features}")
     if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"blocksparse_linear: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    for what, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"blocksparse_linear: {name} dtype {t.dtype} is not supported (use one of {SUPPORTED_DTYPES})")
+            raise TypeError(f"{name}: {what} dtype {t.dtype} is not supported (use one of {SUPPORTED_DTYPES})")
         if t.dtype != x.dtype:
-            raise TypeError(f"blocksparse_linear: {name} dtype {t.dtype} differs from input dtype {x.dtype}")
+            raise TypeError(f"{name}: {what} dtype {t.dtype} differs from input dtype {x.dtype}")
         if t.device != x.device:
-            raise ValueError(f"blocksparse_linear: {name} is on {t.device} but input is on {x.device}")
+            raise ValueError(f"{name}: {what} is on {t.device} but input is on {x.device}")
+
+
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: Layout) -> None:
+    check_linear_args("blocksparse_linear", layout.shape, layout.key, x, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------- forward

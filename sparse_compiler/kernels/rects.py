@@ -18,71 +18,46 @@ from __future__ import annotations
 
 import torch
 
-from sparse_compiler.layouts.layout import Layout, Rect
+from sparse_compiler.layouts.layout import BandCover, Layout
 
 __all__ = ["linear_forward", "linear_input_grad", "linear_weight_grad"]
 
 
 def _banded_products(
     out: torch.Tensor,
-    rects: tuple[Rect, ...],
+    cover: BandCover,
     lhs: torch.Tensor,
     rhs_block,
     init: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``out[:, r0:r1] (+)= lhs[:, c0:c1] @ rhs_block(R)`` for every rectangle; bands never touched
-    are filled with ``init`` (a row vector) or zeros.
+    """``out[:, r0:r1] = init[r0:r1] + Σ_R lhs[:, c0:c1] @ rhs_block(R)`` for every band; rows no
+    band covers get ``init`` (a row vector) or zeros.
 
-    In bfloat16 and float16 a band of several rectangles is summed in float32 and rounded once, as a
+    The first rectangle of a band overwrites it (fusing ``init``), the others accumulate in place. In
+    bfloat16 and float16 a band of several rectangles is summed in float32 and rounded once, as a
     single dense product would be, instead of after every rectangle.
     """
-    if out.dtype in (torch.bfloat16, torch.float16):
-        return _banded_products_fp32_sums(out, rects, lhs, rhs_block, init)
-    covered = torch.zeros(out.shape[1], dtype=torch.bool)
-    band_start = -1
-    for rect in rects:
-        dst = out[:, rect.r0 : rect.r1]
-        a = lhs[:, rect.c0 : rect.c1]
-        b = rhs_block(rect)
-        if rect.r0 != band_start:  # first rectangle of a new band: overwrite, fusing the bias
-            band_start = rect.r0
-            covered[rect.r0 : rect.r1] = True
-            if init is None:
-                torch.mm(a, b, out=dst)
-            else:
-                torch.addmm(init[rect.r0 : rect.r1], a, b, out=dst)
-        else:
-            dst.addmm_(a, b)
-    if not bool(covered.all()):
-        empty = ~covered
-        out[:, empty] = 0 if init is None else init[empty].to(out.dtype)
-    return out
-
-
-def _banded_products_fp32_sums(out, rects, lhs, rhs_block, init) -> torch.Tensor:
-    bands: dict[tuple[int, int], list[Rect]] = {}
-    for rect in rects:
-        bands.setdefault((rect.r0, rect.r1), []).append(rect)
-    covered = torch.zeros(out.shape[1], dtype=torch.bool)
-    for (r0, r1), members in bands.items():
-        covered[r0:r1] = True
-        dst = out[:, r0:r1]
-        if len(members) == 1:
-            rect = members[0]
-            a, b = lhs[:, rect.c0 : rect.c1], rhs_block(rect)
-            if init is None:
-                torch.mm(a, b, out=dst)
-            else:
-                torch.addmm(init[r0:r1], a, b, out=dst)
+    low_precision = out.dtype in (torch.bfloat16, torch.float16)
+    for band in cover.bands:
+        dst = out[:, band.r0 : band.r1]
+        first, rest = band.rects[0], band.rects[1:]
+        if rest and low_precision:
+            acc = torch.zeros(dst.shape, dtype=torch.float32, device=out.device)
+            if init is not None:
+                acc += init[band.r0 : band.r1].float()
+            for rect in band.rects:
+                acc.addmm_(lhs[:, rect.c0 : rect.c1].float(), rhs_block(rect).float())
+            dst.copy_(acc)
             continue
-        acc = torch.zeros(dst.shape, dtype=torch.float32, device=out.device)
-        if init is not None:
-            acc += init[r0:r1].float()
-        for rect in members:
-            acc.addmm_(lhs[:, rect.c0 : rect.c1].float(), rhs_block(rect).float())
-        dst.copy_(acc)
-    if not bool(covered.all()):
-        empty = ~covered
+        a, b = lhs[:, first.c0 : first.c1], rhs_block(first)
+        if init is None:
+            torch.mm(a, b, out=dst)
+        else:
+            torch.addmm(init[band.r0 : band.r1], a, b, out=dst)
+        for rect in rest:
+            dst.addmm_(lhs[:, rect.c0 : rect.c1], rhs_block(rect))
+    if cover.empty_rows is not None:
+        empty = cover.empty_rows.to(out.device)
         out[:, empty] = 0 if init is None else init[empty].to(out.dtype)
     return out
 
@@ -90,14 +65,14 @@ def _banded_products_fp32_sums(out, rects, lhs, rhs_block, init) -> torch.Tensor
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout) -> torch.Tensor:
     """``y = x · (W ⊙ M)ᵀ + bias`` for 2-D ``x`` of shape ``(tokens, in_features)``."""
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    return _banded_products(y, layout.rects, x, lambda r: weight[r.r0 : r.r1, r.c0 : r.c1].t(), bias)
+    return _banded_products(y, layout.bands, x, lambda r: weight[r.r0 : r.r1, r.c0 : r.c1].t(), bias)
 
 
 def linear_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, layout: Layout) -> torch.Tensor:
     """``dx = dy · (W ⊙ M)`` for 2-D ``dy`` of shape ``(tokens, out_features)``."""
     dx = grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
-    # rects_transposed are in (in, out) coordinates: r indexes dx columns, c indexes dy columns.
-    return _banded_products(dx, layout.rects_transposed, grad_out, lambda r: weight[r.c0 : r.c1, r.r0 : r.r1], None)
+    # bands_transposed are in (in, out) coordinates: r indexes dx columns, c indexes dy columns.
+    return _banded_products(dx, layout.bands_transposed, grad_out, lambda r: weight[r.c0 : r.c1, r.r0 : r.r1], None)
 
 
 def linear_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Layout", "Rect", "LayoutTables"]
+__all__ = ["Layout", "Rect", "Band", "BandCover", "LayoutTables"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,23 @@ class Rect:
     r1: int
     c0: int
     c1: int
+
+
+@dataclass(frozen=True)
+class Band:
+    """Rows ``[r0, r1)`` and the rectangles that cover their kept elements, left to right."""
+
+    r0: int
+    r1: int
+    rects: tuple[Rect, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class BandCover:
+    """A rectangle cover grouped by row band, and the rows no rectangle covers (``None``: none)."""
+
+    bands: tuple[Band, ...]
+    empty_rows: torch.Tensor | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,6 +146,12 @@ class Layout:
         return int(counts[0]) if bool((counts == counts[0]).all()) else None
 
     @functools.cached_property
+    def blocks_per_col(self) -> int | None:
+        """The number of kept blocks in every block-column when it is the same for all; else ``None``."""
+        counts = self.block_mask.sum(0)
+        return int(counts[0]) if bool((counts == counts[0]).all()) else None
+
+    @functools.cached_property
     def max_blocks_per_row(self) -> int:
         return int(self.block_mask.sum(1).max())
 
@@ -215,6 +238,16 @@ class Layout:
         coordinates of the *transposed* weight: ``r`` indexes input features, ``c`` output features."""
         return _rect_cover(self.block_mask.t().contiguous(), self.block_size)
 
+    @functools.cached_property
+    def bands(self) -> BandCover:
+        """``rects`` grouped by row band, with the weight rows that keep nothing."""
+        return _band_cover(self.rects, self.shape[0])
+
+    @functools.cached_property
+    def bands_transposed(self) -> BandCover:
+        """``rects_transposed`` grouped by row band (rows of the transposed weight: input features)."""
+        return _band_cover(self.rects_transposed, self.shape[1])
+
     def __repr__(self) -> str:
         out, inp = self.shape
         return f"Layout({self.describe()}, shape=({out}, {inp}), density={self.density:.4f})"
@@ -248,3 +281,14 @@ def _rect_cover(mask: torch.Tensor, block_size: int) -> tuple[Rect, ...]:
                 c += 1
         i = j
     return tuple(out)
+
+
+def _band_cover(rects: tuple[Rect, ...], n_rows: int) -> BandCover:
+    grouped: dict[tuple[int, int], list[Rect]] = {}
+    for r in rects:
+        grouped.setdefault((r.r0, r.r1), []).append(r)
+    covered = torch.zeros(n_rows, dtype=torch.bool)
+    for r0, r1 in grouped:
+        covered[r0:r1] = True
+    empty = None if bool(covered.all()) else ~covered
+    return BandCover(tuple(Band(r0, r1, tuple(members)) for (r0, r1), members in grouped.items()), empty)

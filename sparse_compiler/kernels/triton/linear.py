@@ -52,6 +52,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from sparse_compiler.kernels import SUPPORTED_DTYPES, rects
 from sparse_compiler.layouts.layout import Layout, LayoutTables
 
 try:  # guarded: the package must import on machines without Triton
@@ -88,7 +89,6 @@ __all__ = [
     "launch_sdd",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ============================================================================================ setup
@@ -320,14 +320,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit operands; the compiler's default value
 
 
-def _traced(tensors) -> bool:
-    """Whether a launch must be visible to a tracer (make_fx, Dynamo, fake tensors).
-
-    ``wrap_triton`` launches eagerly too, but through a higher-order op (about a millisecond of
-    dispatch, per torch's own note); plain eager launches skip it.
-    """
-    if _wrap_triton is None:
-        return False
+def tracing(*tensors: Any) -> bool:
+    """Whether this call is being traced (Dynamo, make_fx, fake tensors, AOTAutograd)."""
     try:
         if torch.compiler.is_compiling():
             return True
@@ -339,6 +333,15 @@ def _traced(tensors) -> bool:
     except Exception:  # pragma: no cover
         pass
     return any(isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def _traced(tensors) -> bool:
+    """Whether a launch must be visible to a tracer.
+
+    ``wrap_triton`` launches eagerly too, but through a higher-order op (about a millisecond of
+    dispatch, per torch's own note); plain eager launches skip it.
+    """
+    return _wrap_triton is not None and tracing(*tensors)
 
 
 def _launch(kernel, grid, kwargs: dict) -> None:
@@ -431,17 +434,14 @@ def _no_tracing():
 
 
 def _build_layout_data(layout: Layout, device: torch.device) -> _LayoutData:
-    mask = layout.block_mask
-    col_counts = mask.sum(0)
-    per_col = int(col_counts[0]) if bool((col_counts == col_counts[0]).all()) else None
-    flat = mask.reshape(-1)
+    flat = layout.block_mask.reshape(-1)
     block_map = torch.full((flat.numel(),), -1, dtype=torch.int32)
     block_map[flat] = torch.arange(int(flat.sum()), dtype=torch.int32)
     dropped = (~flat).nonzero().reshape(-1).to(torch.int32)
     return _LayoutData(
         tables=layout.tables(device),
         per_row=layout.blocks_per_row,
-        per_col=per_col,
+        per_col=layout.blocks_per_col,
         block_map=block_map.to(device),
         dropped=dropped.to(device),
     )
@@ -633,6 +633,14 @@ def _dense_fallback_needed(layout: Layout) -> bool:
     return not supports_block_size(layout.block_size)
 
 
+def _rects_fallback(name: str, layout: Layout, compressed: bool, out: Optional[torch.Tensor], compute) -> torch.Tensor:
+    """Block sizes the kernels do not handle run on the rectangle path (dense weights only)."""
+    if compressed:
+        raise ValueError(f"{name}: block size {layout.block_size} is not supported by the Triton kernels")
+    result = compute()
+    return result if out is None else out.copy_(result)
+
+
 def _check_weight(name: str, weight: torch.Tensor, layout: Layout, compressed: bool) -> None:
     b = layout.block_size
     expected = (layout.nnz_blocks, b, b) if compressed else layout.shape
@@ -661,12 +669,7 @@ def forward(
         raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({out_f},)")
     _check_dtypes(name, x2d, weight, bias)
     if _dense_fallback_needed(layout):
-        if compressed:
-            raise ValueError(f"{name}: block size {layout.block_size} is not supported by the Triton kernels")
-        from sparse_compiler.kernels import rects
-
-        y = rects.linear_forward(x2d, weight, bias, layout)
-        return y if out is None else out.copy_(y)
+        return _rects_fallback(name, layout, compressed, out, lambda: rects.linear_forward(x2d, weight, bias, layout))
     _check_device(x2d, weight, bias)
     if out is None:
         out = x2d.new_empty((x2d.shape[0], out_f))
@@ -697,12 +700,7 @@ def input_grad(
         raise ValueError(f"{name}: grad_out has shape {tuple(dy2d.shape)}, expected (tokens, {out_f})")
     _check_dtypes(name, dy2d, weight)
     if _dense_fallback_needed(layout):
-        if compressed:
-            raise ValueError(f"{name}: block size {layout.block_size} is not supported by the Triton kernels")
-        from sparse_compiler.kernels import rects
-
-        dx = rects.linear_input_grad(dy2d, weight, layout)
-        return dx if out is None else out.copy_(dx)
+        return _rects_fallback(name, layout, compressed, out, lambda: rects.linear_input_grad(dy2d, weight, layout))
     _check_device(dy2d, weight)
     if out is None:
         out = dy2d.new_empty((dy2d.shape[0], in_f))
@@ -736,12 +734,7 @@ def weight_grad(
     _check_dtypes(name, dy2d, x2d)
     b = layout.block_size
     if _dense_fallback_needed(layout):
-        if compressed:
-            raise ValueError(f"{name}: block size {b} is not supported by the Triton kernels")
-        from sparse_compiler.kernels import rects
-
-        dw = rects.linear_weight_grad(dy2d, x2d, layout)
-        return dw if out is None else out.copy_(dw)
+        return _rects_fallback(name, layout, compressed, out, lambda: rects.linear_weight_grad(dy2d, x2d, layout))
     _check_device(dy2d, x2d)
     if out is None:
         shape = (layout.nnz_blocks, b, b) if compressed else (out_f, in_f)

@@ -92,6 +92,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from sparse_compiler.kernels.ops import check_linear_args
 from sparse_compiler.kernels.triton import linear as _T
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout
@@ -114,16 +115,7 @@ TABLE_NAMES = ("row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr", "block_
 #: Device types whose tensors take the Triton kernel path (see the module docstring).
 KERNEL_DEVICE_TYPES: set[str] = {"cuda"}
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _no_tracing():
-    try:
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        return _disable_current_modes()
-    except Exception:  # pragma: no cover
-        return contextlib.nullcontext()
+_no_tracing = _T._no_tracing
 
 
 def table_args(layout: Layout | str, device: torch.device | str) -> tuple[Tensor, ...]:
@@ -156,9 +148,6 @@ def _static(key: str) -> _Static:
     # The layout's mask is a real CPU tensor: reduce it outside any fake/proxy mode that is tracing.
     with _no_tracing():
         lay = get_layout(key)
-        mask = lay.block_mask
-        col_counts = mask.sum(0)
-        per_col = int(col_counts[0]) if bool((col_counts == col_counts[0]).all()) else None
         return _Static(
             key=key,
             block_size=lay.block_size,
@@ -166,24 +155,12 @@ def _static(key: str) -> _Static:
             shape=lay.shape,
             nnz=lay.nnz_blocks,
             per_row=lay.blocks_per_row,
-            per_col=per_col,
+            per_col=lay.blocks_per_col,
         )
 
 
 # ============================================================================================ helpers
-def _tracing(*tensors: Optional[Tensor]) -> bool:
-    """Whether this call is being traced (fake tensors, make_fx, Dynamo, AOTAutograd)."""
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        if torch._C._len_torch_dispatch_stack() > 0:
-            return True
-    except Exception:  # pragma: no cover
-        pass
-    return any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+_tracing = _T.tracing
 
 
 def _use_kernels(st: _Static, *tensors: Optional[Tensor]) -> bool:
@@ -205,22 +182,7 @@ def _launch_context(device: torch.device, *tensors: Optional[Tensor]):
 
 
 def _check(name: str, st: _Static, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    out_f, in_f = st.shape
-    if weight.dim() != 2 or tuple(weight.shape) != (out_f, in_f):
-        raise ValueError(f"{name}: weight has shape {tuple(weight.shape)} but layout {st.key!r} describes ({out_f}, {in_f})")
-    if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"{name}: input has shape {tuple(x.shape)}; its last dim must be in_features={in_f}")
-    if bias is not None and tuple(bias.shape) != (out_f,):
-        raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({out_f},)")
-    for what, t in (("input", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: {what} dtype {t.dtype} is not supported (use one of {_SUPPORTED_DTYPES})")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: {what} dtype {t.dtype} differs from input dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {what} is on {t.device} but input is on {x.device}")
+    check_linear_args(name, st.shape, st.key, x, weight, bias)
 
 
 def _opaque_ops():
