@@ -19,8 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 if __name__ == "__main__":  # worker mode: must precede any import of the kernels
     os.environ["TRITON_INTERPRET"] = "1"
@@ -28,31 +26,22 @@ if __name__ == "__main__":  # worker mode: must precede any import of the kernel
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from triton_interpreter import (  # noqa: E402
+    REPO,
+    check_case,
+    collect_results,
+    env_with_repo,
+    needs_triton,
+    random_layout,
+    relative_error,
+    run_worker,
+)
 
 from sparse_compiler.kernels.reference import masked_dense_linear  # noqa: E402
 from sparse_compiler.layouts.butterfly import block_diagonal, flat_butterfly, from_mask  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    HAVE_TRITON = False
-
 # ================================================================================ layouts and cases
 TOKENS = 40  # not a multiple of the interpreter's 32-token tile
-
-
-def _random_layout(seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(5, 6, generator=g) < 0.45
-    mask[2, :] = False  # an empty block-row: output = bias only
-    mask[:, 4] = False  # an empty block-column: input grad = 0 there
-    mask[0, 0] = mask[4, 5] = True
-    return from_mask(mask, 16)  # (80, 96), uneven counts per row and column
 
 
 LAYOUTS = {
@@ -60,7 +49,7 @@ LAYOUTS = {
     "butterfly_rect": lambda: flat_butterfly(64, 128, 4, 2, 16),  # 6 per row, 3 per col
     "blockdiag_b32": lambda: block_diagonal(128, 64, 2, 32),  # tall, block 32
     "blockdiag_wide": lambda: block_diagonal(64, 128, 4, 16),
-    "random": _random_layout,  # row_ptr-driven loops
+    "random": random_layout,  # row_ptr-driven loops
 }
 
 # id -> parameters. Base cases: every layout × {fp32, fp16}; weight storage and bias alternate so each
@@ -103,15 +92,8 @@ def _tol(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 3e-3
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "output has NaN (unwritten elements?)"
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def _close(what: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = _rel(out, ref)
+    err = relative_error(out, ref)
     assert err < _tol(dtype), f"{what}: relative error {err:.2e} >= {_tol(dtype):.0e}"
 
 
@@ -218,83 +200,17 @@ def run_case(case: dict) -> None:
         _close("compressed weight grad", dwc, T.compress_weight(w64.grad, layout), dtype)
 
 
-def _interpreter_handles_tensor_loop_bounds() -> bool:
-    """Whether this Triton's interpreter runs ``for i in range(<tensor>, <tensor>)`` (the kernels' loops
-    over index-table entries and token slices). Triton 3.6's interpreter does not (program ids and
-    scalar loads are 1-element arrays there); 3.9's does."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(out_ptr, n):
-        start = tl.program_id(0) * n
-        acc = 0
-        for _ in range(start, start + n):
-            acc += 1
-        tl.store(out_ptr + tl.program_id(0), acc)
-
-    out = torch.zeros(2, dtype=torch.int32)
-    try:
-        probe[(2,)](out, 3)
-    except Exception:
-        return False
-    return out.tolist() == [3, 3]
-
-
-def _worker(out_path: str, ids: list) -> None:
-    results = {}
-    if not _interpreter_handles_tensor_loop_bounds():
-        import triton
-
-        msg = f"SKIP: the interpreter of triton {triton.__version__} cannot run loops with tensor bounds"
-        Path(out_path).write_text(json.dumps({cid: msg for cid in ids}))
-        return
-    for cid in ids:
-        try:
-            run_case(CASES[cid])
-            results[cid] = "ok"
-        except Exception:
-            results[cid] = traceback.format_exc(limit=6)
-    Path(out_path).write_text(json.dumps(results))
-
-
 # ================================================================================ pytest side
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-
-
-def _run_worker_subprocess(tmp_dir: Path, ids: list, name: str) -> subprocess.Popen:
-    env = dict(_env_with_repo(), TRITON_INTERPRET="1")
-    out = tmp_dir / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), *ids]
-    return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
-
-
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory):
     """Run all interpreter cases, in two worker processes (two cores), once per test session."""
-    tmp = tmp_path_factory.mktemp("triton_interp")
-    ids = list(CASES)
-    procs = [_run_worker_subprocess(tmp, ids[k::2], f"part{k}") for k in range(2)]
-    results = {}
-    for proc, out in procs:
-        try:
-            log, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            log, _ = proc.communicate()
-        if not out.exists():
-            pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{log[-4000:]}")
-        results.update(json.loads(out.read_text()))
-    return results
+    return collect_results(tmp_path_factory.mktemp("triton_interp"), __file__, list(CASES), workers=2)
 
 
 @needs_triton
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_interpreter_case(interp_results, case_id):
-    result = interp_results.get(case_id, "case did not run")
-    if result.startswith("SKIP:"):
-        pytest.skip(result[5:].strip())
-    assert result == "ok", result
+    check_case(interp_results, case_id)
 
 
 def test_import_and_available_in_this_process():
@@ -322,7 +238,7 @@ def test_import_without_triton_is_safe():
         "    raise SystemExit('no error')\n"
         "print('OK')\n"
     )
-    env = _env_with_repo()
+    env = env_with_repo()
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
@@ -385,12 +301,6 @@ def test_kernels_compile_for_sm90_without_gpu():
             assert r.get("hgmma"), f"{r['variant']}: no HGMMA in the SASS"
 
 
-def _env_with_repo() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 @needs_triton
 def test_bench_script_smoke(tmp_path, interp_results):
     """``benchmarks/bench_kernels.py --interpret`` runs on the CPU and writes the expected JSON."""
@@ -398,7 +308,7 @@ def test_bench_script_smoke(tmp_path, interp_results):
     if skipped:
         pytest.skip(skipped[5:].strip())
     out = tmp_path / "bench.json"
-    env = _env_with_repo()
+    env = env_with_repo()
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--interpret", "--out", str(out)],
         env=env, cwd=str(REPO), capture_output=True, text=True, timeout=180,
@@ -420,7 +330,7 @@ def test_bench_script_smoke(tmp_path, interp_results):
 def test_bench_script_without_cuda_exits_cleanly():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the script would run the full benchmark")
-    env = _env_with_repo()
+    env = env_with_repo()
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_kernels.py")],
         env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120,
@@ -553,6 +463,6 @@ def test_gpu_traced_launch_through_wrap_triton():
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], sys.argv[3:] or list(CASES))
+        run_worker(sys.argv[2], sys.argv[3:] or list(CASES), CASES, run_case, trace_limit=6)
     else:
         sys.exit(pytest.main([__file__, "-q"]))

@@ -20,13 +20,10 @@ Three kinds of checks, all but the last on the CPU:
   with the table placeholders of ``TableInputs`` (the pattern the rewrite pass is meant to follow).
 """
 
-import json
 import os
 import re
 import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 if __name__ == "__main__":  # worker mode: must precede any import of the kernels
     os.environ["TRITON_INTERPRET"] = "1"
@@ -35,42 +32,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from triton_interpreter import (  # noqa: E402
+    HAVE_TRITON,
+    REPO,
+    check_case,
+    collect_results,
+    env_with_repo,
+    needs_triton,
+    random_layout,
+    relative_error,
+    run_worker,
+)
 
 from sparse_compiler.kernels.reference import masked_dense_linear  # noqa: E402
 from sparse_compiler.kernels.triton import visible as V  # noqa: E402
-from sparse_compiler.layouts.butterfly import block_diagonal, flat_butterfly, from_mask  # noqa: E402
+from sparse_compiler.layouts.butterfly import block_diagonal, flat_butterfly  # noqa: E402
 from sparse_compiler.layouts.registry import register  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    HAVE_TRITON = False
-
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 OP = torch.ops.sparse_compiler.blocksparse_linear_visible
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
 
-def _random_layout(seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(5, 6, generator=g) < 0.45
-    mask[2, :] = False  # an empty block-row: output = bias only
-    mask[:, 4] = False  # an empty block-column: input grad = 0 there
-    mask[0, 0] = mask[4, 5] = True
-    return from_mask(mask, 16)  # (80, 96), uneven counts per row and column
-
-
 LAYOUTS = {
     "butterfly_rect": lambda: flat_butterfly(64, 128, 4, 2, 16),  # 6 per row, 3 per col: constexpr loops
     "blockdiag_b32": lambda: block_diagonal(128, 64, 2, 32),
-    "random": _random_layout,  # row_ptr-driven loops, an empty row and column
+    "random": random_layout,  # row_ptr-driven loops, an empty row and column
 }
 
 
@@ -82,13 +70,6 @@ def _reference(x, w, b, layout, dy):
     y64 = masked_dense_linear(x64, w64, b64, layout)
     y64.backward(dy.double())
     return y64.detach(), x64.grad, w64.grad, (b64.grad if b is not None else None)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert tuple(out.shape) == tuple(ref.shape), f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert not torch.isnan(out).any(), "NaN in output"
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _check_op(fn, layout, dtype, shape_x, device="cpu", transposed_weight=False, bias=True, tol=None):
@@ -109,9 +90,9 @@ def _check_op(fn, layout, dtype, shape_x, device="cpu", transposed_weight=False,
     y_ref, dx_ref, dw_ref, db_ref = _reference(x, w_of(w_param), b, layout, dy)
     dw = w_of(w_param.grad)
     tol = tol or {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}[dtype]
-    errors = {"y": _rel(y, y_ref), "dx": _rel(x.grad, dx_ref), "dW": _rel(dw, dw_ref)}
+    errors = {"y": relative_error(y, y_ref), "dx": relative_error(x.grad, dx_ref), "dW": relative_error(dw, dw_ref)}
     if bias:
-        errors["db"] = _rel(b.grad, db_ref)
+        errors["db"] = relative_error(b.grad, db_ref)
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, f"relative errors above {tol:.0e}: {bad}"
     assert bool((dw[~layout.element_mask(device=dw.device)] == 0).all()), "dW not zero on dropped blocks"
@@ -128,7 +109,7 @@ def test_schema_and_table_args():
     schema = OP.default._schema
     names = [a.name for a in schema.arguments]
     assert names == ["x", "weight", "bias", *V.TABLE_NAMES, "layout"]
-    layout = register(_random_layout())
+    layout = register(random_layout())
     tables = V.table_args(layout.key, "cpu")
     t = layout.tables("cpu")
     assert [a is getattr(t, n) for a, n in zip(tables, V.TABLE_NAMES)] == [True] * len(V.TABLE_NAMES)
@@ -138,7 +119,7 @@ def test_schema_and_table_args():
 
 def test_cpu_tensors_take_the_opaque_path():
     """Without the interpreter, CPU tensors go to ``blocksparse_linear`` (the rectangle path)."""
-    layout = register(_random_layout())
+    layout = register(random_layout())
     _check_op(_op_fn(layout, "cpu"), layout, torch.float32, (2, 5), transposed_weight=True)
     _check_op(_op_fn(layout, "cpu"), layout, torch.float32, (7,), bias=False)
 
@@ -272,7 +253,7 @@ def test_joint_graph_has_backward_kernels(traceable, monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     monkeypatch.setattr(V, "KERNEL_DEVICE_TYPES", {"cuda", "cpu"})
-    layout = register(_random_layout())
+    layout = register(random_layout())
     key = layout.key
     out_f, in_f = layout.shape
     graphs = {}
@@ -402,7 +383,7 @@ def _check_backend_model(device, dtype, layouts, dims, tokens_list, tol):
         y_ref.square().sum().backward()
         ref = [y_ref.detach()] + [p.grad for p in model.parameters()]
         for what, a, r in zip(("y", "da.weight", "da.bias", "db.weight"), got, ref):
-            err = _rel(a, r)
+            err = relative_error(a, r)
             assert err < tol, f"tokens={tokens} {what}: relative error {err:.2e}"
         for lin in (model.a, model.b):
             lay = layouts[tuple(lin.weight.shape)]
@@ -436,7 +417,7 @@ def test_import_without_triton_is_safe():
         "torch.testing.assert_close(y, masked_dense_linear(x, w, b, lay))\n"
         "print('OK')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=_env_with_repo(), cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=env_with_repo(), cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
@@ -480,68 +461,15 @@ def run_case(case: dict) -> None:
         )  # fmt: skip
 
 
-def _interpreter_handles_tensor_loop_bounds() -> bool:
-    """Triton 3.6's interpreter cannot run ``for i in range(<tensor>, <tensor>)``; 3.9's can."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(out_ptr, n):
-        start = tl.program_id(0) * n
-        acc = 0
-        for _ in range(start, start + n):
-            acc += 1
-        tl.store(out_ptr + tl.program_id(0), acc)
-
-    out = torch.zeros(2, dtype=torch.int32)
-    try:
-        probe[(2,)](out, 3)
-    except Exception:
-        return False
-    return out.tolist() == [3, 3]
-
-
-def _worker(out_path: str, ids: list) -> None:
-    if not _interpreter_handles_tensor_loop_bounds():
-        import triton
-
-        msg = f"SKIP: the interpreter of triton {triton.__version__} cannot run loops with tensor bounds"
-        Path(out_path).write_text(json.dumps({cid: msg for cid in ids}))
-        return
-    results = {}
-    for cid in ids:
-        try:
-            run_case(CASES[cid])
-            results[cid] = "ok"
-        except Exception:
-            results[cid] = traceback.format_exc(limit=8)
-    Path(out_path).write_text(json.dumps(results))
-
-
-def _env_with_repo() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("visible_interp") / "results.json"
-    env = dict(_env_with_repo(), TRITON_INTERPRET="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), *CASES]
-    r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300)
-    if not out.exists():
-        pytest.fail(f"interpreter worker failed (rc={r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
-    return json.loads(out.read_text())
+    return collect_results(tmp_path_factory.mktemp("visible_interp"), __file__, list(CASES))
 
 
 @needs_triton
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_interpreter_case(interp_results, case_id):
-    result = interp_results.get(case_id, "case did not run")
-    if result.startswith("SKIP:"):
-        pytest.skip(result[5:].strip())
-    assert result == "ok", result
+    check_case(interp_results, case_id)
 
 
 # ================================================================================ GPU
@@ -605,4 +533,4 @@ def test_gpu_backend_pattern():
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":
-    _worker(sys.argv[2], sys.argv[3:])
+    run_worker(sys.argv[2], sys.argv[3:], CASES, run_case)
