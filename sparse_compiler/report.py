@@ -146,7 +146,7 @@ class Report:
     header: dict[str, Any] = field(default_factory=dict)
     title: str = "sparse_compiler report"
     notes: list[str] = field(default_factory=list)
-    pictures: dict[str, str] = field(default_factory=dict)  # layout key -> SVG
+    layouts: dict[str, Layout] = field(default_factory=dict)  # layout key -> Layout, for the pictures
 
     @classmethod
     def from_plan(
@@ -162,12 +162,9 @@ class Report:
             notes.append("no Linear-like node with a 2-D parameter weight was found in this graph")
         if attention and "attention" not in plan.options.targets:
             notes.append("attention sparsity is off unless enabled: options={'targets': ('linear', 'attention')}")
-        pictures = {d.layout.key: layout_svg(d.layout) for d in plan.chosen}
-        for d in attention:
-            if getattr(d, "layout", None) is not None:
-                pictures[d.layout.key] = layout_svg(d.layout)
+        layouts = {d.layout.key: d.layout for d in (*plan.chosen, *attention) if d.layout is not None}
         rows = [_row(d) for d in plan.decisions] + [d.to_row() for d in attention]
-        return cls(rows, plan.options.to_dict(), _header(plan), title, notes, pictures)
+        return cls(rows, plan.options.to_dict(), _header(plan), title, notes, layouts)
 
     # ------------------------------------------------------------------ summary numbers
     @property
@@ -301,9 +298,9 @@ class Report:
             for r in self.rows
         )
         pictures = "".join(
-            f'<figure>{svg}<figcaption>{esc(", ".join(r["module"] for r in self.rows if r["layout"] == key))}'
+            f'<figure>{layout_svg(layout)}<figcaption>{esc(", ".join(r["module"] for r in self.rows if r["layout"] == key))}'
             f"<br><small>{esc(key)}</small></figcaption></figure>"
-            for key, svg in self.pictures.items()
+            for key, layout in self.layouts.items()
         )
         notes = "".join(f"<p><em>note: {esc(n)}</em></p>" for n in self.notes)
         return f"""<!doctype html>
