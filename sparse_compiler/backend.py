@@ -46,7 +46,13 @@ def sparsify(
     absorbed = {d.candidate.node for d in the_plan.decisions if d.candidate.node not in remaining}
     if absorbed:  # e.g. q·Kᵀ with a parameter K: now part of the block-sparse attention
         the_plan = the_plan.with_dense(absorbed, "part of an attention pattern rewritten as block-sparse attention")
-    gm = rewrite_linear(gm, example_inputs, the_plan)
+    tables = None
+    if opts.visible_kernels and the_plan.chosen:
+        from sparse_compiler.kernels.triton.visible import TableInputs, detach_dynamo_graph
+
+        gm = detach_dynamo_graph(gm)  # the tables become graph inputs Dynamo must not see
+        tables = TableInputs(gm, example_inputs)
+    gm = rewrite_linear(gm, example_inputs, the_plan, tables)
     report = Report.from_plan(the_plan, attention=attention)
     set_last_report(report)
     if opts.report is True:
@@ -54,10 +60,13 @@ def sparsify(
     elif isinstance(opts.report, str):
         report.save(opts.report)
     if opts.eager:
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches=dict(opts.inductor_config) or None)
+        inputs = list(example_inputs) if tables is None else tables.example_inputs(example_inputs)
+        compiled = compile_fx(gm, inputs, config_patches=dict(opts.inductor_config) or None)
+    return compiled if tables is None else tables.wrap(compiled)
 
 
 def _plan_graph(

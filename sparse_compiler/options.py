@@ -45,6 +45,11 @@ class Options:
         report: ``True`` prints the report table at compile time; a path ending in ``.json``,
             ``.md``, ``.html`` or ``.txt`` writes it there.
         eager: run the rewritten graph eagerly instead of handing it to Inductor (debugging).
+        visible_kernels: the rewrite calls the ``triton_op`` form of the linear op
+            (``kernels/triton/visible.py``), so Inductor schedules its Triton kernels like its own
+            on CUDA, with the layouts' index tables as extra graph inputs; ``False`` calls the
+            opaque custom op (an external call for Inductor). Same numbers either way; CPU
+            tensors take the CPU path in both.
         inductor_config: ``torch._inductor.config`` patches passed to Inductor.
         hardware: the hardware profile of the cost model: ``"auto"`` (detected from the graph's
             device) or a name from ``cost.hardware.BUILTIN_PROFILES`` (a100, h100, h200, l4, cuda,
@@ -85,6 +90,7 @@ class Options:
     rescale_init: bool = True
     report: bool | str = False
     eager: bool = False
+    visible_kernels: bool = True
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
     hardware: str = "auto"
     tokens: float | None = None
@@ -104,7 +110,7 @@ class Options:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"sparsify option {name}={getattr(self, name)!r}: {why}")
 
-        for name in ("enabled", "shuffle", "allow_shared_weights", "rescale_init", "eager"):
+        for name in ("enabled", "shuffle", "allow_shared_weights", "rescale_init", "eager", "visible_kernels"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "expected True or False")
         d = self.density

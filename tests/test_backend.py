@@ -1,5 +1,6 @@
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -49,10 +50,11 @@ def _compile(model, **options):
     ],
     ids=["mlp", "transformer_block", "conv1d_in_out_weight"],
 )
-def test_compiled_matches_masked_dense_reference(make, x):
+@pytest.mark.parametrize("visible", [True, False], ids=["visible_op", "opaque_op"])
+def test_compiled_matches_masked_dense_reference(make, x, visible):
     model, x = make(), x()
     before = copy.deepcopy(model)
-    y = _compile(model, density=0.25, rescale_init=False)(x)
+    y = _compile(model, density=0.25, rescale_init=False, visible_kernels=visible)(x)
     report = sparse_compiler.last_report()
     assert report.n_sparse >= 1
     ref = _sparse_reference(before, report, rescale=False)
@@ -71,6 +73,42 @@ def test_compiled_matches_masked_dense_reference(make, x):
             mask = get_layout(keep[name]["layout"]).element_mask()
             want = want * (mask if keep[name]["weight_stored"] == "out_in" else mask.t())
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_rewritten_graph_calls_the_visible_op_with_tables_as_graph_inputs(monkeypatch, visible):
+    """With visible kernels, each sparse node calls the triton_op with its layout's index tables as
+    extra placeholders (one set per layout) after Dynamo's own; without, the opaque op and no new
+    inputs."""
+    from sparse_compiler import backend
+    from sparse_compiler.kernels.triton import visible as V
+
+    seen = []
+    rewrite = backend.rewrite_linear
+
+    def recording(gm, example_inputs, *args):
+        n_in = len(list(gm.graph.find_nodes(op="placeholder")))
+        seen.append((n_in, len(example_inputs), rewrite(gm, example_inputs, *args)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(backend, "rewrite_linear", recording)
+    model = Block(conv1d=True)  # qkv with an (in, out) weight, proj, fc1, fc2
+    x = torch.randn(2, 16, 64)
+    y = _compile(model, density=0.25, visible_kernels=visible)(x)
+    ((n_before, n_dynamo, gm),) = seen
+    assert n_before == n_dynamo  # the rewrite starts from Dynamo's inputs and nothing else
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function" and "sparse_compiler" in str(n.target)}
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    table_inputs = [n for n in placeholders if n.name.startswith("sparse_")]
+    layouts = {r["layout"] for r in _linear_rows() if r["layout"]}
+    if visible:
+        assert ops == {torch.ops.sparse_compiler.blocksparse_linear_visible.default}
+        assert len(table_inputs) == len(V.TABLE_NAMES) * len(layouts)
+        assert len(placeholders) == n_dynamo + len(table_inputs)
+    else:
+        assert ops == {torch.ops.sparse_compiler.blocksparse_linear.default}
+        assert not table_inputs and len(placeholders) == n_dynamo
+    assert y.shape == x.shape
 
 
 def test_every_linear_of_the_block_is_found_including_in_out_weights():
@@ -305,14 +343,27 @@ def test_report_header_html_and_report_option(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("visible", [True, False], ids=["visible_op", "opaque_op"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_on_cuda_matches_masked_dense_reference(dtype):
+def test_backend_on_cuda_matches_masked_dense_reference(dtype, visible):
+    from torch._inductor.utils import run_and_get_code
+
     model = Block(d=256, heads=4).to("cuda", dtype)
     before = copy.deepcopy(model)
     x = torch.randn(4, 128, 256, device="cuda", dtype=dtype)
-    compiled = torch.compile(model, backend="sparsify", options={"density": 0.25, "block_size": 32, "rescale_init": False})
-    y = compiled(x)
-    y.float().pow(2).mean().backward()
+    options = {"density": 0.25, "block_size": 32, "rescale_init": False, "visible_kernels": visible}
+    compiled = torch.compile(model, backend="sparsify", options=options)
+
+    def step():
+        y = compiled(x)
+        y.float().pow(2).mean().backward()
+        return y
+
+    y, code = run_and_get_code(step)
+    code = "\n".join(code)
+    # visible: Inductor launches the kernels in its own code; opaque: it calls our op as an extern
+    assert ("dsd_kernel" in code and "sdd_kernel" in code) == visible
+    assert bool(re.findall(r"torch\.ops\.sparse_compiler\.\w+\.default\(", code)) != visible
     ref = _sparse_reference(before, sparse_compiler.last_report(), rescale=False)
     y_ref = ref(x)
     y_ref.float().pow(2).mean().backward()
@@ -323,6 +374,9 @@ def test_backend_on_cuda_matches_masked_dense_reference(dtype):
         want = q.grad * keep[name] if name in keep else q.grad  # the sparse op's weight gradient is masked
         torch.testing.assert_close(p.grad, want, rtol=tol * 10, atol=tol * 10, msg=name)
     assert sparse_compiler.last_report().n_sparse == 4
+    with torch.no_grad():  # another token count, off the tile size (a recompilation)
+        x2 = torch.randn(3, 77, 256, device="cuda", dtype=dtype)
+        torch.testing.assert_close(compiled(x2), ref(x2), rtol=tol, atol=tol)
 
 
 def test_attention_joins_the_pipeline_when_targeted():

@@ -15,9 +15,9 @@ Three kinds of checks, all but the last on the CPU:
   ``test_triton_kernels.py``, Triton decides at ``@triton.jit`` time whether a kernel is interpreted,
   so these cases run in one worker subprocess (this file run as a script).
 - **GPU** (``-m gpu``, skipped without CUDA): ``torch.compile`` with Inductor on CUDA, numerics
-  forward and backward, and the user kernels present in Inductor's generated code; once through a
-  function that closes over the tables, once through a small backend that rewrites ``nn.Linear``
-  with the table placeholders of ``TableInputs`` (the pattern the rewrite pass is meant to follow).
+  forward and backward, and the user kernels present in Inductor's generated code, through a
+  function that closes over the tables (``tests/test_backend.py`` checks the same through the
+  ``sparsify`` backend).
 """
 
 import os
@@ -30,7 +30,6 @@ if __name__ == "__main__":  # worker mode: must precede any import of the kernel
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from triton_interpreter import (  # noqa: E402
     HAVE_TRITON,
@@ -210,7 +209,7 @@ def test_fake_cuda_ops_trace_to_kernels(traceable):
     key = layout.key
     mode = FakeTensorMode()
     x, w, b, dy, tables = _fake_inputs(mode, layout, "cuda", 40)
-    row_ptr, col_idx, col_ptr, row_idx, csc_to_csr, block_row, block_col = tables
+    row_ptr, col_idx, col_ptr, row_idx, csc_to_csr, block_row, block_col, block_map, dropped = tables
 
     def fwd(x, w, b, *tables):
         return OP(x, w, b, *tables, key)
@@ -226,20 +225,25 @@ def test_fake_cuda_ops_trace_to_kernels(traceable):
     assert not any(n.op == "get_attr" for n in gm.graph.nodes)
     assert all(n.meta["val"].device.type == "cuda" for n in placeholders)
 
-    def grads(dy, w, x, col_ptr, row_idx, csc_to_csr, block_row, block_col):
+    def grads(dy, w, x, col_ptr, row_idx, csc_to_csr, block_row, block_col, block_map, dropped):
         dx = torch.ops.sparse_compiler.blocksparse_linear_visible_input_grad(dy, w, col_ptr, row_idx, csc_to_csr, key)
-        dw = torch.ops.sparse_compiler.blocksparse_linear_visible_weight_grad(dy, x, block_row, block_col, key)
+        dw = torch.ops.sparse_compiler.blocksparse_linear_visible_weight_grad(
+            dy, x, block_row, block_col, block_map, dropped, key
+        )
         return dx, dw
 
-    args = (dy, w, x, col_ptr, row_idx, csc_to_csr, block_row, block_col)
+    args = (dy, w, x, col_ptr, row_idx, csc_to_csr, block_row, block_col, block_map, dropped)
     gm = _trace_functional(grads, *args)
     nodes = _wrappers(gm)
-    assert [_kernel_name(n) for n in nodes] == ["dsd_kernel", "sdd_kernel"]
+    # one token slice: the SDD kernel writes the kept blocks, the finishing kernel the dropped ones
+    assert [_kernel_name(n) for n in nodes] == ["dsd_kernel", "sdd_kernel", "finish_kernel"]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert nodes[0].kwargs["kwargs"]["ptr_tab"] is placeholders[3]  # col_ptr
     assert nodes[0].kwargs["kwargs"]["NB_CONST"] == 3  # constant blocks per column
     assert nodes[1].kwargs["kwargs"]["blk_row"] is placeholders[6]
-    assert [n.kwargs["tensors_to_clone"] for n in nodes] == [["c_ptr"], ["out_ptr"]]
+    assert nodes[2].kwargs["kwargs"]["ids_ptr"] is placeholders[9] and nodes[2].kwargs["kwargs"]["USE_IDS"]
+    assert [n.kwargs["tensors_to_clone"] for n in nodes] == [["c_ptr"], ["out_ptr"], ["out_ptr"]]
+    assert not any(n.target in (torch.ops.aten.zeros.default, torch.ops.aten.full.default) for n in gm.graph.nodes)
     # (the weight gradient split over token slices allocates its workspace with a device= factory,
     # which a CPU-only build cannot trace for CUDA: covered with CPU fake tensors below)
 
@@ -247,7 +251,7 @@ def test_fake_cuda_ops_trace_to_kernels(traceable):
 @needs_triton
 def test_joint_graph_has_backward_kernels(traceable, monkeypatch):
     """AOTAutograd's forward and backward graphs of the op with ``register_autograd``: the forward
-    holds the DSD kernel, the backward the DSD (input grad) and SDD (weight grad) kernels and the bias
+    holds the DSD kernel, the backward the DSD (input grad), SDD and finishing (weight grad) kernels and the bias
     reduction. CPU fake tensors (see module docstring), an (in, out)-stored weight and 3-D input."""
     from functorch.compile import aot_function, make_boxed_func
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -282,7 +286,7 @@ def test_joint_graph_has_backward_kernels(traceable, monkeypatch):
         return [_kernel_name(n) for n in _wrappers(graphs["fw"])], [_kernel_name(n) for n in _wrappers(graphs["bw"])]
 
     fw, bw = trace()
-    assert fw == ["dsd_kernel"] and bw == ["dsd_kernel", "sdd_kernel"]
+    assert fw == ["dsd_kernel"] and bw == ["dsd_kernel", "sdd_kernel", "finish_kernel"]
     assert any(n.target == torch.ops.aten.sum.dim_IntList for n in graphs["bw"].graph.nodes)
     fw_kw = _wrappers(graphs["fw"])[0].kwargs["kwargs"]
     assert fw_kw["NB_CONST"] == 0  # uneven rows: row_ptr-driven loop
@@ -296,8 +300,9 @@ def test_joint_graph_has_backward_kernels(traceable, monkeypatch):
 
 
 @needs_triton
-def test_symbolic_token_count_traces(traceable, monkeypatch):
-    """A symbolic token count (dynamic shapes) reaches the kernel call and its grid as a symbol."""
+def test_symbolic_token_count_traces_without_specialising(traceable, monkeypatch):
+    """A symbolic token count (dynamic shapes) reaches the kernel calls and their grids as a symbol,
+    and tracing adds no guard that pins it to one value (which would recompile per count)."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch._subclasses.functional_tensor import dispatch_functionalize
 
@@ -305,103 +310,78 @@ def test_symbolic_token_count_traces(traceable, monkeypatch):
     layout = register(flat_butterfly(64, 128, 4, 2, 16))
     key = layout.key
 
-    def fn(x, w, b, *tables):
-        return OP(x, w, b, *tables, key)
+    def fn(x, w, b, dy, *tables):
+        y = OP(x, w, b, *tables, key)
+        wgrad_tables = tables[5:]  # block_row, block_col, block_map, dropped
+        return y, torch.ops.sparse_compiler.blocksparse_linear_visible_weight_grad(dy, x, *wgrad_tables, key)
 
-    args = (torch.randn(40, 128), torch.randn(64, 128), torch.randn(64), *V.table_args(layout, "cpu"))
-    gm = make_fx(dispatch_functionalize(fn), tracing_mode="symbolic")(*args)
-    (node,) = _wrappers(gm)
-    assert isinstance(node.kwargs["kwargs"]["M"], torch.fx.Node)  # sym_size of x, not a constant
-
-
-def _tables_backend(layouts: dict, compile_with_inductor: bool = True, seen: list | None = None):
-    """A minimal backend in the way the rewrite pass is meant to use the op: ``F.linear`` nodes whose
-    weight is a graph input of a shape in ``layouts`` become the visible op, with the index tables as
-    extra placeholders (``TableInputs``) appended to every call."""
-    from torch._inductor.compile_fx import compile_fx
-
-    def backend(gm, example_inputs):
-        gm = V.detach_dynamo_graph(gm)
-        tables = V.TableInputs(gm, example_inputs)
-        placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in (torch._C._nn.linear, F.linear):
-                continue
-            x, w = node.args[0], node.args[1]
-            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if w not in placeholders:
-                continue
-            val = example_inputs[placeholders.index(w)]
-            layout = layouts.get(tuple(val.shape))
-            if layout is None:
-                continue
-            key = register(layout).key
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(OP.default, (x, w, b, *tables.args(layout, val.device), key))
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        gm.graph.lint()
-        gm.recompile()
-        if seen is not None:
-            seen.append(gm)
-        if not compile_with_inductor:
-            return tables.wrap(gm.forward)
-        return tables.wrap(compile_fx(gm, tables.example_inputs(example_inputs)))
-
-    return backend
+    tokens = 40
+    args = (torch.randn(tokens, 128), torch.randn(64, 128), torch.randn(64), torch.randn(tokens, 64))
+    gm = make_fx(dispatch_functionalize(fn), tracing_mode="symbolic")(*args, *V.table_args(layout, "cpu"))
+    dsd, sdd, _finish = _wrappers(gm)
+    for node in (dsd, sdd):
+        assert isinstance(node.kwargs["kwargs"]["M"], torch.fx.Node)  # sym_size of x, not a constant
+    x_val = next(iter(gm.graph.find_nodes(op="placeholder"))).meta["val"]
+    shape_env, m = x_val.fake_mode.shape_env, x_val.shape[0].node.expr
+    assert m not in shape_env.replacements, f"token count specialised to {shape_env.replacements[m]}"
+    token_guards = [g.expr for g in shape_env.guards if m in g.expr.free_symbols]
+    for guard in token_guards:  # e.g. the weight gradient's choice of one token slice: a range
+        assert any(bool(guard.subs(m, v)) for v in range(1, 4096) if v != tokens), f"{guard} pins the count"
 
 
-class _TwoLinears(torch.nn.Module):
-    def __init__(self, d_in, d_hidden, d_out):
-        super().__init__()
-        self.a = torch.nn.Linear(d_in, d_hidden)
-        self.b = torch.nn.Linear(d_hidden, d_out, bias=False)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+class _Traced(Exception):
+    """Raised instead of running a graph that was only traced."""
 
 
-def _masked_two_linears(model, layouts, x):
-    h = torch.relu(masked_dense_linear(x, model.a.weight, model.a.bias, layouts[tuple(model.a.weight.shape)]))
-    return masked_dense_linear(h, model.b.weight, None, layouts[tuple(model.b.weight.shape)])
+@needs_triton
+def test_sparsify_backend_traces_to_kernels_forward_and_backward(traceable, monkeypatch):
+    """The real backend end to end up to AOTAutograd's partitioned graphs, with the kernel path
+    traced on CPU fake tensors: every sparse linear layer of a transformer block (an (in, out)
+    weight among them) becomes a DSD kernel in the forward and DSD + SDD kernels in the backward,
+    its index tables arriving as graph inputs; nothing of the opaque op is left."""
+    import copy
 
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
 
-def _check_backend_model(device, dtype, layouts, dims, tokens_list, tol):
-    model = _TwoLinears(*dims).to(device=device, dtype=dtype)
-    seen: list = []
-    compiled = torch.compile(model, backend=_tables_backend(layouts, seen=seen))
-    for tokens in tokens_list:
-        x = torch.randn(tokens, dims[0], device=device, dtype=dtype)
-        for p in model.parameters():
-            p.grad = None
-        y = compiled(x)
-        y.square().sum().backward()
-        got = [y.detach()] + [p.grad.clone() for p in model.parameters()]
-        for p in model.parameters():
-            p.grad = None
-        y_ref = _masked_two_linears(model, layouts, x)
-        y_ref.square().sum().backward()
-        ref = [y_ref.detach()] + [p.grad for p in model.parameters()]
-        for what, a, r in zip(("y", "da.weight", "da.bias", "db.weight"), got, ref):
-            err = relative_error(a, r)
-            assert err < tol, f"tokens={tokens} {what}: relative error {err:.2e}"
-        for lin in (model.a, model.b):
-            lay = layouts[tuple(lin.weight.shape)]
-            assert bool((lin.weight.grad[~lay.element_mask(device=device)] == 0).all())
-    assert seen, "the backend never ran"
-    return seen
+    import sparse_compiler
+    from models import Block
 
+    monkeypatch.setattr(V, "KERNEL_DEVICE_TYPES", {"cuda", "cpu"})
+    graphs = {}
 
-def test_backend_pattern_compiles_on_cpu():
-    """Dynamo → rewrite with table placeholders → Inductor → wrapper, on the CPU (where the op takes
-    the opaque path): numerics forward and backward, a second token count, Dynamo's graph untouched."""
-    layouts = {(64, 128): flat_butterfly(64, 128, 4, 2, 16), (32, 64): block_diagonal(32, 64, 2, 16)}
-    seen = _check_backend_model("cpu", torch.float32, layouts, (128, 64, 32), (24, 40), 1e-5)
-    gm = seen[0]
-    ops = [n for n in gm.graph.nodes if n.target is OP.default]
-    assert len(ops) == 2
-    n_table_inputs = sum(1 for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("sparse_"))
-    assert n_table_inputs == 2 * len(V.TABLE_NAMES)
+    def partition(joint, inputs, **kwargs):
+        graphs["fw"], graphs["bw"] = default_partition(joint, inputs, **kwargs)
+        return graphs["fw"], graphs["bw"]
+
+    def never_run(gm, _inputs):
+        def run(*args):
+            raise _Traced
+
+        run._boxed_call = True
+        return run
+
+    def trace_only(gm, example_inputs, config_patches=None):
+        graphs["rewritten"] = gm
+        return aot_module_simplified(gm, example_inputs, fw_compiler=never_run, partition_fn=partition)
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", trace_only)
+    model = Block(d=64, heads=4, conv1d=True)
+    compiled = torch.compile(copy.deepcopy(model), backend="sparsify", options={"density": 0.25, "block_size": 16})
+    with pytest.raises(_Traced):
+        compiled(torch.randn(2, 16, 64, requires_grad=True))
+    report = sparse_compiler.last_report()
+    n_sparse, n_layouts = report.n_sparse, len({r["layout"] for r in report.rows if r["layout"]})
+    assert n_sparse == 4
+    fw = [_kernel_name(n) for n in _wrappers(graphs["fw"])]
+    bw = [_kernel_name(n) for n in _wrappers(graphs["bw"])]
+    assert fw == ["dsd_kernel"] * n_sparse
+    assert sorted(bw) == sorted(["dsd_kernel", "sdd_kernel", "finish_kernel"] * n_sparse)
+    for gm in (graphs["fw"], graphs["bw"]):
+        left = [n for n in gm.graph.nodes if "sparse_compiler" in str(n.target)]
+        assert not left, f"opaque ops left: {left}"
+    rewritten_inputs = [n.name for n in graphs["rewritten"].graph.find_nodes(op="placeholder")]
+    assert sum(name.startswith("sparse_") for name in rewritten_inputs) == len(V.TABLE_NAMES) * n_layouts
 
 
 def test_import_without_triton_is_safe():
@@ -515,21 +495,6 @@ def test_gpu_compiled_op_matches_reference_and_inlines_kernels(dtype):
             _check_op(fn_dynamic, layout, dtype, (tokens,), device="cuda")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow
-
-
-@gpu
-@needs_cuda
-@needs_triton
-def test_gpu_backend_pattern():
-    """The table-placeholder backend on CUDA: numerics over two token counts, kernels in the code."""
-    layouts = {(512, 256): flat_butterfly(512, 256, 8, 2, 64), (128, 512): block_diagonal(128, 512, 4, 32)}
-    _check_backend_model("cuda", torch.bfloat16, layouts, (256, 512, 128), (1000, 777), 1e-2)
-    torch._dynamo.reset()
-    model = _TwoLinears(256, 512, 128).to("cuda", torch.bfloat16)
-    compiled = torch.compile(model, backend=_tables_backend(layouts))
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    code = _generated_code(lambda x: compiled(x).float().sum().backward(), x)
-    assert "dsd_kernel" in code and "sdd_kernel" in code
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":

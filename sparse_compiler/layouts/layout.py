@@ -66,6 +66,9 @@ class LayoutTables:
       gradient, one program per kept block).
     - ``row_cols`` (rows, max_per_row) and ``col_rows`` (cols, max_per_col): the same lists, padded
       with ``-1``; convenient when every row keeps the same number of blocks.
+    - ``block_map`` (rows * cols,): the CSR number of each block of the grid (row-major), ``-1`` where
+      dropped; ``dropped`` (rows * cols - nnz,): the row-major ids of the dropped blocks (a weight
+      gradient writes its zeros there and nowhere else).
     """
 
     row_ptr: torch.Tensor
@@ -77,6 +80,8 @@ class LayoutTables:
     block_col: torch.Tensor
     row_cols: torch.Tensor
     col_rows: torch.Tensor
+    block_map: torch.Tensor
+    dropped: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +201,9 @@ class Layout:
         row_cols[block_row, slot_r] = block_col
         slot_c = torch.arange(row_idx.numel()) - col_ptr[block_col[csc_to_csr]]
         col_rows[block_col[csc_to_csr], slot_c] = row_idx
+        flat = mask.reshape(-1)
+        block_map = torch.full((rows * cols,), -1, dtype=torch.int64)
+        block_map[flat] = torch.arange(block_row.numel())
         i32 = torch.int32
         return LayoutTables(
             row_ptr=row_ptr.to(i32),
@@ -207,6 +215,8 @@ class Layout:
             block_col=block_col.to(i32),
             row_cols=row_cols.to(i32),
             col_rows=col_rows.to(i32),
+            block_map=block_map.to(i32),
+            dropped=(~flat).nonzero().reshape(-1).to(i32),
         )
 
     def tables(self, device: torch.device | str = "cpu") -> LayoutTables:

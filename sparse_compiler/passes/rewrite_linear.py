@@ -1,10 +1,15 @@
-"""Rewrite pass: chosen Linear-like nodes become ``torch.ops.sparse_compiler.blocksparse_linear``.
+"""Rewrite pass: chosen Linear-like nodes become block-sparse linear ops.
 
 For each sparse decision:
 
 1. the node is replaced by ``blocksparse_linear(x, W_eff, bias, layout_key)``, where ``W_eff`` is the
    parameter placeholder itself, or ``W.t()`` for weights stored ``(in, out)``; the layout travels as
-   its key, a constant string argument, and is registered in this process;
+   its key, a constant string argument, and is registered in this process. Given ``tables`` (a
+   ``TableInputs`` over a detached copy of Dynamo's graph), the node calls the ``triton_op`` form
+   ``blocksparse_linear_visible(x, W_eff, bias, *index_tables, layout_key)`` instead, whose Triton
+   kernels Inductor schedules itself; the layout's index tables become graph inputs, one set per
+   layout and device (``kernels/triton/visible.py``). Without ``tables``, it calls the opaque
+   ``torch.ops.sparse_compiler.blocksparse_linear``;
 2. the owning parameter is made sparse *once*, in place and without grad: its dropped blocks are set
    to zero, so the eager model, the compiled model and a saved ``state_dict`` all describe the same
    sparse model; with ``rescale_init`` each block-row is also scaled by
@@ -22,7 +27,7 @@ and ``load_state_dict`` are seen by the compiled model without recompiling.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -32,6 +37,9 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import register
+
+if TYPE_CHECKING:
+    from sparse_compiler.kernels.triton.visible import TableInputs
 
 __all__ = ["rewrite_linear", "sparsify_parameter_"]
 
@@ -72,8 +80,16 @@ def _input_arg(node: fx.Node, kind: str) -> Any:
     return node.args[0]
 
 
-def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan) -> fx.GraphModule:
-    """Apply ``plan`` to ``gm`` in place and return it (module docstring)."""
+def rewrite_linear(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan, tables: Optional[TableInputs] = None
+) -> fx.GraphModule:
+    """Apply ``plan`` to ``gm`` in place and return it (module docstring).
+
+    ``tables``, when given, must be a ``TableInputs`` over ``gm`` itself: the rewritten nodes then
+    call the visible op and take their index tables from the placeholders it adds.
+    """
+    if tables is not None and tables.gm is not gm:
+        raise ValueError("rewrite_linear: `tables` must be a TableInputs over the graph being rewritten")
     sparse_params = {d.candidate.weight_input_index for d in plan.chosen}
     for decision in plan.decisions:
         index = decision.candidate.weight_input_index
@@ -85,12 +101,15 @@ def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     nodes = {n.name: n for n in gm.graph.nodes}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     op = torch.ops.sparse_compiler.blocksparse_linear.default
+    if tables is not None:
+        op = torch.ops.sparse_compiler.blocksparse_linear_visible.default
     for decision in plan.chosen:
         c, layout = decision.candidate, decision.layout
         node = nodes[c.node]
         param_node = placeholders[c.weight_input_index]
         param = example_inputs[c.weight_input_index]
         key = register(layout).key
+        table_nodes = () if tables is None else tables.args(layout, param.device)
         with gm.graph.inserting_before(node):
             x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
             if c.weight_stored == "in_out":
@@ -99,7 +118,7 @@ def rewrite_linear(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
                 x, weight = (gm.graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
                 if bias is not None:
                     bias = gm.graph.call_method("to", (bias, c.output_dtype))
-            new = gm.graph.call_function(op, (x, weight, bias, key))
+            new = gm.graph.call_function(op, (x, weight, bias, *table_nodes, key))
         for k in _COPIED_META:
             if k in node.meta:
                 new.meta[k] = node.meta[k]

@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import inspect
 import os
-import weakref
 from typing import Any, Iterator, Optional
 
 import torch
@@ -382,8 +381,21 @@ def _check_dtypes(name: str, *tensors: Optional[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(4, (max(int(n), 1) - 1).bit_length())
+def _token_bucket(M: Any) -> int:
+    """The next power of two of the token count ``M`` (at least 16): the autotuning key ``M_BUCKET``.
+
+    A symbolic count (dynamic shapes) is read through its hint, without a guard: ``M_BUCKET`` only
+    keys the autotuner and never enters the kernels' arithmetic, so specialising the graph on the
+    exact count (a recompilation per new count) would buy nothing. Inductor autotunes a user kernel
+    once per compiled graph in any case.
+    """
+    if isinstance(M, torch.SymInt):
+        from torch.fx.experimental import symbolic_shapes
+
+        # named optimization_hint from torch 2.13 on, hint_int before; neither adds a guard
+        hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+        M = hint(M, fallback=4096)  # no hint (a data-dependent count): a large-batch bucket
+    return 1 << max(4, (max(int(M), 1) - 1).bit_length())
 
 
 def _num_sms(device: torch.device) -> int:
@@ -402,26 +414,11 @@ def _sm_count_cached(index: int) -> int:
 
 
 # ============================================================================================ per-layout data
-@dataclasses.dataclass(frozen=True, eq=False)
-class _LayoutData:
-    tables: LayoutTables
-    per_row: Optional[int]  # constant kept blocks per block-row, else None
-    per_col: Optional[int]  # constant kept blocks per block-column, else None
-    block_map: torch.Tensor  # (rows * cols,) int32: CSR number of each block, -1 if dropped
-    dropped: torch.Tensor  # (n_dropped,) int32 flat ids of dropped blocks
-
-
-_LAYOUT_DATA: "weakref.WeakKeyDictionary[Layout, dict]" = weakref.WeakKeyDictionary()
-
-
-def _layout_data(layout: Layout, device: torch.device) -> _LayoutData:
-    per_device = _LAYOUT_DATA.setdefault(layout, {})
-    data = per_device.get(device)
-    if data is None:
-        with _no_tracing():  # real, cached tables even when first reached inside make_fx / fake modes
-            data = _build_layout_data(layout, device)
-        per_device[device] = data
-    return data
+def _tables(layout: Layout, device: torch.device) -> LayoutTables:
+    """The layout's index tables on ``device`` (built once, cached by the layout), as real tensors
+    even when first reached inside make_fx or a fake mode."""
+    with _no_tracing():
+        return layout.tables(device)
 
 
 def _no_tracing():
@@ -431,20 +428,6 @@ def _no_tracing():
         return _disable_current_modes()
     except Exception:  # pragma: no cover
         return contextlib.nullcontext()
-
-
-def _build_layout_data(layout: Layout, device: torch.device) -> _LayoutData:
-    flat = layout.block_mask.reshape(-1)
-    block_map = torch.full((flat.numel(),), -1, dtype=torch.int32)
-    block_map[flat] = torch.arange(int(flat.sum()), dtype=torch.int32)
-    dropped = (~flat).nonzero().reshape(-1).to(torch.int32)
-    return _LayoutData(
-        tables=layout.tables(device),
-        per_row=layout.blocks_per_row,
-        per_col=layout.blocks_per_col,
-        block_map=block_map.to(device),
-        dropped=dropped.to(device),
-    )
 
 
 # ============================================================================================ DSD launcher
@@ -492,7 +475,7 @@ def launch_dsd(
         idx_tab=idx_tab,
         blk_tab=blk_tab if blk_tab is not None else idx_tab,
         M=M,
-        M_BUCKET=_next_pow2(M),
+        M_BUCKET=_token_bucket(M),
         N_BLOCKS=n_blocks,
         NNZ=nnz,
         stride_am=a.stride(0),
@@ -556,7 +539,7 @@ def launch_sdd(
     """``out = (dyᵀ · x) ⊙ M`` on kept blocks (and zeros on dropped ones when ``out`` is dense).
 
     ``out``: dense ``(out, in)`` (any strides; every element is written) or compressed ``(nnz, b, b)``
-    contiguous. ``block_map`` / ``dropped`` (see ``_LayoutData``) are needed for a dense ``out``.
+    contiguous. ``block_map`` / ``dropped`` (``LayoutTables``) are needed for a dense ``out``.
     """
     K = _kernels()
     b = block_size
@@ -576,7 +559,7 @@ def launch_sdd(
         blk_row=block_row,
         blk_col=block_col,
         M=M,
-        M_BUCKET=_next_pow2(M),
+        M_BUCKET=_token_bucket(M),
         NNZ=nnz,
         CHUNK=chunk,
         stride_dym=dy.stride(0),
@@ -673,12 +656,11 @@ def forward(
     _check_device(x2d, weight, bias)
     if out is None:
         out = x2d.new_empty((x2d.shape[0], out_f))
-    data = _layout_data(layout, x2d.device)
-    t = data.tables
+    t = _tables(layout, x2d.device)
     with _on_device(x2d.device):
         return launch_dsd(
             x2d, weight, bias, out, t.row_ptr, t.col_idx, None,
-            block_size=layout.block_size, n_blocks=layout.grid[0], nnz=layout.nnz_blocks, count=data.per_row,
+            block_size=layout.block_size, n_blocks=layout.grid[0], nnz=layout.nnz_blocks, count=layout.blocks_per_row,
             compressed=compressed, transposed=False,
         )  # fmt: skip
 
@@ -704,12 +686,11 @@ def input_grad(
     _check_device(dy2d, weight)
     if out is None:
         out = dy2d.new_empty((dy2d.shape[0], in_f))
-    data = _layout_data(layout, dy2d.device)
-    t = data.tables
+    t = _tables(layout, dy2d.device)
     with _on_device(dy2d.device):
         return launch_dsd(
             dy2d, weight, None, out, t.col_ptr, t.row_idx, t.csc_to_csr,
-            block_size=layout.block_size, n_blocks=layout.grid[1], nnz=layout.nnz_blocks, count=data.per_col,
+            block_size=layout.block_size, n_blocks=layout.grid[1], nnz=layout.nnz_blocks, count=layout.blocks_per_col,
             compressed=compressed, transposed=True,
         )  # fmt: skip
 
@@ -741,11 +722,10 @@ def weight_grad(
         out = dy2d.new_empty(shape)
     elif compressed and not out.is_contiguous():
         raise ValueError(f"{name}: a compressed out must be contiguous")
-    data = _layout_data(layout, dy2d.device)
-    t = data.tables
+    t = _tables(layout, dy2d.device)
     with _on_device(dy2d.device):
         return launch_sdd(
-            dy2d, x2d, out, t.block_row, t.block_col, data.block_map, data.dropped,
+            dy2d, x2d, out, t.block_row, t.block_col, t.block_map, t.dropped,
             block_size=b, grid_shape=layout.grid, nnz=layout.nnz_blocks, compressed=compressed,
         )  # fmt: skip
 

@@ -12,12 +12,14 @@ kernels' mutation analysis marks only the output pointers as written).
 Ops (all ``layout`` arguments are layout keys, see ``sparse_compiler.layouts.get_layout``)::
 
     blocksparse_linear_visible(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, csc_to_csr,
-                               block_row, block_col, layout) = x · (W ⊙ M)ᵀ + bias
+                               block_row, block_col, block_map, dropped, layout)
+                                                       = x · (W ⊙ M)ᵀ + bias
     blocksparse_linear_visible_input_grad(grad_out, weight, col_ptr, row_idx, csc_to_csr, layout)
                                                        = dy · (W ⊙ M)          (CSC lists)
-    blocksparse_linear_visible_weight_grad(grad_out, x, block_row, block_col, layout)
+    blocksparse_linear_visible_weight_grad(grad_out, x, block_row, block_col, block_map, dropped,
+                                           layout)
                                                        = (dyᵀ · x) ⊙ M        (one program per kept
-                                                         block; exact zeros on dropped blocks)
+                                                         block; zeros written on dropped blocks)
 
 The forward has ``register_autograd``: its backward calls the two gradient ops (and sums ``dy`` for
 the bias), so a joint graph holds the kernels of all three products.
@@ -32,8 +34,10 @@ fake mode or baked into the graph as a constant. Only *Python* facts come from t
 ``get_layout(layout)``: block size, block grid, number of kept blocks, and the constant number of
 kept blocks per block-row / block-column (a ``tl.constexpr``: static loop trip count).
 
-How a rewrite pass uses it
---------------------------
+How the rewrite pass uses it
+----------------------------
+``passes/rewrite_linear.py`` with the backend's ``visible_kernels`` option (on by default):
+
 1. The backend first takes a copy of Dynamo's GraphModule (:func:`detach_dynamo_graph`): Dynamo
    keeps using its own graph after the backend returns (it reads a ``grapharg`` from every
    placeholder to generate the call), so placeholders must not be added to it.
@@ -73,12 +77,10 @@ Devices and fallbacks
 
 Known limits
 ------------
-- A symbolic token count (dynamic shapes) is specialised by ``linear._next_pow2`` (``int(M)`` for
-  the autotuning key ``M_BUCKET``): each new count recompiles. The weight gradient's choice between
-  one token slice and several also guards on the count (it changes the graph).
-- With one token slice the weight gradient starts from a zero-filled ``dW`` (kept blocks written
-  twice: ``d`` times the bytes of ``dW`` more than the eager path, which zeroes only dropped blocks
-  through a ``dropped`` table that is not among the op's arguments).
+- A symbolic token count (dynamic shapes) stays symbolic: the autotuning key ``M_BUCKET`` is taken
+  from its hint without a guard (``linear._token_bucket``). The weight gradient's choice between one
+  token slice and several does guard on the count (it changes the graph), with ranges: a new count
+  recompiles only when it crosses into another number of slices.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ __all__ = [
 ]
 
 #: The index tables of the forward op, in argument order (fields of ``LayoutTables``).
-TABLE_NAMES = ("row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr", "block_row", "block_col")
+TABLE_NAMES = (
+    "row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr", "block_row", "block_col", "block_map", "dropped",
+)  # fmt: skip
 
 #: Device types whose tensors take the Triton kernel path (see the module docstring).
 KERNEL_DEVICE_TYPES: set[str] = {"cuda"}
@@ -203,9 +207,12 @@ def _forward(
     csc_to_csr: Tensor,
     block_row: Tensor,
     block_col: Tensor,
+    block_map: Tensor,
+    dropped: Tensor,
     layout: str,
 ) -> Tensor:
-    """``x · (W ⊙ M)ᵀ + bias``: the DSD kernel over the CSR lists (``row_ptr``, ``col_idx``)."""
+    """``x · (W ⊙ M)ᵀ + bias``: the DSD kernel over the CSR lists (``row_ptr``, ``col_idx``). The
+    other tables are saved for the backward."""
     st = _static(layout)
     _check("blocksparse_linear_visible", st, x, weight, bias)
     if not _use_kernels(st, x, weight, bias):
@@ -240,44 +247,29 @@ def _input_grad(grad_out: Tensor, weight: Tensor, col_ptr: Tensor, row_idx: Tens
     return out.reshape(*grad_out.shape[:-1], in_f)
 
 
-def _weight_grad(grad_out: Tensor, x: Tensor, block_row: Tensor, block_col: Tensor, layout: str) -> Tensor:
+def _weight_grad(
+    grad_out: Tensor, x: Tensor, block_row: Tensor, block_col: Tensor, block_map: Tensor, dropped: Tensor, layout: str
+) -> Tensor:
     """``dW = (dyᵀ · x) ⊙ M``, contiguous ``(out, in)``: the SDD kernel, one program per kept block
-    (``block_row``, ``block_col``), optionally split over token slices.
-
-    Dropped blocks: with one token slice the kept blocks are written directly into a zero-filled
-    ``dW`` (a fill Inductor schedules as its own kernel); with several slices the finishing kernel
-    writes every block, zeros included, driven by a block map scattered from the COO tables.
-    """
+    (``block_row``, ``block_col``), optionally split over token slices; then the finishing kernel
+    writes the zeros of the dropped blocks (``dropped``) or, with several slices, reduces them into
+    every block (``block_map``). Every element of ``dW`` is written once."""
     st = _static(layout)
     if not _use_kernels(st, grad_out, x):
         return _opaque_ops().blocksparse_linear_weight_grad(grad_out, x, layout)
-    out_f, in_f = st.shape
-    b, (rows, cols), nnz = st.block_size, st.grid, st.nnz
     dy2d = grad_out.reshape(-1, grad_out.shape[-1])
     x2d = x.reshape(-1, x.shape[-1])
-    tokens = dy2d.shape[0]
-    # the token slices launch_sdd will use (it returns zeros before splitting when nothing to do)
-    split = _T._wgrad_split(tokens, nnz, b, dy2d.device)[0] if (nnz > 0 and tokens != 0) else 1
-    if split == 1:  # launch_sdd writes kept blocks in place and (without `dropped`) nothing else
-        out = dy2d.new_zeros((out_f, in_f))
-        block_map = None
-    else:  # the finishing kernel reduces the slices and writes zeros on dropped blocks
-        out = dy2d.new_empty((out_f, in_f))
-        flat = block_row.to(torch.int64) * cols + block_col.to(torch.int64)
-        # (tensor methods rather than factories taking device=: these also trace with fake CUDA
-        # tensors in a CPU-only torch build)
-        ids = torch.ones_like(block_row, dtype=torch.int32).cumsum(0, dtype=torch.int32) - 1
-        block_map = block_row.new_full((rows * cols,), -1, dtype=torch.int32).scatter(0, flat, ids)
+    out = dy2d.new_empty(st.shape)
     with _launch_context(dy2d.device, dy2d, x2d):
         _T.launch_sdd(
-            dy2d, x2d, out, block_row, block_col, block_map, None,
-            block_size=b, grid_shape=(rows, cols), nnz=nnz, compressed=False,
+            dy2d, x2d, out, block_row, block_col, block_map, dropped,
+            block_size=st.block_size, grid_shape=st.grid, nnz=st.nnz, compressed=False,
         )  # fmt: skip
     return out
 
 
 # ============================================================================================ registration
-def _fake_forward(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, csc_to_csr, block_row, block_col, layout):
+def _fake_forward(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, csc_to_csr, block_row, block_col, block_map, dropped, layout):
     st = _static(layout)
     _check("blocksparse_linear_visible", st, x, weight, bias)
     return x.new_empty((*x.shape[:-1], st.shape[0]))
@@ -287,7 +279,7 @@ def _fake_input_grad(grad_out, weight, col_ptr, row_idx, csc_to_csr, layout):
     return grad_out.new_empty((*grad_out.shape[:-1], _static(layout).shape[1]))
 
 
-def _fake_weight_grad(grad_out, x, block_row, block_col, layout):
+def _fake_weight_grad(grad_out, x, block_row, block_col, block_map, dropped, layout):
     return grad_out.new_empty(_static(layout).shape)
 
 
@@ -318,19 +310,19 @@ VISIBLE, (blocksparse_linear_visible, blocksparse_linear_visible_input_grad, blo
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _row_ptr, _col_idx, col_ptr, row_idx, csc_to_csr, block_row, block_col, layout = inputs
-    ctx.save_for_backward(x, weight, col_ptr, row_idx, csc_to_csr, block_row, block_col)
+    x, weight, bias, _row_ptr, _col_idx, *backward_tables, layout = inputs
+    ctx.save_for_backward(x, weight, *backward_tables)
     ctx.layout = layout
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out: Tensor):
-    x, weight, col_ptr, row_idx, csc_to_csr, block_row, block_col = ctx.saved_tensors
+    x, weight, col_ptr, row_idx, csc_to_csr, block_row, block_col, block_map, dropped = ctx.saved_tensors
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = blocksparse_linear_visible_input_grad(grad_out, weight, col_ptr, row_idx, csc_to_csr, ctx.layout)
     if ctx.needs_input_grad[1]:
-        dw = blocksparse_linear_visible_weight_grad(grad_out, x, block_row, block_col, ctx.layout)
+        dw = blocksparse_linear_visible_weight_grad(grad_out, x, block_row, block_col, block_map, dropped, ctx.layout)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
     return (dx, dw, db) + (None,) * (len(TABLE_NAMES) + 1)
