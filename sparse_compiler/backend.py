@@ -1,4 +1,4 @@
-"""The ``sparsify`` torch.compile backend: validate options → analyze → plan → rewrite → Inductor.
+"""The ``sparsify`` torch.compile backend: validate options → expand → analyze → plan → rewrite → Inductor.
 
 Linear layers and attention go through the same steps side by side: both are analysed on the
 untouched graph, attention is rewritten first (its q, k and v are often outputs of linear layers,
@@ -23,6 +23,7 @@ from sparse_compiler.cost.planner import plan as make_plan
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import analyze, summarize
 from sparse_compiler.passes.analyze_attention import analyze_attention
+from sparse_compiler.passes.expand_mha import expand_multihead_attention
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
 from sparse_compiler.passes.rewrite_linear import rewrite_linear
 from sparse_compiler.report import Report, set_last_report
@@ -40,6 +41,7 @@ def sparsify(
             f"(accepted options: {', '.join(Options.accepted())})"
         )
     opts = Options.from_mapping(options)
+    notes = _expand(gm, example_inputs, opts)
     the_plan, attention = _plan_graph(gm, example_inputs, opts)
     gm = rewrite_attention(gm, example_inputs, attention)
     remaining = {n.name for n in gm.graph.nodes}
@@ -53,7 +55,7 @@ def sparsify(
         gm = detach_dynamo_graph(gm)  # the tables become graph inputs Dynamo must not see
         tables = TableInputs(gm, example_inputs)
     gm = rewrite_linear(gm, example_inputs, the_plan, tables)
-    report = Report.from_plan(the_plan, attention=attention)
+    report = Report.from_plan(the_plan, notes=notes, attention=attention)
     set_last_report(report)
     if opts.report is True:
         print(report.table())
@@ -67,6 +69,12 @@ def sparsify(
         inputs = list(example_inputs) if tables is None else tables.example_inputs(example_inputs)
         compiled = compile_fx(gm, inputs, config_patches=dict(opts.inductor_config) or None)
     return compiled if tables is None else tables.wrap(compiled)
+
+
+def _expand(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> list[str]:
+    """Write fused calls out as the ops they are made of (``nn.MultiheadAttention``), in place, so
+    that the analyses see their Linear-like products; returns the report's notes."""
+    return expand_multihead_attention(gm, example_inputs) if opts.enabled else []
 
 
 def _plan_graph(
@@ -88,8 +96,10 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
     opts = Options.from_mapping(options)
     plans: list[Plan] = []
     attention: list[AttentionDecision] = []
+    notes: list[str] = []
 
     def capture(gm: fx.GraphModule, inputs: Sequence[Any], **_: Any) -> Callable[..., Any]:
+        notes.extend(_expand(gm, inputs, opts))
         the_plan, decisions = _plan_graph(gm, inputs, opts)
         plans.append(the_plan)
         attention.extend(decisions)
@@ -105,5 +115,6 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
     finally:
         if isinstance(model, torch.nn.Module) and was_training:
             model.train()
-    notes = [f"the model was traced as {len(plans)} graphs (graph breaks)"] if len(plans) > 1 else []
+    if len(plans) > 1:
+        notes.insert(0, f"the model was traced as {len(plans)} graphs (graph breaks)")
     return Report.from_plan(Plan.merge(plans, opts), notes=notes, attention=attention)
