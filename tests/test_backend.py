@@ -4,12 +4,15 @@ import re
 import subprocess
 import sys
 import textwrap
+import unittest.mock
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import sparse_compiler
+from sparse_compiler import backend
 from sparse_compiler.layouts import get_layout
 from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
 
@@ -496,3 +499,66 @@ def test_cpu_training_keeps_attention_dense_unless_forced():
     _compile(Block(d=64, heads=4), **options)(torch.randn(1, 2048, 64))
     attention = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
     assert attention[0]["decision"] == "dense" and "CPU training" in attention[0]["reason"]
+
+
+class _Checkpointed(nn.Module):
+    """Two transformer blocks under activation checkpointing, plus a layer outside it whose weight
+    the second block also reads (a weight shared across the region boundary)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.head = nn.Linear(d, d)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        x = checkpoint(lambda t: t + F.linear(t, self.head.weight), x, use_reentrant=False)
+        return self.head(x)
+
+
+def test_linear_layers_inside_activation_checkpointing_are_sparsified():
+    """Layers inside torch.utils.checkpoint regions are found and made sparse inside the region (the
+    checkpointing stays); the compiled model matches the masked reference, forward and gradients;
+    a weight read both inside and outside a region stays dense as shared."""
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    before = copy.deepcopy(model)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    seen = []
+    rewrite = backend.rewrite_linear
+
+    def recording(gm, *args):
+        seen.append(rewrite(gm, *args))
+        return seen[-1]
+
+    with unittest.mock.patch.object(backend, "rewrite_linear", recording):
+        y = _compile(model, density=0.25, rescale_init=False, targets=("linear", "attention"))(x)
+    report = sparse_compiler.last_report()
+    assert sum("activation-checkpointed region) is not analysed" in n for n in report.notes) == 2
+    rows = {r["parameter"]: r for r in _linear_rows(report)}
+    for i in (0, 1):
+        for name in ("qkv", "proj", "mlp.fc1", "mlp.fc2"):
+            assert rows[f"blocks.{i}.{name}.weight"]["decision"] == "sparse", name
+    assert rows["head.weight"]["decision"] == "dense" and "shared" in rows["head.weight"]["reason"]
+    (gm,) = seen
+    hop = torch.ops.higher_order.tag_activation_checkpoint
+    assert sum(n.target is hop for n in gm.graph.nodes) == 3  # still checkpointed
+    bodies = [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is hop]
+    in_bodies = sum(1 for b in bodies for n in b.graph.nodes if "blocksparse_linear" in str(n.target))
+    assert in_bodies == 8
+
+    ref = _sparse_reference(before, report, rescale=False)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = ref(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        want = q.grad
+        if rows.get(name, {}).get("decision") == "sparse":
+            want = want * get_layout(rows[name]["layout"]).element_mask()
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)

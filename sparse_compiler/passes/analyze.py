@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import sympy
 import torch
@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sparse_compiler import state
+from sparse_compiler.passes.regions import Region, is_body_call, regions
 
 __all__ = ["Candidate", "analyze", "source_fqn"]
 
@@ -241,14 +242,16 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
         if isinstance(value, torch.nn.Parameter) and value.dim() == 2:
             params[ph] = i
 
+    all_regions = regions(gm)
     candidates = []
-    matched: dict[fx.Node, fx.Node] = {}  # candidate node -> its parameter placeholder
-    for node in gm.graph.nodes:
-        match = _match(node, params)
+    matched: set[fx.Node] = set()  # candidate nodes, in whichever region
+    for region, node, region_params in _region_nodes(all_regions, params):
+        match = _match(node, region_params)
         if match is None:
             continue
-        kind, x, param, stored_in_out, bias, blocker = match
-        index = params[param]
+        kind, x, stand_in, stored_in_out, bias, blocker = match
+        index = region_params[stand_in]
+        param = region.origin[stand_in]  # the top graph's placeholder
         weight = example_inputs[index]
         out_features, in_features = (weight.shape[1], weight.shape[0]) if stored_in_out else tuple(weight.shape)
         x_meta, y_meta = _meta(x), _meta(node)
@@ -264,20 +267,20 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
         bias_meta = _meta(bias)
         if bias is not None and not (isinstance(bias_meta, torch.Tensor) and tuple(bias_meta.shape) == (out_features,)):
             blocker = blocker or f"bias of shape {tuple(getattr(bias_meta, 'shape', ()))} is not a ({out_features},) vector"
-        matched[node] = param
+        matched.add(node)
         grapharg = param.meta.get("grapharg")
         fqn = source_fqn(grapharg.source) if grapharg is not None else None
         param_name = fqn or param.name
         caller, module_type = _calling_module(node)
         module_name = caller if caller is not None else param_name.rpartition(".")[0]
-        others = sorted(n.name for n in _consumers(param) if n is not node)
+        others = sorted(name for n, name in _all_consumers(all_regions, param) if n is not node)
         earlier = state.dense_use_of(weight)
         if earlier is not None:
             others.append(f"{earlier} in an earlier graph")
         existing = state.layout_of(weight)
         candidates.append(
             Candidate(
-                node=node.name,
+                node=region.qualified(node),
                 kind=kind,
                 param_name=param_name,
                 module_name=module_name,
@@ -302,10 +305,29 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
     # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so
     # that a later graph (after a graph break) keeps their linear uses dense.
     for param, index in params.items():
-        for user in _consumers(param):
+        for user, name in _all_consumers(all_regions, param):
             if user not in matched:
-                state.mark_used_densely(example_inputs[index], f"{user.name} ({getattr(user.target, '__name__', user.target)})")
+                state.mark_used_densely(example_inputs[index], f"{name} ({getattr(user.target, '__name__', user.target)})")
     return candidates
+
+
+def _region_nodes(all_regions: Sequence[Region], params: dict[fx.Node, int]) -> Iterator[tuple[Region, fx.Node, dict]]:
+    """``(region, node, params of the region)`` for every node of every region; a body's params
+    are its placeholders that receive a parameter of the top graph."""
+    for region in all_regions:
+        region_params = {ph: params[top] for ph, top in region.origin.items() if top in params}
+        for node in region.gm.graph.nodes:
+            yield region, node, region_params
+
+
+def _all_consumers(all_regions: Sequence[Region], param: fx.Node) -> list[tuple[fx.Node, str]]:
+    """``(node, qualified name)`` of every use of a top-level parameter, inside bodies included;
+    the body calls that only pass it on are not uses."""
+    out = []
+    for region in all_regions:
+        for stand_in in region.stand_ins(param):
+            out.extend((n, region.qualified(n)) for n in _consumers(stand_in) if not is_body_call(n))
+    return out
 
 
 @dataclass(frozen=True)
@@ -367,9 +389,11 @@ def summarize(gm: fx.GraphModule, example_inputs: Sequence[Any], candidates: Seq
             n_params += p.numel()
     candidate_nodes = {c.node for c in candidates}
     flops = nbytes = 0.0
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module") or node.name in candidate_nodes:
+    for region, node, _ in _region_nodes(regions(gm), {}):
+        if node.op not in ("call_function", "call_method", "call_module") or region.qualified(node) in candidate_nodes:
             continue
+        if is_body_call(node):
+            continue  # its body is a region of its own
         if node.target in _VIEWS or getattr(node.target, "__name__", None) in _VIEWS:
             continue  # views and shape queries move no data
         flops += _other_flops(node)

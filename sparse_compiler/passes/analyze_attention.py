@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from networkx.algorithms import isomorphism
 
 from sparse_compiler.passes.analyze import _calling_module, _dim_expr, _meta
+from sparse_compiler.passes.regions import regions
 
 __all__ = ["AttentionCandidate", "analyze_attention"]
 
@@ -587,6 +588,16 @@ def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: di
     nodes = [kt] + chain + [mm2]
     return _candidate(gm, example_inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale,
                       dropout_p, False, blocker)
+
+
+def attention_in_bodies(gm: fx.GraphModule) -> list[str]:
+    """Notes for the bodies of higher-order ops (activation checkpointing) that hold attention,
+    which this analysis does not enter yet (their Linear layers are analysed)."""
+    return [
+        f"attention inside {region.prefix.rstrip('.')} (an activation-checkpointed region) is not analysed; it stays dense"
+        for region in regions(gm)[1:]
+        if any(_target_in(n, _SOFTMAX) or (n.op == "call_function" and n.target in _SDPA_TARGETS) for n in region.gm.graph.nodes)
+    ]
 
 
 def analyze_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[AttentionCandidate]:

@@ -36,6 +36,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
+from sparse_compiler.passes.regions import regions
+
 __all__ = ["expand_multihead_attention"]
 
 _MHA = F.multi_head_attention_forward
@@ -47,13 +49,21 @@ _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
 
 
 def expand_multihead_attention(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> list[str]:
-    """Expand every ``F.multi_head_attention_forward`` node of ``gm`` in place (module docstring).
+    """Expand every ``F.multi_head_attention_forward`` node of ``gm`` and of its bodies (activation
+    checkpointing, ``passes/regions.py``) in place (module docstring).
 
     Returns notes for the report, one per call left fused (and why).
     """
+    notes: list[str] = []
+    for region in regions(gm):
+        notes.extend(_expand_graph(region.gm, region.prefix))
+    return notes
+
+
+def _expand_graph(gm: fx.GraphModule, prefix: str) -> list[str]:
     notes = [
-        f"{n.name}: the inference fast path of nn.MultiheadAttention / nn.TransformerEncoderLayer (eval mode "
-        "without gradients) is one fused op whose weights stay dense; call "
+        f"{prefix}{n.name}: the inference fast path of nn.MultiheadAttention / nn.TransformerEncoderLayer "
+        "(eval mode without gradients) is one fused op whose weights stay dense; call "
         "torch.backends.mha.set_fastpath_enabled(False) before compiling to have them considered"
         for n in gm.graph.nodes
         if n.op == "call_function" and n.target in _FAST_PATHS
@@ -67,7 +77,7 @@ def expand_multihead_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]
         a = args.arguments
         why = _not_expandable(node, a)
         if why is not None:
-            notes.append(f"multi-head attention node {node.name} kept fused ({why}): its projections stay dense")
+            notes.append(f"multi-head attention node {prefix}{node.name} kept fused ({why}): its projections stay dense")
             continue
         _expand(gm.graph, node, a)
     gm.graph.lint()

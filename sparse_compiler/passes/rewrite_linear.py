@@ -37,12 +37,14 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import register
+from sparse_compiler.passes.regions import find_node
 
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
 
 __all__ = ["rewrite_linear", "sparsify_parameter_"]
 
+_OPAQUE = torch.ops.sparse_compiler.blocksparse_linear.default
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
 
 
@@ -98,42 +100,55 @@ def rewrite_linear(
             state.mark_used_densely(param, f"dense {decision.candidate.kind} node {decision.candidate.node}")
     if not plan.chosen:
         return gm
-    nodes = {n.name: n for n in gm.graph.nodes}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    op = torch.ops.sparse_compiler.blocksparse_linear.default
-    if tables is not None:
-        op = torch.ops.sparse_compiler.blocksparse_linear_visible.default
+    touched: dict[int, fx.GraphModule] = {}
     for decision in plan.chosen:
         c, layout = decision.candidate, decision.layout
-        node = nodes[c.node]
-        param_node = placeholders[c.weight_input_index]
+        region, node = find_node(gm, c.node)
+        graph = region.gm.graph
+        touched[id(region.gm)] = region.gm
+        param_node = _weight_placeholder(node, region.stand_ins(placeholders[c.weight_input_index]))
         param = example_inputs[c.weight_input_index]
         key = register(layout).key
-        table_nodes = () if tables is None else tables.args(layout, param.device)
-        with gm.graph.inserting_before(node):
+        # Inside a body (activation checkpointing) the opaque op needs no extra operands.
+        visible = tables is not None and region.is_top
+        op = torch.ops.sparse_compiler.blocksparse_linear_visible.default if visible else _OPAQUE
+        table_nodes = tables.args(layout, param.device) if visible else ()
+        with graph.inserting_before(node):
             x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
             if c.weight_stored == "in_out":
-                weight = gm.graph.call_function(torch.t, (param_node,))
+                weight = graph.call_function(torch.t, (param_node,))
             if c.output_dtype is not None and c.output_dtype != c.dtype:  # autocast: compute as it would
-                x, weight = (gm.graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
+                x, weight = (graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
                 if bias is not None:
-                    bias = gm.graph.call_method("to", (bias, c.output_dtype))
-            new = gm.graph.call_function(op, (x, weight, bias, *table_nodes, key))
+                    bias = graph.call_method("to", (bias, c.output_dtype))
+            new = graph.call_function(op, (x, weight, bias, *table_nodes, key))
         for k in _COPIED_META:
             if k in node.meta:
                 new.meta[k] = node.meta[k]
         old_weight_arg = [a for a in node.all_input_nodes if a is not param_node and param_node in a.all_input_nodes]
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
         for orphan in old_weight_arg:  # the transpose that fed the old node
             if not orphan.users:
-                gm.graph.erase_node(orphan)
+                graph.erase_node(orphan)
 
         if state.layout_of(param) is None:
             view = param if c.weight_stored == "out_in" else param.t()
             sparsify_parameter_(view, layout, plan.options.rescale_init)
             state.mark_sparsified(param, key, c.weight_stored)
-    gm.graph.lint()
-    gm.recompile()
+    touched[id(gm)] = gm
+    for module in touched.values():
+        module.graph.lint()
+        module.recompile()
     return gm
+
+
+def _weight_placeholder(node: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
+    """The placeholder of ``node``'s region that feeds it the parameter (directly or transposed)."""
+    for arg in node.all_input_nodes:
+        for candidate in (arg, *arg.all_input_nodes):
+            if candidate in stand_ins:
+                return candidate
+    raise AssertionError(f"node {node.name} reads none of {[p.name for p in stand_ins]}")
 

@@ -1,0 +1,98 @@
+"""The graphs a Dynamo graph runs nodes in: itself, and the bodies of higher-order ops that call a
+body on operands.
+
+``torch.utils.checkpoint.checkpoint`` (activation checkpointing) reaches a Dynamo graph as
+``tag_activation_checkpoint(wrap_body_0, *operands)``, with ``wrap_body_0`` a GraphModule attribute
+whose placeholders receive the operands in order; ``torch._higher_order_ops.wrap`` works the same.
+The layers inside such a body are layers of the model like any other: the passes walk every
+:class:`Region` and name nodes inside bodies by their path (``wrap_body_0.linear``).
+
+A body's parameters are its placeholders whose operand is (through any nesting) a placeholder of
+the top graph: ``Region.origin`` maps each placeholder of a region to that top-level node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+
+__all__ = ["Region", "regions", "find_node", "is_body_call"]
+
+
+def _body_call_targets() -> tuple:
+    hops = getattr(torch.ops, "higher_order", None)
+    names = ("tag_activation_checkpoint", "wrap")
+    return tuple(getattr(hops, name) for name in names if hops is not None and hasattr(hops, name))
+
+
+_BODY_CALLS = _body_call_targets()
+
+
+def is_body_call(node: fx.Node) -> bool:
+    """Whether ``node`` calls a body subgraph on its operands: ``hop(body, *operands, **kwargs)``."""
+    return (
+        node.op == "call_function"
+        and node.target in _BODY_CALLS
+        and bool(node.args)
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0].op == "get_attr"
+    )
+
+
+@dataclass(frozen=True)
+class Region:
+    """One graph of a Dynamo graph: the top graph (``prefix == ""``) or a body."""
+
+    gm: fx.GraphModule
+    prefix: str
+    origin: dict[fx.Node, fx.Node] = field(default_factory=dict)  # placeholder -> top-level node
+
+    @property
+    def is_top(self) -> bool:
+        return not self.prefix
+
+    def qualified(self, node: fx.Node) -> str:
+        return self.prefix + node.name
+
+    def stand_ins(self, top_node: fx.Node) -> list[fx.Node]:
+        """The placeholders of this region that receive ``top_node``."""
+        return [ph for ph, o in self.origin.items() if o is top_node]
+
+
+def regions(gm: fx.GraphModule) -> list[Region]:
+    """The top graph, then every body reachable from it (depth first, in graph order)."""
+    top = Region(gm, "", {ph: ph for ph in gm.graph.find_nodes(op="placeholder")})
+    return list(_walk(top))
+
+
+def _walk(region: Region) -> Iterator[Region]:
+    yield region
+    for node in region.gm.graph.nodes:
+        if not is_body_call(node):
+            continue
+        body = getattr(region.gm, node.args[0].target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        placeholders = list(body.graph.find_nodes(op="placeholder"))
+        origin = {}
+        for ph, operand in zip(placeholders, node.args[1:]):
+            if isinstance(operand, fx.Node):
+                origin[ph] = region.origin.get(operand, operand)
+        yield from _walk(Region(body, f"{region.prefix}{node.args[0].target}.", origin))
+
+
+def find_node(gm: fx.GraphModule, qualified: str) -> tuple[Region, fx.Node]:
+    """The region and node named ``qualified`` (``"linear"``, ``"wrap_body_0.linear"``)."""
+    for region in regions(gm):
+        if not qualified.startswith(region.prefix):
+            continue
+        name = qualified[len(region.prefix):]
+        if "." in name:
+            continue
+        for node in region.gm.graph.nodes:
+            if node.name == name:
+                return region, node
+    raise KeyError(f"no node {qualified!r} in the graph or its bodies")
