@@ -22,7 +22,7 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.cost.planner import plan as make_plan
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import analyze, summarize
-from sparse_compiler.passes.analyze_attention import analyze_attention, attention_in_bodies
+from sparse_compiler.passes.analyze_attention import analyze_attention
 from sparse_compiler.passes.expand_mha import expand_multihead_attention
 from sparse_compiler.passes.regions import regions
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
@@ -44,8 +44,6 @@ def sparsify(
     opts = Options.from_mapping(options)
     notes = _expand(gm, example_inputs, opts)
     the_plan, attention = _plan_graph(gm, example_inputs, opts)
-    if "attention" in opts.targets:
-        notes += attention_in_bodies(gm)
     gm = rewrite_attention(gm, example_inputs, attention)
     remaining = {r.qualified(n) for r in regions(gm) for n in r.gm.graph.nodes}
     absorbed = {d.candidate.node for d in the_plan.decisions if d.candidate.node not in remaining}

@@ -505,13 +505,17 @@ class _Checkpointed(nn.Module):
     """Two transformer blocks under activation checkpointing, plus a layer outside it whose weight
     the second block also reads (a weight shared across the region boundary)."""
 
-    def __init__(self, d=64):
+    def __init__(self, d=64, checkpointed=True):
         super().__init__()
         self.blocks = nn.ModuleList([Block(d), Block(d)])
         self.head = nn.Linear(d, d)
+        self.checkpointed = checkpointed
 
     def forward(self, x):
-        from torch.utils.checkpoint import checkpoint
+        from torch.utils.checkpoint import checkpoint as _checkpoint
+
+        def checkpoint(fn, *args, **kwargs):
+            return _checkpoint(fn, *args, **kwargs) if self.checkpointed else fn(*args)
 
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False)
@@ -535,9 +539,8 @@ def test_linear_layers_inside_activation_checkpointing_are_sparsified():
         return seen[-1]
 
     with unittest.mock.patch.object(backend, "rewrite_linear", recording):
-        y = _compile(model, density=0.25, rescale_init=False, targets=("linear", "attention"))(x)
+        y = _compile(model, density=0.25, rescale_init=False)(x)
     report = sparse_compiler.last_report()
-    assert sum("activation-checkpointed region) is not analysed" in n for n in report.notes) == 2
     rows = {r["parameter"]: r for r in _linear_rows(report)}
     for i in (0, 1):
         for name in ("qkv", "proj", "mlp.fc1", "mlp.fc2"):
@@ -562,3 +565,29 @@ def test_linear_layers_inside_activation_checkpointing_are_sparsified():
         if rows.get(name, {}).get("decision") == "sparse":
             want = want * get_layout(rows[name]["layout"]).element_mask()
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_attention_inside_activation_checkpointing_is_rewritten_like_outside():
+    """With attention targeted, the SDPA calls inside checkpointed blocks become block-sparse
+    attention inside the region, and the model computes what the same model without checkpointing
+    computes after the same rewrite (forward and gradients)."""
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    x = torch.randn(2, 128, 64)
+    options = dict(targets=("linear", "attention"), attention_block_size=32, attention_min_seq_len=64)
+    outs, reports = [], []
+    for m in (model, plain):
+        torch._dynamo.reset()
+        y = _compile(m, **options)(x)
+        y.square().mean().backward()
+        outs.append(y)
+        reports.append(sparse_compiler.last_report())
+    attention = [[r for r in rep.rows if r["kind"] == "attention"] for rep in reports]
+    assert [r["decision"] for r in attention[0]] == ["sparse", "sparse"]
+    assert [r["layout"] for r in attention[0]] == [r["layout"] for r in attention[1]]
+    assert all(r["node"].startswith("wrap_body_") for r in attention[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -28,6 +28,9 @@ A boolean mask computed only from module buffers (nanoGPT's ``bias[:, :, :T, :T]
 on the example inputs; when it is exactly the causal mask, the candidate is marked causal and the mask
 dropped (``mask_origin="causal buffer"``): such buffers are assumed constant, as Dynamo itself assumes
 when it does not guard on buffer values.
+
+The bodies of activation-checkpointed regions are searched too (``passes/regions.py``); their nodes
+are named by their path, ``wrap_body_0.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from networkx.algorithms import isomorphism
 
 from sparse_compiler.passes.analyze import _calling_module, _dim_expr, _meta
-from sparse_compiler.passes.regions import regions
+from sparse_compiler.passes.regions import Region, regions
 
 __all__ = ["AttentionCandidate", "analyze_attention"]
 
@@ -372,9 +376,27 @@ def _mask_info(mask: Any, lq: int, lk: int, q_ndim: int) -> tuple[tuple[int, ...
     return tuple(shape), bool(m.requires_grad), m.dtype, None
 
 
-def _static_value(node: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class _Inputs:
+    """The example value and Dynamo graph argument of each placeholder of one region (the top
+    graph, or a body whose placeholders receive the top graph's inputs, ``passes/regions.py``)."""
+
+    values: dict
+    graphargs: dict
+
+    @classmethod
+    def of(cls, region: Region, top_placeholders: Sequence[fx.Node], example_inputs: Sequence[Any]) -> "_Inputs":
+        index = {ph: i for i, ph in enumerate(top_placeholders)}
+        values, graphargs = {}, {}
+        for ph, top in region.origin.items():
+            if top in index and index[top] < len(example_inputs):
+                values[ph] = example_inputs[index[top]]
+                graphargs[ph] = top.meta.get("grapharg")
+        return cls(values, graphargs)
+
+
+def _static_value(node: fx.Node, gm: fx.GraphModule, inputs: _Inputs) -> torch.Tensor | None:
     """Evaluate ``node`` on the example inputs when it depends only on module buffers, else None."""
-    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     needed: list[fx.Node] = []
     seen: set[fx.Node] = set()
     stack = [node]
@@ -384,11 +406,10 @@ def _static_value(node: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[An
             continue
         seen.add(n)
         if n.op == "placeholder":
-            grapharg = n.meta.get("grapharg")
-            source = getattr(grapharg, "source", None)
+            source = getattr(inputs.graphargs.get(n), "source", None)
             name = getattr(source, "name", "") if source is not None else ""
             name = name() if callable(name) else str(name)  # a method in older torch, a property now
-            value = example_inputs[placeholders[n]] if placeholders.get(n, len(example_inputs)) < len(example_inputs) else None
+            value = inputs.values.get(n)
             if "_buffers" not in name or not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
                 return None
         elif n.op not in ("call_function", "call_method"):
@@ -404,7 +425,7 @@ def _static_value(node: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[An
     try:
         for n in sorted(needed, key=order.__getitem__):
             if n.op == "placeholder":
-                env[n] = example_inputs[placeholders[n]]
+                env[n] = inputs.values[n]
                 continue
             args = fx.node.map_arg(n.args, env.__getitem__)
             kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
@@ -428,7 +449,7 @@ def _is_causal_mask(allowed: torch.Tensor, lq: int, lk: int) -> bool:
 # ---------------------------------------------------------------------------------------------- candidates
 def _candidate(
     gm: fx.GraphModule,
-    example_inputs: Sequence[Any],
+    inputs: _Inputs,
     out: fx.Node,
     nodes: list[fx.Node],
     kind: str,
@@ -477,7 +498,7 @@ def _candidate(
         if mask_requires_grad:
             blocker = blocker or "the attention mask requires grad (a learned bias): not supported yet"
         if mask_mode in ("keep", "drop") and not causal and blocker is None and isinstance(mask, fx.Node):
-            value = _static_value(mask, gm, example_inputs)
+            value = _static_value(mask, gm, inputs)
             if value is not None:
                 allowed = value if mask_mode == "keep" else ~value
                 if allowed.dim() >= 2 and all(s == 1 for s in allowed.shape[:-2]):
@@ -509,7 +530,7 @@ def _candidate(
     )
 
 
-def _sdpa_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], node: fx.Node) -> AttentionCandidate:
+def _sdpa_candidate(gm: fx.GraphModule, inputs: _Inputs, node: fx.Node) -> AttentionCandidate:
     a = {name: _arg(node, i, name, _SDPA_DEFAULTS.get(name)) for i, name in enumerate(_SDPA_ARGS)}
     blocker = None
     if a["attn_mask"] is not None and a["is_causal"] is True:
@@ -518,13 +539,13 @@ def _sdpa_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], node: fx.
         if _ndim(a["query"]) and _ndim(a["query"]) >= 3 and _meta(a["query"]).shape[-3] != _meta(a["key"]).shape[-3]:
             blocker = blocker or "query and key differ in heads without enable_gqa"
     return _candidate(
-        gm, example_inputs, node, [node], "sdpa", a["query"], a["key"], a["value"], a["attn_mask"],
+        gm, inputs, node, [node], "sdpa", a["query"], a["key"], a["value"], a["attn_mask"],
         "keep" if a["attn_mask"] is not None else "none", a["is_causal"], a["scale"], a["dropout_p"],
         a["enable_gqa"], blocker,
     )
 
 
-def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: dict[str, fx.Node]) -> AttentionCandidate | None:
+def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Node]) -> AttentionCandidate | None:
     mm1, kt, sm, mm2 = m["mm1"], m["kT"], m["softmax"], m["mm2"]
     q, k, v = mm1.args[0], kt.args[0], mm2.args[1] if len(mm2.args) > 1 else None
     if not all(isinstance(x, fx.Node) for x in (q, k, v)) or len(mm1.args) != 2 or len(mm2.args) != 2:
@@ -586,30 +607,42 @@ def _explicit_candidate(gm: fx.GraphModule, example_inputs: Sequence[Any], m: di
         if others:
             blocker = blocker or f"attention scores or weights ({a.name}) are also used by {', '.join(others)}"
     nodes = [kt] + chain + [mm2]
-    return _candidate(gm, example_inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale,
+    return _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale,
                       dropout_p, False, blocker)
 
 
-def attention_in_bodies(gm: fx.GraphModule) -> list[str]:
-    """Notes for the bodies of higher-order ops (activation checkpointing) that hold attention,
-    which this analysis does not enter yet (their Linear layers are analysed)."""
-    return [
-        f"attention inside {region.prefix.rstrip('.')} (an activation-checkpointed region) is not analysed; it stays dense"
-        for region in regions(gm)[1:]
-        if any(_target_in(n, _SOFTMAX) or (n.op == "call_function" and n.target in _SDPA_TARGETS) for n in region.gm.graph.nodes)
-    ]
-
-
 def analyze_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[AttentionCandidate]:
-    """All attention candidates of ``gm`` in graph order (module docstring)."""
+    """All attention candidates of ``gm`` and of its bodies (activation-checkpointed regions), in
+    graph order; nodes inside a body are named by their path (``wrap_body_0.scaled_dot_product_attention``)."""
+    all_regions = regions(gm)
+    top_placeholders = list(gm.graph.find_nodes(op="placeholder"))
     candidates = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _SDPA_TARGETS:
-            candidates.append(_sdpa_candidate(gm, example_inputs, node))
-    for match in _explicit_matches(gm):
-        c = _explicit_candidate(gm, example_inputs, match)
-        if c is not None:
-            candidates.append(c)
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    candidates.sort(key=lambda c: order[c.node])
+    for region in all_regions:
+        inputs = _Inputs.of(region, top_placeholders, example_inputs)
+        found = []
+        for node in region.gm.graph.nodes:
+            if node.op == "call_function" and node.target in _SDPA_TARGETS:
+                found.append(_sdpa_candidate(region.gm, inputs, node))
+        for match in _explicit_matches(region.gm):
+            c = _explicit_candidate(region.gm, inputs, match)
+            if c is not None:
+                found.append(c)
+        order = {n.name: i for i, n in enumerate(region.gm.graph.nodes)}
+        found.sort(key=lambda c: order[c.node])
+        candidates.extend(_qualified(c, region.prefix) for c in found)
     return candidates
+
+
+def _qualified(c: AttentionCandidate, prefix: str) -> AttentionCandidate:
+    """``c`` with its node names prefixed by its region's path."""
+    if not prefix:
+        return c
+    return dataclasses.replace(
+        c,
+        node=prefix + c.node,
+        nodes=tuple(prefix + n for n in c.nodes),
+        query=prefix + c.query if c.query else c.query,
+        key=prefix + c.key if c.key else c.key,
+        value=prefix + c.value if c.value else c.value,
+        mask=prefix + c.mask if c.mask else c.mask,
+    )

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from sparse_compiler.cost.attention import AttentionDecision
 from sparse_compiler.kernels.attention import block_sparse_attention
+from sparse_compiler.passes.regions import find_node
 
 __all__ = ["rewrite_attention"]
 
@@ -34,11 +35,14 @@ def rewrite_attention(
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
         return gm
-    nodes = {n.name: n for n in gm.graph.nodes}
     erased: set[fx.Node] = set()
+    touched: dict[int, fx.GraphModule] = {id(gm): gm}
     for d in chosen:
         c = d.candidate
-        out = nodes[c.node]
+        region, out = find_node(gm, c.node)  # a body's nodes are named by their path (passes/regions.py)
+        graph = region.gm.graph
+        touched[id(region.gm)] = region.gm
+        nodes = {region.qualified(n): n for n in graph.nodes}
         q, k, v = nodes[c.query], nodes[c.key], nodes[c.value]
         mask = nodes[c.mask] if c.mask is not None else None
         kwargs = {
@@ -49,19 +53,21 @@ def rewrite_attention(
             "mask_mode": c.mask_mode,
             "lowering": d.lowering or "flex",
         }
-        with gm.graph.inserting_before(out):
-            new = gm.graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
+        with graph.inserting_before(out):
+            new = graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
             if c.output_dtype is not None and c.dtype is not None and c.output_dtype != c.dtype:
-                new = gm.graph.call_method("to", (new, c.output_dtype))
+                new = graph.call_method("to", (new, c.output_dtype))
         for key in _COPIED_META:
             if key in out.meta:
                 new.meta[key] = out.meta[key]
         out.replace_all_uses_with(new)
         # drop the replaced node and whatever of the old computation nothing uses any more
         for name in (c.node, *reversed(c.nodes)):
-            _erase_cascade(gm.graph, nodes[name], erased)
-    gm.graph.lint()
-    gm.recompile()
+            if name in nodes:  # (not when an earlier rewrite already erased it)
+                _erase_cascade(graph, nodes[name], erased)
+    for module in touched.values():
+        module.graph.lint()
+        module.recompile()
     return gm
 
 
