@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from sparse_compiler import state
 from sparse_compiler.cost.attention import AttentionDecision, plan_attention
 from sparse_compiler.cost.planner import Plan
 from sparse_compiler.cost.planner import plan as make_plan
@@ -42,6 +43,13 @@ def sparsify(
             f"(accepted options: {', '.join(Options.accepted())})"
         )
     opts = Options.from_mapping(options)
+    # Records and in-place zeroing take effect only if this compilation succeeds (state.py): Dynamo
+    # may abandon it and call the backend again (e.g. to specialise float attributes).
+    with state.staged():
+        return _compile(gm, example_inputs, opts)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> Callable[..., Any]:
     notes = _expand(gm, example_inputs, opts)
     the_plan, attention = _plan_graph(gm, example_inputs, opts)
     gm = rewrite_attention(gm, example_inputs, attention)
@@ -110,8 +118,8 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
     was_training = getattr(model, "training", None)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    try:  # (what the analysis records about parameters is discarded: a report changes nothing)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), state.staged(commit=False):
             compiled(*example_inputs)
     finally:
         if isinstance(model, torch.nn.Module) and was_training:

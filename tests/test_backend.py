@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparse_compiler
-from sparse_compiler import backend
+from sparse_compiler import backend, state
 from sparse_compiler.layouts import get_layout
 from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
 
@@ -293,6 +293,33 @@ def test_report_api_does_not_change_the_model():
     assert "| module |" in report.to_markdown()
     for p, q in zip(model.parameters(), before.parameters()):
         assert torch.equal(p, q)
+    # nor what later compilations know: the tied table's embedding use is not remembered
+    tied = TiedLM()
+    sparse_compiler.report(tied, torch.randint(0, 64, (2, 8)), **SMALL)
+    assert state.dense_use_of(tied.emb.weight) is None and state.layout_of(tied.body.weight) is None
+
+
+def test_an_abandoned_compilation_leaves_parameters_and_records_untouched(monkeypatch):
+    """Dynamo may abandon a compilation after the backend rewrote the graph (and call it again):
+    nothing is zeroed and nothing recorded until one succeeds."""
+    model = MLP()
+    before = copy.deepcopy(model)
+
+    def failing_compile_fx(*args, **kwargs):
+        raise RuntimeError("abandoned")
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", failing_compile_fx)
+    with pytest.raises(Exception, match="abandoned"):
+        _compile(model)(torch.randn(4, 64))
+    assert sparse_compiler.last_report().n_sparse == 2  # the attempt did plan and rewrite
+    for p, q in zip(model.parameters(), before.parameters()):
+        assert torch.equal(p, q)
+        assert state.layout_of(p) is None and state.dense_use_of(p) is None
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    y = _compile(model, rescale_init=False)(torch.randn(4, 64))
+    assert all(state.layout_of(p) is not None for p in (model.fc1.weight, model.fc2.weight))
+    assert torch.count_nonzero(model.fc1.weight) < model.fc1.weight.numel() and y.shape == (4, 64)
 
 
 def test_backend_string_works_in_a_fresh_interpreter_without_import():

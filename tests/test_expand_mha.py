@@ -147,10 +147,12 @@ def test_unbatched_input_stays_fused():
     assert _fused_left(graphs[0]) == 1 and "unbatched" in notes[0]
 
 
-def test_transformer_encoder_layer_is_sparsified_like_its_masked_reference():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_transformer_encoder_layer_is_sparsified_like_its_masked_reference(dynamic):
     """nn.TransformerEncoderLayer in training: all four weights become sparse (the packed q/k/v
     projection, the output projection and the two feed-forward layers), and the compiled layer
-    equals an eager copy with the same blocks zeroed."""
+    equals an eager copy with the same blocks zeroed. With dynamic=True the dropout probability is
+    a graph input (and Dynamo compiles twice, the first attempt abandoned): the same result."""
     from sparse_compiler.layouts import get_layout
     from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
 
@@ -159,9 +161,10 @@ def test_transformer_encoder_layer_is_sparsified_like_its_masked_reference():
     before = copy.deepcopy(layer)
     x = torch.randn(2, 16, 64)
     options = {"density": 0.25, "block_size": 16, "rescale_init": False}
-    y = torch.compile(layer, backend="sparsify", options=options)(x)
+    y = torch.compile(layer, backend="sparsify", options=options, dynamic=dynamic)(x)
     report = sparse_compiler.last_report()
     sparse = {r["parameter"]: r["layout"] for r in report.rows if r["decision"] == "sparse"}
+    assert not any("earlier" in r["reason"] for r in report.rows)
     assert set(sparse) == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
     params = dict(before.named_parameters())
     for name, key in sparse.items():

@@ -105,8 +105,10 @@ def _not_expandable(node: fx.Node, a: dict[str, Any]) -> Optional[str]:
         return "static_k / static_v"
     if a["is_causal"] and a["attn_mask"] is None:
         return "is_causal without attn_mask, which torch rejects"
-    embed_dim, heads = query.shape[-1], a["num_heads"]
-    if not isinstance(heads, int) or embed_dim != a["embed_dim_to_check"] or embed_dim % heads:
+    embed_dim, heads = a["embed_dim_to_check"], a["num_heads"]
+    if not isinstance(heads, int) or not isinstance(embed_dim, int) or embed_dim % heads:
+        return "embedding dim and heads torch would reject"
+    if isinstance(query.shape[-1], int) and query.shape[-1] != embed_dim:
         return "embedding dim and heads torch would reject"
     for name in ("attn_mask", "key_padding_mask"):
         mask = _val(a[name])
@@ -114,9 +116,10 @@ def _not_expandable(node: fx.Node, a: dict[str, Any]) -> Optional[str]:
             return f"{name} that is neither bool nor floating point"
     if a["attn_mask"] is not None and _val(a["attn_mask"]).dim() not in (2, 3):
         return "attn_mask that is neither 2-D nor 3-D"
-    for name in ("dropout_p", "training", "need_weights", "average_attn_weights", "use_separate_proj_weight"):
+    for name in ("training", "need_weights", "average_attn_weights", "use_separate_proj_weight"):
         if isinstance(a[name], fx.Node):
             return f"{name} computed in the graph"
+    # (dropout_p may be a graph input: torch.compile(dynamic=True) makes a module's float attributes so)
     for user in node.users:
         if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
             return "its output used other than by indexing"
@@ -140,7 +143,7 @@ def _expand(graph: fx.Graph, node: fx.Node, a: dict[str, Any]) -> None:
             **{name: proxy(v) for name, v in a.items()},
             q_is_k=a["query"] is a["key"],
             k_is_v=a["key"] is a["value"],
-            head_dim=query.shape[-1] // a["num_heads"],
+            head_dim=a["embed_dim_to_check"] // a["num_heads"],
             mask_dim=None if mask is None else mask.dim(),
             mask_is_bool=mask is not None and mask.dtype == torch.bool,
             kpm_is_bool=kpm is not None and kpm.dtype == torch.bool,
@@ -221,6 +224,7 @@ def _decomposed(
         mask = kpm if mask is None else mask + kpm
     if not training:
         dropout_p = 0.0
+    dropout_known = isinstance(dropout_p, (int, float))  # else a symbolic float, a graph input
 
     # --- attention
     if need_weights:
@@ -231,7 +235,7 @@ def _decomposed(
         else:
             weights = torch.bmm(q_scaled, kf.transpose(-2, -1))
         weights = F.softmax(weights, dim=-1)
-        if dropout_p > 0.0:
+        if not dropout_known or dropout_p > 0.0:  # (dropout with p = 0 returns its input as it is)
             weights = F.dropout(weights, p=dropout_p)
         o = torch.bmm(weights, vf).unflatten(0, (-1, H))  # (N, H, L, d)
         weights = weights.unflatten(0, (-1, H))  # (N, H, L, S)

@@ -10,7 +10,8 @@ For each sparse decision:
    kernels Inductor schedules itself; the layout's index tables become graph inputs, one set per
    layout and device (``kernels/triton/visible.py``). Without ``tables``, it calls the opaque
    ``torch.ops.sparse_compiler.blocksparse_linear``;
-2. the owning parameter is made sparse *once*, in place and without grad: its dropped blocks are set
+2. the owning parameter is made sparse *once*, in place and without grad (when the compilation
+   succeeds: ``state.defer``): its dropped blocks are set
    to zero, so the eager model, the compiled model and a saved ``state_dict`` all describe the same
    sparse model; with ``rescale_init`` each block-row is also scaled by
    ``sqrt(blocks per row / kept blocks in that row)``, which keeps the output variance of a freshly
@@ -27,6 +28,7 @@ and ``load_state_dict`` are seen by the compiled model without recompiling.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -135,7 +137,8 @@ def rewrite_linear(
 
         if state.layout_of(param) is None:
             view = param if c.weight_stored == "out_in" else param.t()
-            sparsify_parameter_(view, layout, plan.options.rescale_init)
+            # zeroed when the compilation succeeds (state.staged), never by an abandoned attempt
+            state.defer(functools.partial(sparsify_parameter_, view, layout, plan.options.rescale_init))
             state.mark_sparsified(param, key, c.weight_stored)
     touched[id(gm)] = gm
     for module in touched.values():

@@ -406,7 +406,9 @@ class TableInputs:
         return list(example_inputs) + [self._fake(t) for t in self.tensors]
 
     def wrap(self, compiled: Callable[..., Any]) -> Callable[..., Any]:
-        """``compiled`` called with the tables appended to Dynamo's arguments."""
+        """``compiled`` called with the tables appended to Dynamo's arguments. Dynamo calls what a
+        backend returns with plain positional arguments, and so does this wrapper (whatever
+        ``_boxed_call`` says: Inductor's compiled function takes Dynamo's convention)."""
         if not self.tensors:
             return compiled
         tables = tuple(self.tensors)
