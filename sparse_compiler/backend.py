@@ -27,7 +27,7 @@ from sparse_compiler.passes.analyze_attention import analyze_attention
 from sparse_compiler.passes.expand_mha import expand_multihead_attention
 from sparse_compiler.passes.regions import regions
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
-from sparse_compiler.passes.rewrite_linear import rewrite_linear
+from sparse_compiler.passes.rewrite_linear import rewrite_linear, sparse_at_every_call
 from sparse_compiler.report import Report, set_last_report
 
 __all__ = ["sparsify"]
@@ -77,7 +77,8 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -
 
         inputs = list(example_inputs) if tables is None else tables.example_inputs(example_inputs)
         compiled = compile_fx(gm, inputs, config_patches=dict(opts.inductor_config) or None)
-    return compiled if tables is None else tables.wrap(compiled)
+    compiled = compiled if tables is None else tables.wrap(compiled)
+    return sparse_at_every_call(compiled, the_plan)
 
 
 def _expand(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> list[str]:

@@ -172,6 +172,25 @@ def test_adamw_training_keeps_dropped_blocks_zero_and_eager_equals_compiled():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_graph_reused_for_another_module_makes_its_parameters_sparse_too():
+    """Dynamo runs the graph compiled for one module for a second module of the same structure
+    (without calling the backend again): the second module's weights are made sparse at its first
+    call, so its eager form and its compiled form still agree."""
+    calls = []
+    original = backend._compile
+    with unittest.mock.patch.object(backend, "_compile", lambda *a: calls.append(1) or original(*a)):
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            model = MLP()
+            x = torch.randn(4, 64)
+            y = _compile(model, rescale_init=False)(x)
+            torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+            for p in (model.fc1.weight, model.fc2.weight):
+                key, _ = state.layout_of(p)
+                assert torch.count_nonzero(p[~get_layout(key).element_mask()]) == 0
+    assert len(calls) == 1  # the second module did reuse the first one's graph
+
+
 def test_state_dict_round_trip(tmp_path):
     model = MLP()
     compiled = _compile(model, eager=True)

@@ -23,13 +23,17 @@ For each sparse decision:
    later graph never sparsifies a weight that an earlier graph trains densely.
 
 Weights are never baked into the graph: the op reads the parameter placeholder, so optimizer steps
-and ``load_state_dict`` are seen by the compiled model without recompiling.
+and ``load_state_dict`` are seen by the compiled model without recompiling. Dynamo may also run
+a compiled graph for *another* module of the same structure (its guards do not pin parameters'
+identities); :func:`sparse_at_every_call` wraps the compiled function so that parameters it has
+not seen yet are made sparse, once, before they are used.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -44,7 +48,7 @@ from sparse_compiler.passes.regions import find_node
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
 
-__all__ = ["rewrite_linear", "sparsify_parameter_"]
+__all__ = ["rewrite_linear", "sparsify_parameter_", "sparse_at_every_call"]
 
 _OPAQUE = torch.ops.sparse_compiler.blocksparse_linear.default
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
@@ -155,3 +159,40 @@ def _weight_placeholder(node: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
                 return candidate
     raise AssertionError(f"node {node.name} reads none of {[p.name for p in stand_ins]}")
 
+
+
+def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
+    """``compiled``, first making sparse any parameter argument of a sparse node that this process
+    has not made sparse yet (a module Dynamo reuses the graph for).
+
+    A parameter is checked once: later calls compare the argument's identity with the one last
+    checked. A parameter made sparse with another layout is an error, never a silent mismatch.
+    """
+    checks: dict[int, tuple[Layout, str]] = {}
+    for d in plan.chosen:
+        checks.setdefault(d.candidate.weight_input_index, (d.layout, d.candidate.weight_stored))
+    if not checks:
+        return compiled
+    rescale = plan.options.rescale_init
+    seen: dict[int, Any] = {}
+
+    def run(*args: Any) -> Any:
+        for index, (layout, stored) in checks.items():
+            param = args[index]
+            ref = seen.get(index)
+            if ref is not None and ref() is param:
+                continue
+            existing = state.layout_of(param)
+            if existing is None:
+                sparsify_parameter_(param if stored == "out_in" else param.t(), layout, rescale)
+                state.mark_sparsified(param, register(layout).key, stored)
+            elif existing != (layout.key, stored):
+                raise RuntimeError(
+                    f"sparsify: a parameter of shape {tuple(param.shape)} was made sparse with layout "
+                    f"{existing[0]!r}, but this compiled graph (which Dynamo is reusing for it) computes with "
+                    f"{layout.key!r}; compile this module separately (torch._dynamo.reset())"
+                )
+            seen[index] = weakref.ref(param)
+        return compiled(*args)
+
+    return run
