@@ -14,12 +14,12 @@ the top graph: ``Region.origin`` maps each placeholder of a region to that top-l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.fx as fx
 
-__all__ = ["Region", "regions", "find_node", "is_body_call"]
+__all__ = ["Region", "regions", "find_node", "is_body_call", "pass_into"]
 
 
 def _body_call_targets() -> tuple:
@@ -42,13 +42,16 @@ def is_body_call(node: fx.Node) -> bool:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Region:
-    """One graph of a Dynamo graph: the top graph (``prefix == ""``) or a body."""
+    """One graph of a Dynamo graph: the top graph (``prefix == ""``) or a body, with the region
+    and the node that call it."""
 
     gm: fx.GraphModule
     prefix: str
     origin: dict[fx.Node, fx.Node] = field(default_factory=dict)  # placeholder -> top-level node
+    parent: Optional["Region"] = None
+    call: Optional[fx.Node] = None  # the higher-order op node in the parent's graph
 
     @property
     def is_top(self) -> bool:
@@ -81,7 +84,7 @@ def _walk(region: Region) -> Iterator[Region]:
         for ph, operand in zip(placeholders, node.args[1:]):
             if isinstance(operand, fx.Node):
                 origin[ph] = region.origin.get(operand, operand)
-        yield from _walk(Region(body, f"{region.prefix}{node.args[0].target}.", origin))
+        yield from _walk(Region(body, f"{region.prefix}{node.args[0].target}.", origin, region, node))
 
 
 def find_node(gm: fx.GraphModule, qualified: str) -> tuple[Region, fx.Node]:
@@ -96,3 +99,35 @@ def find_node(gm: fx.GraphModule, qualified: str) -> tuple[Region, fx.Node]:
             if node.name == name:
                 return region, node
     raise KeyError(f"no node {qualified!r} in the graph or its bodies")
+
+
+def pass_into(region: Region, nodes: tuple[fx.Node, ...], cache: dict) -> tuple[fx.Node, ...]:
+    """Nodes of ``region`` that carry the values of ``nodes`` (nodes of the top graph).
+
+    In a body, each value becomes a new trailing placeholder, fed by a new trailing operand of every
+    call of that body in its parent's graph (recursively up to the top graph). ``cache`` (one dict
+    per rewrite) makes each value cross each body once.
+    """
+    if region.parent is None:
+        return nodes
+    outer = pass_into(region.parent, nodes, cache)
+    key = (id(region.gm), outer)
+    if key not in cache:
+        graph = region.gm.graph
+        anchor = list(graph.find_nodes(op="placeholder"))[-1:]
+        inner = []
+        for n in outer:
+            ctx = graph.inserting_after(anchor[0]) if anchor else graph.inserting_before(None)
+            with ctx:
+                ph = graph.placeholder(f"{n.name}_in")
+            ph.meta.update({k: v for k, v in n.meta.items() if k in ("example_value", "val", "tensor_dict")})
+            anchor = [ph]
+            inner.append(ph)
+        body_name = region.call.args[0].target
+        for call in region.parent.gm.graph.nodes:  # every call of this body takes the new operands
+            if is_body_call(call) and call.args[0].target == body_name:
+                call.args = (*call.args, *outer)
+        region.gm.recompile()
+        region.parent.gm.recompile()
+        cache[key] = tuple(inner)
+    return cache[key]

@@ -43,7 +43,7 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import register
-from sparse_compiler.passes.regions import find_node
+from sparse_compiler.passes.regions import find_node, pass_into
 
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
@@ -108,6 +108,7 @@ def rewrite_linear(
         return gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     touched: dict[int, fx.GraphModule] = {}
+    routed: dict = {}  # tables passed into bodies (activation checkpointing), once per body
     for decision in plan.chosen:
         c, layout = decision.candidate, decision.layout
         region, node = find_node(gm, c.node)
@@ -116,10 +117,8 @@ def rewrite_linear(
         param_node = _weight_placeholder(node, region.stand_ins(placeholders[c.weight_input_index]))
         param = example_inputs[c.weight_input_index]
         key = register(layout).key
-        # Inside a body (activation checkpointing) the opaque op needs no extra operands.
-        visible = tables is not None and region.is_top
-        op = torch.ops.sparse_compiler.blocksparse_linear_visible.default if visible else _OPAQUE
-        table_nodes = tables.args(layout, param.device) if visible else ()
+        op = _OPAQUE if tables is None else torch.ops.sparse_compiler.blocksparse_linear_visible.default
+        table_nodes = () if tables is None else pass_into(region, tables.args(layout, param.device), routed)
         with graph.inserting_before(node):
             x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
             if c.weight_stored == "in_out":
