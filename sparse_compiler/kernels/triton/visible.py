@@ -46,6 +46,8 @@ How the rewrite pass uses it
    ``torch.ops.sparse_compiler.blocksparse_linear_visible(x, W, b, *table_nodes, key)``.
    :class:`TableInputs` does the bookkeeping: ``TableInputs(gm, example_inputs).args(layout,
    device)`` returns the placeholder nodes (marked as static inputs, with static-shape fake values).
+   A node inside the body of an activation-checkpointed region gets the same placeholders passed
+   on as trailing operands of the checkpoint call (``passes/regions.pass_into``).
 3. The backend compiles the graph with ``tables.example_inputs(example_inputs)`` (its own inputs plus
    static-shape fakes of the tables) and returns ``tables.wrap(compiled)``, which appends the same
    table tensors to every call: Dynamo only passes its own inputs.
