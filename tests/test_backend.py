@@ -391,7 +391,17 @@ def test_report_header_html_and_report_option(tmp_path):
     assert path.read_text().startswith("<!doctype html>")
 
 
+@pytest.fixture
+def one_config():
+    """GPU backend tests check numbers, not speed: one tile config per kernel keeps compiling short."""
+    from sparse_compiler.kernels.triton import linear
+
+    with linear.settings(autotune=False):
+        yield
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("one_config")
 @pytest.mark.parametrize("visible", [True, False], ids=["visible_op", "opaque_op"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_on_cuda_matches_masked_dense_reference(dtype, visible):
@@ -655,6 +665,7 @@ class _CheckpointedEncoder(nn.Module):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("one_config")
 def test_checkpointed_transformer_encoder_layers_on_cuda():
     """nn.TransformerEncoderLayer (expanded MHA) under activation checkpointing, bf16 on CUDA: all
     weights sparse, forward and gradients against the masked reference."""
