@@ -14,7 +14,8 @@ by step:
     y       = F.linear(merge_heads(o), out_proj.weight, out_proj.bias)
 
 so that ``passes/analyze.py`` sees the two products and ``passes/analyze_attention.py`` the
-attention. Heads are split with views (``unflatten`` / ``permute``), never by copying q, k and v.
+attention. As in torch's function, a packed projection is split by one contiguous copy, and heads
+by views.
 
 Expanded: batched inputs ``(L, N, E)`` (``batch_first`` is handled by the module before the call),
 a packed ``in_proj_weight`` (self-attention, or separate query / key-value inputs, whose split
@@ -186,8 +187,10 @@ def _decomposed(
         q, k, v = (heads(F.linear(t, w, b)) for t, w, b in (
             (query, q_proj_weight, b_q), (key, k_proj_weight, b_k), (value, v_proj_weight, b_v)))
     elif k_is_v and q_is_k:  # self-attention: one (3E, E) product
-        qkv = F.linear(query, in_proj_weight, in_proj_bias).unflatten(-1, (3, H, d)).permute(2, 1, 3, 0, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # one copy into (3, L, N, E), as torch does: the attention kernels read it faster than
+        # views that stride over the packed projection
+        qkv = F.linear(query, in_proj_weight, in_proj_bias).unflatten(-1, (3, H * d)).permute(2, 0, 1, 3).contiguous()
+        q, k, v = heads(qkv[0]), heads(qkv[1]), heads(qkv[2])
     elif k_is_v:  # query attends to another sequence: (E, E) and (2E, E) products
         E = H * d
         w_q, w_kv = in_proj_weight.split([E, 2 * E])
@@ -195,8 +198,8 @@ def _decomposed(
         if in_proj_bias is not None:
             b_q, b_kv = in_proj_bias.split([E, 2 * E])
         q = heads(F.linear(query, w_q, b_q))
-        kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, H, d)).permute(2, 1, 3, 0, 4)
-        k, v = kv[0], kv[1]
+        kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, E)).permute(2, 0, 1, 3).contiguous()
+        k, v = heads(kv[0]), heads(kv[1])
     else:
         w_q, w_k, w_v = in_proj_weight.chunk(3)
         b_q = b_k = b_v = None
