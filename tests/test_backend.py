@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import sparse_compiler
 from sparse_compiler import backend, state
 from sparse_compiler.layouts import get_layout
+from sparse_compiler.layouts.butterfly import block_diagonal
+from sparse_compiler.layouts.registry import register
 from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
 
 from models import MLP, Block, Conv1D, TiedLM
@@ -189,6 +191,39 @@ def test_a_graph_reused_for_another_module_makes_its_parameters_sparse_too():
                 key, _ = state.layout_of(p)
                 assert torch.count_nonzero(p[~get_layout(key).element_mask()]) == 0
     assert len(calls) == 1  # the second module did reuse the first one's graph
+
+
+def test_reused_graph_refuses_a_parameter_sparsified_with_another_layout():
+    model = MLP()
+    _compile(model)(torch.randn(4, 64))
+    other = MLP()
+    different = block_diagonal(128, 64, 4, 16)  # fc1's shape, another pattern
+    assert not torch.equal(different.block_mask, get_layout(state.layout_of(model.fc1.weight)[0]).block_mask)
+    state.mark_sparsified(other.fc1.weight, register(different).key, "out_in")
+    with pytest.raises(RuntimeError, match="was made sparse with layout"):
+        _compile(other)(torch.randn(4, 64))
+
+
+def test_a_weight_read_in_both_orientations_across_a_graph_break():
+    """``x @ W.t()`` in one graph and ``h @ W`` after a graph break: the second graph reuses the
+    first one's mask, transposed, and the compiled model equals the eager (sparse) one."""
+
+    class TwoWays(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(128, 64) * 0.1)
+
+        def forward(self, x):
+            h = x @ self.w.t()
+            torch._dynamo.graph_break()
+            return h @ self.w
+
+    model = TwoWays()
+    x = torch.randn(4, 64)
+    y = _compile(model, rescale_init=False)(x)
+    row = _linear_rows()[0]
+    assert row["decision"] == "sparse" and row["weight_stored"] == "in_out" and "earlier" in row["reason"]
+    torch.testing.assert_close(y, model(x))
 
 
 def test_state_dict_round_trip(tmp_path):

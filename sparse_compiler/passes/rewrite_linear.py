@@ -42,7 +42,7 @@ from sparse_compiler import state
 from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
 from sparse_compiler.layouts.layout import Layout
-from sparse_compiler.layouts.registry import register
+from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.passes.regions import find_node, pass_into
 
 if TYPE_CHECKING:
@@ -159,6 +159,10 @@ def _weight_placeholder(node: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
     raise AssertionError(f"node {node.name} reads none of {[p.name for p in stand_ins]}")
 
 
+def _parameter_mask(layout: Layout, stored: str) -> Layout:
+    """The layout in the parameter's own orientation (a use may read it transposed)."""
+    return layout if stored == "out_in" else layout.transposed()
+
 
 def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
     """``compiled``, first making sparse any parameter argument of a sparse node that this process
@@ -167,7 +171,7 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
     A parameter is checked once: later calls compare the argument's identity with the one last
     checked. A parameter made sparse with another layout is an error, never a silent mismatch.
     """
-    checks: dict[int, tuple[Layout, str]] = {}
+    checks: dict[int, tuple[Layout, str]] = {}  # parameter index -> (layout of a use, how it reads it)
     for d in plan.chosen:
         checks.setdefault(d.candidate.weight_input_index, (d.layout, d.candidate.weight_stored))
     if not checks:
@@ -185,12 +189,14 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
             if existing is None:
                 sparsify_parameter_(param if stored == "out_in" else param.t(), layout, rescale)
                 state.mark_sparsified(param, register(layout).key, stored)
-            elif existing != (layout.key, stored):
-                raise RuntimeError(
-                    f"sparsify: a parameter of shape {tuple(param.shape)} was made sparse with layout "
-                    f"{existing[0]!r}, but this compiled graph (which Dynamo is reusing for it) computes with "
-                    f"{layout.key!r}; compile this module separately (torch._dynamo.reset())"
-                )
+            else:
+                have, want = _parameter_mask(get_layout(existing[0]), existing[1]), _parameter_mask(layout, stored)
+                if have.block_size != want.block_size or not torch.equal(have.block_mask, want.block_mask):
+                    raise RuntimeError(
+                        f"sparsify: a parameter of shape {tuple(param.shape)} was made sparse with layout "
+                        f"{existing[0]!r}, but this compiled graph (which Dynamo is reusing for it) computes "
+                        f"with {layout.key!r}; compile this module separately (torch._dynamo.reset())"
+                    )
             seen[index] = weakref.ref(param)
         return compiled(*args)
 
