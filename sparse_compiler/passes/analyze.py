@@ -322,11 +322,16 @@ def _region_nodes(all_regions: Sequence[Region], params: dict[fx.Node, int]) -> 
 
 def _all_consumers(all_regions: Sequence[Region], param: fx.Node) -> list[tuple[fx.Node, str]]:
     """``(node, qualified name)`` of every use of a top-level parameter, inside bodies included;
-    the body calls that only pass it on are not uses."""
+    a call that only passes it on to a body analysed as a region of its own is not a use."""
+    walked = {id(r.gm) for r in all_regions}
+
+    def passes_on(n: fx.Node, region: Region) -> bool:
+        return is_body_call(n) and id(getattr(region.gm, n.args[0].target, None)) in walked
+
     out = []
     for region in all_regions:
         for stand_in in region.stand_ins(param):
-            out.extend((n, region.qualified(n)) for n in _consumers(stand_in) if not is_body_call(n))
+            out.extend((n, region.qualified(n)) for n in _consumers(stand_in) if not passes_on(n, region))
     return out
 
 

@@ -66,18 +66,20 @@ class Region:
 
 
 def regions(gm: fx.GraphModule) -> list[Region]:
-    """The top graph, then every body reachable from it (depth first, in graph order)."""
+    """The top graph, then every body reachable from it (depth first, in graph order). A body that
+    several calls share is left out (Dynamo makes one per call): its parameters could differ from
+    call to call, and its layers stay as they are."""
     top = Region(gm, "", {ph: ph for ph in gm.graph.find_nodes(op="placeholder")})
     return list(_walk(top))
 
 
 def _walk(region: Region) -> Iterator[Region]:
     yield region
-    for node in region.gm.graph.nodes:
-        if not is_body_call(node):
-            continue
+    calls = [n for n in region.gm.graph.nodes if is_body_call(n)]
+    shared = {t for t in (n.args[0].target for n in calls) if sum(c.args[0].target == t for c in calls) > 1}
+    for node in calls:
         body = getattr(region.gm, node.args[0].target, None)
-        if not isinstance(body, fx.GraphModule):
+        if not isinstance(body, fx.GraphModule) or node.args[0].target in shared:
             continue
         placeholders = list(body.graph.find_nodes(op="placeholder"))
         origin = {}
