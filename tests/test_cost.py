@@ -71,6 +71,18 @@ def test_estimates_scale_with_density_for_large_layers():
     assert quarter.charged_density == pytest.approx(0.25)
 
 
+def test_a_recomputed_layer_pays_its_forward_twice_in_training():
+    """Inside an activation-checkpointed region the backward runs the forward again."""
+    hw = BUILTIN_PROFILES["h100"]
+    layout = flat_butterfly(4096, 4096, 16, 3, 64)
+    plain = estimate_linear(8192, 4096, 4096, torch.bfloat16, hw, layout)
+    again = estimate_linear(8192, 4096, 4096, torch.bfloat16, hw, layout, recomputed=True)
+    assert again.dense_training == pytest.approx(plain.dense_training + plain.dense_forward)
+    assert again.training == pytest.approx(plain.training + plain.forward)
+    saved = lambda e: e.dense_training - e.training  # noqa: E731
+    assert saved(again) == pytest.approx(saved(plain) + plain.dense_forward - plain.forward)  # saved twice
+
+
 def _candidate(name, out_f, in_f, tokens=4096, index=0, **kw):
     fields = dict(
         node=name, kind="linear", param_name=f"{name}.weight", module_name=name, module_type="Linear",

@@ -87,8 +87,13 @@ def estimate_linear(
     hw: HardwareProfile,
     layout: Layout | None = None,
     tokens_expr: Any = None,
+    recomputed: bool = False,
 ) -> LinearEstimate:
-    """Dense and (with ``layout``) block-sparse time of ``y = x·(W⊙M)ᵀ`` (module docstring)."""
+    """Dense and (with ``layout``) block-sparse time of ``y = x·(W⊙M)ᵀ`` (module docstring).
+
+    A training step runs three products (forward, input and weight gradients); a layer inside an
+    activation-checkpointed region (``recomputed``) runs its forward a second time in the backward.
+    """
     dtype_name = str(dtype).replace("torch.", "")
     item = _ITEMSIZE.get(dtype_name, 4)
     rate = hw.flops_per_second(dtype_name)
@@ -97,7 +102,8 @@ def estimate_linear(
     dense_flops = 2.0 * T * K * N
     dense_bytes = item * (T * K + K * N + T * N)
     dense_fwd = _product_time(dense_flops, dense_bytes, rate, bw, hw.launch_overhead)
-    dense_train = 3 * dense_fwd
+    forwards = 2 if recomputed else 1
+    dense_train = (forwards + 2) * dense_fwd
     if layout is None:
         formula = f"max(2·{tokens_expr or T}·{K}·{N} / R, bytes / BW) + λ"
         return LinearEstimate(dense_fwd, dense_train, dense_fwd, dense_train, 1.0, 1, 1, formula)
@@ -115,4 +121,4 @@ def estimate_linear(
         f"max(2·{tokens_expr or T}·{K}·{N}·{d:.4g} / (R·{e:.2f}), bytes / BW) + λ_sparse"
         f"  [d = {touched}/{total} tiles of {hw.hardware_block}]"
     )
-    return LinearEstimate(dense_fwd, dense_train, fwd, fwd + dx + dw, d, touched, total, formula)
+    return LinearEstimate(dense_fwd, dense_train, fwd, forwards * fwd + dx + dw, d, touched, total, formula)

@@ -176,7 +176,9 @@ def _soft_reason(c: Candidate, o: Options, block_size: int) -> str | None:
 
 
 def _estimate(c: Candidate, hw: HardwareProfile, layout: Layout | None) -> LinearEstimate:
-    return estimate_linear(c.tokens_hint, c.in_features, c.out_features, c.dtype, hw, layout, tokens_expr=c.tokens)
+    return estimate_linear(
+        c.tokens_hint, c.in_features, c.out_features, c.dtype, hw, layout, tokens_expr=c.tokens, recomputed=c.recomputed
+    )
 
 
 def _explicit_layout(c: Candidate, o: Options, block_size: int) -> tuple[Layout | None, str]:

@@ -60,6 +60,7 @@ class Candidate:
     existing_layout: str | None  # layout key when this parameter was already sparsified
     existing_stored: str | None  # the weight_stored of the use that sparsified it
     blocker: str | None  # a reason this node cannot be rewritten whatever the plan (else None)
+    recomputed: bool = False  # inside an activation-checkpointed region: its forward runs twice in training
 
     @property
     def flops(self) -> Any:
@@ -300,6 +301,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 existing_layout=existing[0] if existing else None,
                 existing_stored=existing[1] if existing else None,
                 blocker=blocker,
+                recomputed=not region.is_top,
             )
         )
     # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so
