@@ -12,6 +12,7 @@ AOTAutograd inside Inductor from the ops' registered gradients.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -97,11 +98,29 @@ def _plan_graph(
     return the_plan, attention
 
 
+@contextlib.contextmanager
+def _mha_fast_path_off():
+    """The report traces in eval mode without gradients, where nn.MultiheadAttention and the
+    nn.Transformer layers would take their fused inference fast path and hide their Linear layers;
+    a training compilation sees them, so the report must too."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
 def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs: Any, **options: Any) -> Report:
     """Run analyze → plan on ``model`` traced with ``example_inputs`` and return the report.
 
     Nothing is rewritten, compiled or zeroed. The model runs once, in eval mode and with the random
-    state restored afterwards, so batch-norm statistics, dropout and the RNG are left as they were.
+    state restored afterwards, so batch-norm statistics, dropout and the RNG are left as they were
+    (and with torch's fused attention fast path off, as in training, see ``_mha_fast_path_off``).
     """
     opts = Options.from_mapping(options)
     plans: list[Plan] = []
@@ -120,7 +139,7 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:  # (what the analysis records about parameters is discarded: a report changes nothing)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), state.staged(commit=False):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), state.staged(commit=False), _mha_fast_path_off():
             compiled(*example_inputs)
     finally:
         if isinstance(model, torch.nn.Module) and was_training:

@@ -181,3 +181,15 @@ def test_inference_fast_path_is_reported():
         torch.compile(layer, backend="sparsify", options={"density": 0.25, "block_size": 16})(torch.randn(2, 16, 64))
     notes = sparse_compiler.last_report().notes
     assert any("set_fastpath_enabled(False)" in n for n in notes)
+
+
+def test_report_sees_the_layers_torch_would_hide_behind_its_inference_fast_path():
+    """report() traces in eval mode without gradients, where torch would run the fused fast path;
+    it turns that path off while tracing (and restores it), so it shows what training compiles."""
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2, enable_nested_tensor=False)
+    before = torch.backends.mha.get_fastpath_enabled()
+    report = sparse_compiler.report(encoder, torch.randn(2, 16, 64), density=0.25, block_size=16)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    modules = [r["module"] for r in report.rows if r["kind"] != "attention"]
+    assert modules[:4] == ["layers.0.self_attn", "layers.0.self_attn.out_proj", "layers.0.linear1", "layers.0.linear2"]
+    assert report.n_sparse == 8

@@ -273,7 +273,10 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
         fqn = source_fqn(grapharg.source) if grapharg is not None else None
         param_name = fqn or param.name
         caller, module_type = _calling_module(node)
-        module_name = caller if caller is not None else param_name.rpartition(".")[0]
+        owner = param_name.rpartition(".")[0]
+        module_name = caller if caller is not None else owner
+        if caller is not None and owner.startswith(caller + "."):  # a submodule's weight used by its
+            module_name = owner  # parent's forward (nn.MultiheadAttention's out_proj)
         others = sorted(name for n, name in _all_consumers(all_regions, param) if n is not node)
         earlier = state.dense_use_of(weight)
         if earlier is not None:
