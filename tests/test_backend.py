@@ -146,6 +146,11 @@ def test_disabled_equals_plain_inductor():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert sparse_compiler.last_report().n_sparse == 0
     assert "disabled" in sparse_compiler.last_report().rows[0]["reason"]
+    # and leaves nothing behind: a later sparsify compilation of the same module is free to choose
+    assert state.dense_use_of(model.fc1.weight) is None
+    torch._dynamo.reset()
+    _compile(model)(x)
+    assert sparse_compiler.last_report().n_sparse == 2
 
 
 def test_adamw_training_keeps_dropped_blocks_zero_and_eager_equals_compiled():

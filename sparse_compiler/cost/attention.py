@@ -374,7 +374,7 @@ def plan_attention(
 
     ``profile``: an :class:`AttentionProfile`-like object for every candidate (default: the built-in
     profile of each candidate's device). ``min_seq_len``: replace the time model's verdict by a fixed
-    threshold (sparse from this many tokens on), e.g. to study quality at short lengths; an
-    ``attention_min_seq_len`` option, once ``Options`` has one, does the same.
+    threshold (sparse from this many tokens on), e.g. to study quality at short lengths (the
+    ``attention_min_seq_len`` option).
     """
     return [_decide(c, options, profile, min_seq_len) for c in candidates]

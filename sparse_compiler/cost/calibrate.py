@@ -11,7 +11,8 @@
   rectangles are squares of that size.
 
 It writes them to ``cost.hardware.cache_path(name)``, which ``cost.hardware.profile`` loads from
-then on. Run it as ``sparse-compiler calibrate``; on a 2-core CPU it takes about a minute.
+then on. Run it as ``sparse-compiler calibrate``, on an otherwise idle machine (a busy one gives
+efficiencies that mislead the planner); on a 2-core CPU it takes about 10 seconds.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``plan(candidates, options, summary) -> Plan``.
 
 1. **Eligibility.** A candidate stays dense, with the reason, when: sparsity is disabled; the analysis
-   found a structural blocker; its device or dtype is unsupported; it runs in an autocast region; the
+   found a structural blocker; its device or dtype is unsupported; the
    ``include``/``exclude`` globs or ``targets`` leave it out; its weight is shared with other nodes;
    it is below ``min_features``; its dims are not multiples of the block size. A parameter sparsified
    by an earlier compilation keeps its layout.

@@ -33,7 +33,8 @@ backward. So the rewrite pass inserts a call to :func:`block_sparse_attention`, 
    (rebuilt in any process; explicit masks by content hash, see ``layouts/registry.py``), so a graph
    cached on disk stays meaningful. The tables are built once per (layout, lengths, causal, device)
    and cached; the op returns copies, which Inductor may then reuse as scratch buffers safely. No
-   tensor is ever baked into the graph as a constant (see DESIGN.md's pitfalls);
+   tensor is ever baked into the graph as a constant (a constant would be copied into every
+   compiled artefact and would not follow the graph to another device);
 2. the ``flex_attention`` higher-order op (or SDPA), with a ``mask_mod`` that reads the layout's
    block flags (so even the unfused reference implementation, which ignores the index tables, computes
    the same thing) and the model's mask.

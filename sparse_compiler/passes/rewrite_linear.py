@@ -99,7 +99,7 @@ def rewrite_linear(
     if tables is not None and tables.gm is not gm:
         raise ValueError("rewrite_linear: `tables` must be a TableInputs over the graph being rewritten")
     sparse_params = {d.candidate.weight_input_index for d in plan.chosen}
-    for decision in plan.decisions:
+    for decision in plan.decisions if plan.options.enabled else ():  # disabled: like Inductor, no records
         index = decision.candidate.weight_input_index
         param = example_inputs[index]
         if not decision.sparse and index not in sparse_params and state.layout_of(param) is None:
