@@ -2,6 +2,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_calibration(tmp_path_factory):
+    """The cost model's figures are the built-in ones in every test: a calibration stored on this
+    machine (``sparse-compiler calibrate``) must not change what the tests plan."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPARSE_COMPILER_CACHE", str(tmp_path_factory.mktemp("calibration")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch and starts from the same random state."""

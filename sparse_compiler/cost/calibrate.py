@@ -5,7 +5,7 @@
 - the call overheads: the time of ``F.linear`` and of the block-sparse op on a tiny problem;
 - the dense efficiency: achieved ``F.linear`` FLOP/s over the profile's peak, at a few sizes (the best);
 - per tile size (16 … 256), the block-sparse efficiency: the FLOP/s the op achieves on the tiles it
-  computes, over the achieved dense FLOP/s, after removing ``calls · λ``. On GPUs the tile is the
+  computes, over the dense FLOP/s measured right beside it, after removing ``calls · λ``. On GPUs the tile is the
   block size (flat butterflies at densities 1/4 and 1/8, averaged); on the CPU it is the size of the
   layout's rectangles (``cost.estimate.granularity``), measured on block-diagonal layouts whose
   rectangles are squares of that size.
@@ -113,9 +113,13 @@ def calibrate(
             for layout in layouts_for(tile):
                 with torch.no_grad():
                     seconds = measure(lambda: _op(x, w, None, layout.key), repeat)
+                    # the dense rate again, right beside it: a machine whose speed drifts (shared
+                    # CPUs, clocks) would otherwise skew this tile's ratio
+                    dense_here = measure(lambda: F.linear(x, w), repeat)
                 touched, total = charged_tiles(layout, base.hardware_block)
                 compute = max(seconds - launch, seconds * 0.05)
-                ratios.append(min(2.0, (flops * touched / total / achieved) / compute))
+                # efficiency = (time dense would take on the kept tiles) / (time the op took)
+                ratios.append(min(2.0, (dense_here * touched / total) / compute))
             if ratios:
                 sparse[granularity(layouts_for(tile)[0], device.type)] = sum(ratios) / len(ratios)
             bar.advance(task)
