@@ -11,6 +11,7 @@ from sparse_compiler.backend import sparsify
 from sparse_compiler.kernels import ops
 from sparse_compiler.layouts import Layout, block_diagonal, flat_butterfly, from_mask, nearest_flat_butterfly
 from sparse_compiler.options import Options
+from sparse_compiler.passes.rewrite_linear import zero_dropped_blocks_
 from sparse_compiler.report import Report, last_report
 
 __version__ = "0.1.0"
@@ -28,4 +29,5 @@ __all__ = [
     "ops",
     "report",
     "sparsify",
+    "zero_dropped_blocks_",
 ]

@@ -244,6 +244,15 @@ def test_state_dict_round_trip(tmp_path):
     model.fc1.weight.data.mul_(0)
     model.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
     torch.testing.assert_close(compiled(x), y, rtol=1e-5, atol=1e-5)
+    # a dense checkpoint: the compiled op reads only kept blocks; zero_dropped_blocks_ makes the
+    # eager model agree again and keeps the loaded values on the kept blocks
+    dense = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(dense)
+    assert not torch.allclose(model(x), compiled(x), atol=1e-4)
+    assert sorted(sparse_compiler.zero_dropped_blocks_(model)) == ["fc1.weight", "fc2.weight"]
+    torch.testing.assert_close(model(x), compiled(x), rtol=1e-5, atol=1e-5)
+    keep = get_layout(state.layout_of(model.fc1.weight)[0]).element_mask()
+    torch.testing.assert_close(model.fc1.weight[keep], dense["fc1.weight"][keep])
 
 
 def test_dynamic_batch_sizes_recompile_once_and_keep_layouts():

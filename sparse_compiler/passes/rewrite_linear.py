@@ -48,7 +48,7 @@ from sparse_compiler.passes.regions import find_node, pass_into
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
 
-__all__ = ["rewrite_linear", "sparsify_parameter_", "sparse_at_every_call"]
+__all__ = ["rewrite_linear", "sparsify_parameter_", "sparse_at_every_call", "zero_dropped_blocks_"]
 
 _OPAQUE = torch.ops.sparse_compiler.blocksparse_linear.default
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
@@ -201,3 +201,19 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
         return compiled(*args)
 
     return run
+
+
+def zero_dropped_blocks_(module: torch.nn.Module) -> list[str]:
+    """Zero, again, the dropped blocks of every parameter of ``module`` that a compilation made
+    sparse; returns their names. For after loading a *dense* checkpoint into a compiled model (the
+    compiled op reads only kept blocks, so the eager model would otherwise differ). Nothing is
+    rescaled: the loaded values are kept as they are on the kept blocks."""
+    touched = []
+    for name, param in module.named_parameters():
+        record = state.layout_of(param)
+        if record is None:
+            continue
+        key, stored = record
+        sparsify_parameter_(param if stored == "out_in" else param.t(), get_layout(key), rescale=False)
+        touched.append(name)
+    return touched
