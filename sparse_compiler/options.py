@@ -31,7 +31,11 @@ class Options:
         butterfly_size, n_factors: set both to force one flat butterfly configuration everywhere
             instead of deriving it from ``density``.
         global_size: rows and columns of every weight kept whole (Pixelated Butterfly's global part).
-        shuffle: bit-reversal shuffle of the butterfly grid's columns.
+        shuffle: bit-reversal shuffle of the butterfly grid's columns. ``None`` (default): shuffle
+            exactly the butterflies that would not mix all features (fewer than
+            ``log2(butterfly_size)`` factors: block-diagonal in super-blocks of ``2^n_factors``
+            cells, so stacked layers would never mix across them); ``True``: always; ``False``:
+            never.
         include, exclude: ``fnmatch`` globs over module names (``"blocks.*.mlp.*"``); a layer is
             considered when it matches some ``include`` glob and no ``exclude`` glob.
         min_features: layers whose ``min(in_features, out_features)`` is smaller stay dense
@@ -82,7 +86,7 @@ class Options:
     butterfly_size: int | None = None
     n_factors: int | None = None
     global_size: int = 0
-    shuffle: bool = False
+    shuffle: bool | None = None
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     min_features: int = 0
@@ -110,7 +114,9 @@ class Options:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"sparsify option {name}={getattr(self, name)!r}: {why}")
 
-        for name in ("enabled", "shuffle", "allow_shared_weights", "rescale_init", "eager", "visible_kernels"):
+        if self.shuffle is not None and not isinstance(self.shuffle, bool):
+            fail("shuffle", "expected None (where needed), True or False")
+        for name in ("enabled", "allow_shared_weights", "rescale_init", "eager", "visible_kernels"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "expected True or False")
         d = self.density

@@ -175,13 +175,21 @@ def test_planner_is_deterministic():
     ]
 
 
-def test_cost_model_layouts_mix_all_features():
+@pytest.mark.parametrize("mode", ["cost_model", "density"])
+def test_layouts_mix_all_features_unless_shuffle_is_set(mode):
+    """A butterfly with fewer than log2(size) factors is block-diagonal in super-blocks: its shuffled
+    twin is used instead, in both modes; shuffle=False keeps it as is."""
     cands, summary = _mlp_stack()
-    p = plan(cands, Options(tokens=2 * summary.n_params, hardware="cpu"), summary)
+    asked = {"density": 0.25} if mode == "density" else {"tokens": 2 * summary.n_params}
+    p = plan(cands, Options(hardware="cpu", **asked), summary)
     assert p.chosen
     for d in p.chosen:
         prm = d.layout.params
         assert prm["shuffle"] or prm["n_factors"] == prm["butterfly_size"].bit_length() - 1
+    if mode == "density":
+        assert any(d.layout.params["shuffle"] for d in p.chosen)
+        plain = plan(cands, Options(hardware="cpu", shuffle=False, **asked), summary)
+        assert not any(d.layout.params["shuffle"] for d in plain.chosen)
 
 
 def test_hardware_profiles_by_name_and_detection():

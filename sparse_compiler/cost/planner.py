@@ -8,10 +8,12 @@
    it is below ``min_features``; its dims are not multiples of the block size. A parameter sparsified
    by an earlier compilation keeps its layout.
 2. **Explicit density** (``options.density`` set): every eligible candidate gets the flat butterfly
-   nearest to it, as asked, whatever the estimates say (they are still reported).
+   nearest to it, as asked, whatever the estimates say (they are still reported); shuffled, as in
+   the cost model, where it would not mix all features (``options.shuffle`` None, the default).
 3. **Cost model** (``options.density is None``): for each eligible candidate, a few layouts (target
    densities 1/2 … 1/16, block sizes of one and two hardware blocks; butterflies with fewer factors
-   than ``log2(butterfly_size)`` are shuffled so stacked layers mix all features); each is estimated
+   than ``log2(butterfly_size)`` are shuffled so stacked layers mix all features, unless
+   ``options.shuffle`` is set); each is estimated
    on the hardware profile (``cost/estimate.py``). Layouts slower than dense are dropped (a layer with none
    left stays dense: "sparsity does not pay here"). Then a greedy search, each step taking the single
    layer change that most lowers the predicted **time to the target loss**,
@@ -185,12 +187,15 @@ def _explicit_layout(c: Candidate, o: Options, block_size: int) -> tuple[Layout 
     if o.butterfly_size is not None:
         try:
             layout = flat_butterfly(
-                c.out_features, c.in_features, o.butterfly_size, o.n_factors, block_size, o.global_size, o.shuffle
+                c.out_features, c.in_features, o.butterfly_size, o.n_factors, block_size, o.global_size, bool(o.shuffle)
             )
+            layout = _mixing(layout) if o.shuffle is None else layout
         except ValueError as exc:
             return None, f"butterfly_size={o.butterfly_size}, n_factors={o.n_factors} do not fit: {exc}"
         return layout, f"flat butterfly forced by butterfly_size={o.butterfly_size}, n_factors={o.n_factors}"
-    layout = nearest_flat_butterfly(c.out_features, c.in_features, o.density, block_size, o.global_size, o.shuffle)
+    layout = nearest_flat_butterfly(c.out_features, c.in_features, o.density, block_size, o.global_size, bool(o.shuffle))
+    if layout is not None and o.shuffle is None:
+        layout = _mixing(layout)
     if layout is None:
         return None, f"no flat butterfly configuration below density 1 for {c.out_features}x{c.in_features} at block_size={block_size}"
     return layout, f"flat butterfly nearest to density={o.density:g}"
@@ -219,8 +224,8 @@ def _options_for(c: Candidate, o: Options, hw: HardwareProfile) -> list[tuple[La
         if c.out_features % b or c.in_features % b:
             continue
         for d in TARGET_DENSITIES:
-            layout = nearest_flat_butterfly(c.out_features, c.in_features, d, b, o.global_size, o.shuffle)
-            if layout is not None and not o.shuffle:
+            layout = nearest_flat_butterfly(c.out_features, c.in_features, d, b, o.global_size, bool(o.shuffle))
+            if layout is not None and o.shuffle is None:
                 layout = _mixing(layout)
             if layout is not None and layout.key not in seen:
                 seen[layout.key] = (layout, _estimate(c, hw, layout))
