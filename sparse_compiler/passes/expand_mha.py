@@ -53,7 +53,8 @@ def expand_multihead_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]
     """Expand every ``F.multi_head_attention_forward`` node of ``gm`` and of its bodies (activation
     checkpointing, ``passes/regions.py``) in place (module docstring).
 
-    Returns notes for the report, one per call left fused (and why).
+    Returns notes for the report, one per call left fused (and why). ``example_inputs`` is accepted
+    for the passes' common signature; the shapes come from the nodes' own example values.
     """
     notes: list[str] = []
     for region in regions(gm):
@@ -136,8 +137,7 @@ def _expand(graph: fx.Graph, node: fx.Node, a: dict[str, Any]) -> None:
     def proxy(x: Any) -> Any:
         return Proxy(x, tracer) if isinstance(x, fx.Node) else x
 
-    query, key, value = _val(a["query"]), _val(a["key"]), _val(a["value"])
-    mask, kpm = _val(a["attn_mask"]), _val(a["key_padding_mask"])
+    query, mask, kpm = _val(a["query"]), _val(a["attn_mask"]), _val(a["key_padding_mask"])
     before = set(graph.nodes)
     with graph.inserting_before(node):
         out, weights = _decomposed(
@@ -150,7 +150,6 @@ def _expand(graph: fx.Graph, node: fx.Node, a: dict[str, Any]) -> None:
             kpm_is_bool=kpm is not None and kpm.dtype == torch.bool,
             dtype=query.dtype,
         )
-    del key, value
     new_nodes = [n for n in graph.nodes if n not in before]
     _propagate_meta(new_nodes, node, getattr(query, "fake_mode", None))  # the mode of Dynamo's values
     outputs = {0: out.node, 1: weights.node if weights is not None else None}
