@@ -29,7 +29,7 @@ from sparse_compiler.passes.expand_mha import expand_multihead_attention
 from sparse_compiler.passes.regions import regions
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
 from sparse_compiler.passes.rewrite_linear import rewrite_linear, sparse_at_every_call
-from sparse_compiler.report import Report, set_last_report
+from sparse_compiler.report import Report, record_compilation
 
 __all__ = ["sparsify"]
 
@@ -47,10 +47,12 @@ def sparsify(
     # Records and in-place zeroing take effect only if this compilation succeeds (state.py): Dynamo
     # may abandon it and call the backend again (e.g. to specialise float attributes).
     with state.staged():
-        return _compile(gm, example_inputs, opts)
+        return _compile(gm, example_inputs, opts, options)
 
 
-def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> Callable[..., Any]:
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, group: Any = None) -> Callable[..., Any]:
+    """One graph through the passes; ``group`` (the caller's options object, the same for every
+    graph of one ``torch.compile`` call) gathers the graphs of one compilation in ``last_report()``."""
     notes = _expand(gm, example_inputs, opts)
     the_plan, attention = _plan_graph(gm, example_inputs, opts)
     gm = rewrite_attention(gm, example_inputs, attention)
@@ -66,7 +68,6 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -
         tables = TableInputs(gm, example_inputs)
     gm = rewrite_linear(gm, example_inputs, the_plan, tables)
     report = Report.from_plan(the_plan, notes=notes, attention=attention)
-    set_last_report(report)
     if opts.report is True:
         print(report.table())
     elif isinstance(opts.report, str):
@@ -79,6 +80,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -
         inputs = list(example_inputs) if tables is None else tables.example_inputs(example_inputs)
         compiled = compile_fx(gm, inputs, config_patches=dict(opts.inductor_config) or None)
     compiled = compiled if tables is None else tables.wrap(compiled)
+    record_compilation(group, the_plan, attention, notes)  # (once compiled: not for abandoned attempts)
     return sparse_at_every_call(compiled, the_plan)
 
 

@@ -339,16 +339,45 @@ figure {{ display: inline-block; margin: 0 1.5em 1.5em 0; text-align: center; fo
         return self.table()
 
 
-_LAST: Report | None = None
+@dataclass
+class _Compilation:
+    """What one ``torch.compile`` call has compiled so far: one entry per graph (graph breaks),
+    a recompilation of a graph (new shapes) replacing its earlier entry."""
+
+    options: Any  # the options object Dynamo passes to every call of this compilation (kept alive)
+    graphs: dict = field(default_factory=dict)  # graph signature -> (plan, attention decisions, notes)
+
+
+_COMPILATIONS: dict[int, _Compilation] = {}  # in order of last use; the last is the latest
+_MAX_KEPT = 16
 _LOCK = threading.Lock()
 
 
-def set_last_report(report: Report) -> None:
-    global _LAST
+def record_compilation(options: Any, plan: Plan, attention: Sequence[Any], notes: Sequence[str]) -> None:
+    """Remember one graph's plan under the compilation it belongs to (``options`` is the object
+    ``torch.compile(..., options=...)`` hands to every backend call of one compilation)."""
+    signature = tuple(d.candidate.node for d in plan.decisions) + tuple(d.candidate.node for d in attention)
     with _LOCK:
-        _LAST = report
+        entry = _COMPILATIONS.pop(id(options), None) or _Compilation(options)
+        entry.graphs.pop(signature, None)
+        entry.graphs[signature] = (plan, list(attention), list(notes))
+        _COMPILATIONS[id(options)] = entry
+        while len(_COMPILATIONS) > _MAX_KEPT:
+            _COMPILATIONS.pop(next(iter(_COMPILATIONS)))
 
 
 def last_report() -> Report | None:
-    """The report of the most recent compilation by the ``sparsify`` backend (``None`` before any)."""
-    return _LAST
+    """The report of the most recent ``sparsify`` compilation (``None`` before any): every graph it
+    has produced so far (graph breaks), each at its latest compilation, in one report."""
+    with _LOCK:
+        if not _COMPILATIONS:
+            return None
+        graphs = list(next(reversed(_COMPILATIONS.values())).graphs.values())
+    plans = [g[0] for g in graphs]
+    notes: list[str] = []
+    if len(graphs) > 1:
+        notes.append(f"the model was compiled as {len(graphs)} graphs (graph breaks); their layers are listed together")
+    for _, _, graph_notes in graphs:
+        notes.extend(n for n in graph_notes if n not in notes)
+    attention = [d for g in graphs for d in g[1]]
+    return Report.from_plan(Plan.merge(plans, plans[-1].options), notes=notes, attention=attention)
