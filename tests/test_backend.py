@@ -739,3 +739,29 @@ def test_checkpointed_transformer_encoder_layers_on_cuda():
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         want = q.grad * keep[name] if name in keep else q.grad
         torch.testing.assert_close(p.grad, want, rtol=0.3, atol=0.3, msg=name)
+
+
+def _passes_through(forward):
+    """A decorator of the kind Hugging Face puts on ``forward`` (``forward(*args, **kwargs)``)."""
+    import functools
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class _DecoratedMLP(MLP):
+    @_passes_through
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_parameters_are_named_from_the_module_through_a_decorated_forward():
+    """With ``forward(*args, **kwargs)`` Dynamo reaches the parameters as ``args[0].fc1.weight``;
+    the report names them from the module, as without the decorator."""
+    _compile(_DecoratedMLP())(torch.randn(4, 64))
+    rows = _linear_rows()
+    assert [r["parameter"] for r in rows] == ["fc1.weight", "fc2.weight"]
+    assert [r["module"] for r in rows] == ["fc1", "fc2"]

@@ -86,7 +86,9 @@ def source_fqn(source: Any) -> str | None:
     """Dotted attribute path of a Dynamo source, relative to the compiled function's local.
 
     ``L['fn']._modules['0']._parameters['weight']`` → ``"0.weight"``. The containers ``_modules``,
-    ``_parameters`` and ``_buffers`` and Dynamo's wrapper sources are skipped.
+    ``_parameters`` and ``_buffers`` and Dynamo's wrapper sources are skipped, and so is ``args[0]``
+    when the compiled frame is a decorated ``forward(*args, **kwargs)`` (Hugging Face models):
+    ``L['args'][0]._modules['model']…`` → ``"model.…"``.
     """
     chain = []
     s = source
@@ -96,7 +98,10 @@ def source_fqn(source: Any) -> str | None:
     if not chain:
         return None
     parts: list[str] = []
-    for s in reversed(chain[:-1]):  # the root is the local variable itself
+    inner = list(reversed(chain[:-1]))  # the root is the local variable itself
+    if getattr(chain[-1], "local_name", None) in ("args", "kwargs") and inner and getattr(inner[0], "index", None) is not None:
+        inner = inner[1:]  # a decorated forward(*args, **kwargs): args[0] is the module itself
+    for s in inner:
         member = getattr(s, "member", None)
         index = getattr(s, "index", None)
         if member is not None:
@@ -229,7 +234,8 @@ def _calling_module(node: fx.Node) -> tuple[str | None, str]:
         return None, ""
     path, module_type = list(stack.values())[-1]
     type_name = getattr(module_type, "__name__", str(module_type))
-    path = re.sub(r"^[A-Z]\[['\"][^'\"]*['\"]\]\.?", "", str(path))
+    path = re.sub(r"^[A-Z]\[['\"](?:args|kwargs)['\"]\]\[[^\]]*\]\.?", "", str(path))  # forward(*args): args[0]
+    path = re.sub(r"^[A-Z]\[['\"][^'\"]*['\"]\]\.?", "", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path).strip(".")
     return path, type_name
 
