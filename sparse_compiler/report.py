@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from sparse_compiler.cost.planner import Decision, Plan, dtype_name
 from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["Report", "last_report", "set_last_report"]
+__all__ = ["Report", "last_report", "record_compilation"]
 
 
 def _flops_text(value: float) -> str:
