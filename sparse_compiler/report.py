@@ -368,7 +368,12 @@ def record_compilation(options: Any, plan: Plan, attention: Sequence[Any], notes
 
 def last_report() -> Report | None:
     """The report of the most recent ``sparsify`` compilation (``None`` before any): every graph it
-    has produced so far (graph breaks), each at its latest compilation, in one report."""
+    has produced so far (graph breaks), each at its latest compilation, in one report.
+
+    Graphs belong to one compilation when Dynamo hands the backend the same ``options`` object, as
+    it does for every graph of one ``torch.compile(..., options=...)`` call; models compiled with
+    one shared options dict therefore report together (pass each its own dict to keep them apart).
+    """
     with _LOCK:
         if not _COMPILATIONS:
             return None

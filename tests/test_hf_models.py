@@ -1,0 +1,84 @@
+"""Hugging Face models as users compile them: GPT-2 (``Conv1D``: addmm with (in, out) weights),
+Llama (grouped-query attention, rotary embeddings, a decorated ``forward(*args, **kwargs)``) and
+BERT (padding mask). Tiny configs built in memory: nothing is downloaded."""
+
+import pytest
+import torch
+
+import sparse_compiler
+from sparse_compiler import state
+from sparse_compiler.layouts import get_layout
+
+transformers = pytest.importorskip("transformers")
+
+OPTIONS = {"density": 0.25, "block_size": 16, "rescale_init": False}
+TOKENS = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(config), {}
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config), {}
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    mask = torch.ones_like(TOKENS)
+    mask[1, 48:] = 0
+    return transformers.BertForMaskedLM(config), {"attention_mask": mask}
+
+
+# per model: the weights that must become sparse (per layer), and those that must stay dense and why
+EXPECTED = {
+    "gpt2": (_gpt2, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], {"lm_head": "tied"}),
+    "llama": (_llama, ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+              {"self_attn.k_proj": "no flat butterfly", "lm_head": ""}),  # k/v: 32x64, too small
+    "bert": (_bert, ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                     "intermediate.dense", "output.dense"], {"cls.predictions.decoder": "tied"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_model_compiles_sparse_and_equals_its_eager_sparse_self(name):
+    make, sparse_names, dense_names = EXPECTED[name]
+    torch.manual_seed(0)
+    model, extra = make()
+    model.eval()  # no dropout; gradients stay on
+    inputs = {"input_ids": TOKENS, "labels": TOKENS, **extra}
+    loss = torch.compile(model, backend="sparsify", options=dict(OPTIONS))(**inputs).loss
+    report = sparse_compiler.last_report()
+    rows = [r for r in report.rows if r["kind"] != "attention"]
+    sparse = {r["module"] for r in rows if r["decision"] == "sparse"}
+    for layer in range(2):
+        for suffix in sparse_names:
+            assert any(m.endswith(f"{layer}.{suffix}") for m in sparse), f"{suffix} of layer {layer} is not sparse"
+    for suffix, why in dense_names.items():
+        dense = [r for r in rows if r["module"].endswith(suffix) and r["decision"] == "dense"]
+        assert dense and all(why in r["reason"] for r in dense), (suffix, [r["reason"] for r in dense])
+    assert not any(r["module"].startswith("0.") for r in rows)  # named from the model, not from args[0]
+    # the eager model now is the sparse model the compiled one computes
+    torch.testing.assert_close(loss, model(**inputs).loss, rtol=1e-5, atol=1e-5)
+    # a training step keeps the dropped blocks at zero
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss.backward()
+    opt.step()
+    checked = 0
+    for p in model.parameters():
+        record = state.layout_of(p)
+        if record is None:
+            continue
+        key, stored = record
+        keep = get_layout(key).element_mask()
+        assert torch.count_nonzero((p if stored == "out_in" else p.t())[~keep]) == 0
+        checked += 1
+    assert checked == len({r["parameter"] for r in rows if r["decision"] == "sparse"})
