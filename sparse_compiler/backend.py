@@ -26,7 +26,7 @@ from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import analyze, summarize
 from sparse_compiler.passes.analyze_attention import analyze_attention
 from sparse_compiler.passes.expand_mha import expand_multihead_attention
-from sparse_compiler.passes.regions import regions
+from sparse_compiler.passes.regions import node_index
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
 from sparse_compiler.passes.rewrite_linear import rewrite_linear, sparse_at_every_call
 from sparse_compiler.report import Report, record_compilation
@@ -56,7 +56,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, g
     notes = _expand(gm, example_inputs, opts)
     the_plan, attention = _plan_graph(gm, example_inputs, opts)
     gm = rewrite_attention(gm, example_inputs, attention)
-    remaining = {r.qualified(n) for r in regions(gm) for n in r.gm.graph.nodes}
+    remaining = node_index(gm)
     absorbed = {d.candidate.node for d in the_plan.decisions if d.candidate.node not in remaining}
     if absorbed:  # e.g. q·Kᵀ with a parameter K: now part of the block-sparse attention
         the_plan = the_plan.with_dense(absorbed, "part of an attention pattern rewritten as block-sparse attention")

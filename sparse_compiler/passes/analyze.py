@@ -250,6 +250,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
             params[ph] = i
 
     all_regions = regions(gm)
+    uses = _uses(all_regions, list(params))
     candidates = []
     matched: set[fx.Node] = set()  # candidate nodes, in whichever region
     for region, node, region_params in _region_nodes(all_regions, params):
@@ -283,7 +284,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
         module_name = caller if caller is not None else owner
         if caller is not None and owner.startswith(caller + "."):  # a submodule's weight used by its
             module_name = owner  # parent's forward (nn.MultiheadAttention's out_proj)
-        others = sorted(name for n, name in _all_consumers(all_regions, param) if n is not node)
+        others = sorted(name for n, name in uses[param] if n is not node)
         earlier = state.dense_use_of(weight)
         if earlier is not None:
             others.append(f"{earlier} in an earlier graph")
@@ -316,7 +317,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
     # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so
     # that a later graph (after a graph break) keeps their linear uses dense.
     for param, index in params.items():
-        for user, name in _all_consumers(all_regions, param):
+        for user, name in uses[param]:
             if user not in matched:
                 state.mark_used_densely(example_inputs[index], f"{name} ({getattr(user.target, '__name__', user.target)})")
     return candidates
@@ -331,19 +332,19 @@ def _region_nodes(all_regions: Sequence[Region], params: dict[fx.Node, int]) -> 
             yield region, node, region_params
 
 
-def _all_consumers(all_regions: Sequence[Region], param: fx.Node) -> list[tuple[fx.Node, str]]:
-    """``(node, qualified name)`` of every use of a top-level parameter, inside bodies included;
-    a call that only passes it on to a body analysed as a region of its own is not a use."""
+def _uses(all_regions: Sequence[Region], params: Sequence[fx.Node]) -> dict[fx.Node, list[tuple[fx.Node, str]]]:
+    """For each top-level parameter, ``(node, qualified name)`` of every use, inside bodies
+    included; a call that only passes it on to a body analysed as a region of its own is not a use."""
     walked = {id(r.gm) for r in all_regions}
-
-    def passes_on(n: fx.Node, region: Region) -> bool:
-        return is_body_call(n) and id(getattr(region.gm, n.args[0].target, None)) in walked
-
-    out = []
+    uses: dict[fx.Node, list[tuple[fx.Node, str]]] = {p: [] for p in params}
     for region in all_regions:
-        for stand_in in region.stand_ins(param):
-            out.extend((n, region.qualified(n)) for n in _consumers(stand_in) if not passes_on(n, region))
-    return out
+        for stand_in, top in region.origin.items():
+            if top not in uses:
+                continue
+            for n in _consumers(stand_in):
+                if not (is_body_call(n) and id(getattr(region.gm, n.args[0].target, None)) in walked):
+                    uses[top].append((n, region.qualified(n)))
+    return uses
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ Left as the fused call, with a note in the report: unbatched inputs, ``add_bias_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -255,8 +256,6 @@ def _decomposed(
 def _propagate_meta(new_nodes: list[fx.Node], origin: fx.Node, fake_mode) -> None:
     """Give each inserted node the ``example_value`` the analyses read, computed on the example
     values of its inputs (fake tensors under Dynamo), and the fused node's module stack."""
-    import contextlib
-
     def value(n: Any) -> Any:
         return fx.node.map_arg(n, _val)
 

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["Region", "regions", "find_node", "is_body_call", "pass_into"]
+__all__ = ["Region", "regions", "node_index", "find_node", "is_body_call", "pass_into"]
 
 
 def _body_call_targets() -> tuple:
@@ -89,18 +89,19 @@ def _walk(region: Region) -> Iterator[Region]:
         yield from _walk(Region(body, f"{region.prefix}{node.args[0].target}.", origin, region, node))
 
 
+def node_index(gm: fx.GraphModule) -> dict[str, tuple[Region, fx.Node]]:
+    """Every node of the graph and of its bodies by qualified name (``"linear"``,
+    ``"wrap_body_0.linear"``), with its region: built once per pass, looked up per candidate."""
+    return {r.qualified(n): (r, n) for r in regions(gm) for n in r.gm.graph.nodes}
+
+
 def find_node(gm: fx.GraphModule, qualified: str) -> tuple[Region, fx.Node]:
-    """The region and node named ``qualified`` (``"linear"``, ``"wrap_body_0.linear"``)."""
-    for region in regions(gm):
-        if not qualified.startswith(region.prefix):
-            continue
-        name = qualified[len(region.prefix):]
-        if "." in name:
-            continue
-        for node in region.gm.graph.nodes:
-            if node.name == name:
-                return region, node
-    raise KeyError(f"no node {qualified!r} in the graph or its bodies")
+    """The region and node named ``qualified`` (one look-up; passes that look up many build
+    :func:`node_index` once)."""
+    found = node_index(gm).get(qualified)
+    if found is None:
+        raise KeyError(f"no node {qualified!r} in the graph or its bodies")
+    return found
 
 
 def pass_into(region: Region, nodes: tuple[fx.Node, ...], cache: dict) -> tuple[fx.Node, ...]:

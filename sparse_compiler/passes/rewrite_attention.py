@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from sparse_compiler.cost.attention import AttentionDecision
 from sparse_compiler.kernels.attention import block_sparse_attention
-from sparse_compiler.passes.regions import find_node
+from sparse_compiler.passes.regions import node_index
 
 __all__ = ["rewrite_attention"]
 
@@ -35,16 +35,16 @@ def rewrite_attention(
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
         return gm
+    nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
     erased: set[fx.Node] = set()
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     for d in chosen:
         c = d.candidate
-        region, out = find_node(gm, c.node)  # a body's nodes are named by their path (passes/regions.py)
+        region, out = nodes[c.node]
         graph = region.gm.graph
         touched[id(region.gm)] = region.gm
-        nodes = {region.qualified(n): n for n in graph.nodes}
-        q, k, v = nodes[c.query], nodes[c.key], nodes[c.value]
-        mask = nodes[c.mask] if c.mask is not None else None
+        q, k, v = (nodes[name][1] for name in (c.query, c.key, c.value))
+        mask = nodes[c.mask][1] if c.mask is not None else None
         kwargs = {
             "layout": d.layout.key,
             "causal": c.causal,
@@ -63,8 +63,7 @@ def rewrite_attention(
         out.replace_all_uses_with(new)
         # drop the replaced node and whatever of the old computation nothing uses any more
         for name in (c.node, *reversed(c.nodes)):
-            if name in nodes:  # (not when an earlier rewrite already erased it)
-                _erase_cascade(graph, nodes[name], erased)
+            _erase_cascade(graph, nodes[name][1], erased)
     for module in touched.values():
         module.graph.lint()
         module.recompile()

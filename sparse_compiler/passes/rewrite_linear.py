@@ -43,7 +43,7 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
-from sparse_compiler.passes.regions import find_node, pass_into
+from sparse_compiler.passes.regions import node_index, pass_into
 
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
@@ -107,17 +107,18 @@ def rewrite_linear(
     if not plan.chosen:
         return gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    op = _OPAQUE if tables is None else torch.ops.sparse_compiler.blocksparse_linear_visible.default
+    index = node_index(gm)
     touched: dict[int, fx.GraphModule] = {}
     routed: dict = {}  # tables passed into bodies (activation checkpointing), once per body
     for decision in plan.chosen:
         c, layout = decision.candidate, decision.layout
-        region, node = find_node(gm, c.node)
+        region, node = index[c.node]
         graph = region.gm.graph
         touched[id(region.gm)] = region.gm
         param_node = _weight_placeholder(node, region.stand_ins(placeholders[c.weight_input_index]))
         param = example_inputs[c.weight_input_index]
         key = register(layout).key
-        op = _OPAQUE if tables is None else torch.ops.sparse_compiler.blocksparse_linear_visible.default
         table_nodes = () if tables is None else pass_into(region, tables.args(layout, param.device), routed)
         with graph.inserting_before(node):
             x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
@@ -139,8 +140,8 @@ def rewrite_linear(
                 graph.erase_node(orphan)
 
         if state.layout_of(param) is None:
-            view = param if c.weight_stored == "out_in" else param.t()
             # zeroed when the compilation succeeds (state.staged), never by an abandoned attempt
+            view = _out_in(param, c.weight_stored)
             state.defer(functools.partial(sparsify_parameter_, view, layout, plan.options.rescale_init))
             state.mark_sparsified(param, key, c.weight_stored)
     touched[id(gm)] = gm
@@ -157,6 +158,11 @@ def _weight_placeholder(node: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
             if candidate in stand_ins:
                 return candidate
     raise AssertionError(f"node {node.name} reads none of {[p.name for p in stand_ins]}")
+
+
+def _out_in(param: torch.Tensor, stored: str) -> torch.Tensor:
+    """The ``(out, in)`` view of a parameter read as ``stored`` ("out_in", or "in_out": transposed)."""
+    return param if stored == "out_in" else param.t()
 
 
 def _parameter_mask(layout: Layout, stored: str) -> Layout:
@@ -187,8 +193,8 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
                 continue
             existing = state.layout_of(param)
             if existing is None:
-                sparsify_parameter_(param if stored == "out_in" else param.t(), layout, rescale)
-                state.mark_sparsified(param, register(layout).key, stored)
+                sparsify_parameter_(_out_in(param, stored), layout, rescale)
+                state.mark_sparsified(param, layout.key, stored)
             else:
                 have, want = _parameter_mask(get_layout(existing[0]), existing[1]), _parameter_mask(layout, stored)
                 if have.block_size != want.block_size or not torch.equal(have.block_mask, want.block_mask):
@@ -214,6 +220,6 @@ def zero_dropped_blocks_(module: torch.nn.Module) -> list[str]:
         if record is None:
             continue
         key, stored = record
-        sparsify_parameter_(param if stored == "out_in" else param.t(), get_layout(key), rescale=False)
+        sparsify_parameter_(_out_in(param, stored), get_layout(key), rescale=False)
         touched.append(name)
     return touched

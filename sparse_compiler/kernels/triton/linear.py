@@ -503,6 +503,24 @@ def launch_dsd(
     return out
 
 
+def _dsd_on_layout(
+    a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor, layout: Layout,
+    *, compressed: bool, transposed: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The DSD kernel over the layout's CSR rows (forward) or CSC columns (``transposed``: the input
+    gradient; ``csc_to_csr`` maps a column's blocks to their offsets in a compressed weight)."""
+    t = _tables(layout, a.device)
+    if transposed:
+        ptr, idx, blk, n_blocks, count = t.col_ptr, t.row_idx, t.csc_to_csr, layout.grid[1], layout.blocks_per_col
+    else:
+        ptr, idx, blk, n_blocks, count = t.row_ptr, t.col_idx, None, layout.grid[0], layout.blocks_per_row
+    with _on_device(a.device):
+        return launch_dsd(
+            a, weight, bias, out, ptr, idx, blk, block_size=layout.block_size, n_blocks=n_blocks,
+            nnz=layout.nnz_blocks, count=count, compressed=compressed, transposed=transposed,
+        )  # fmt: skip
+
+
 # ============================================================================================ SDD launcher
 def _wgrad_split(M: int, nnz: int, b: int, device: torch.device) -> tuple[int, int]:
     """(token slices, tokens per slice) for the weight gradient.
@@ -656,13 +674,7 @@ def forward(
     _check_device(x2d, weight, bias)
     if out is None:
         out = x2d.new_empty((x2d.shape[0], out_f))
-    t = _tables(layout, x2d.device)
-    with _on_device(x2d.device):
-        return launch_dsd(
-            x2d, weight, bias, out, t.row_ptr, t.col_idx, None,
-            block_size=layout.block_size, n_blocks=layout.grid[0], nnz=layout.nnz_blocks, count=layout.blocks_per_row,
-            compressed=compressed, transposed=False,
-        )  # fmt: skip
+    return _dsd_on_layout(x2d, weight, bias, out, layout, compressed=compressed, transposed=False)
 
 
 def input_grad(
@@ -686,13 +698,7 @@ def input_grad(
     _check_device(dy2d, weight)
     if out is None:
         out = dy2d.new_empty((dy2d.shape[0], in_f))
-    t = _tables(layout, dy2d.device)
-    with _on_device(dy2d.device):
-        return launch_dsd(
-            dy2d, weight, None, out, t.col_ptr, t.row_idx, t.csc_to_csr,
-            block_size=layout.block_size, n_blocks=layout.grid[1], nnz=layout.nnz_blocks, count=layout.blocks_per_col,
-            compressed=compressed, transposed=True,
-        )  # fmt: skip
+    return _dsd_on_layout(dy2d, weight, None, out, layout, compressed=compressed, transposed=True)
 
 
 def weight_grad(

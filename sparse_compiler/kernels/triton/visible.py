@@ -129,9 +129,9 @@ def table_args(layout: Layout | str, device: torch.device | str) -> tuple[Tensor
 
     The tensors come from ``Layout.tables(device)``: built once per layout and device, then cached.
     """
-    with _no_tracing():  # real tensors, even when first built inside a fake or tracing mode
+    with _no_tracing():
         lay = get_layout(layout) if isinstance(layout, str) else layout
-        t = lay.tables(device)
+    t = _T._tables(lay, torch.device(device))  # real tensors, even when first reached while tracing
     return tuple(getattr(t, name) for name in TABLE_NAMES)
 
 
@@ -219,16 +219,7 @@ def _forward(
     _check("blocksparse_linear_visible", st, x, weight, bias)
     if not _use_kernels(st, x, weight, bias):
         return _opaque_ops().blocksparse_linear(x, weight, bias, layout)
-    out_f = st.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
-    out = x2d.new_empty((x2d.shape[0], out_f))
-    with _launch_context(x.device, x, weight):
-        _T.launch_dsd(
-            x2d, weight, bias, out, row_ptr, col_idx, None,
-            block_size=st.block_size, n_blocks=st.grid[0], nnz=st.nnz, count=st.per_row,
-            compressed=False, transposed=False,
-        )  # fmt: skip
-    return out.reshape(*x.shape[:-1], out_f)
+    return _dsd(x, weight, bias, row_ptr, col_idx, None, st, transposed=False)
 
 
 def _input_grad(grad_out: Tensor, weight: Tensor, col_ptr: Tensor, row_idx: Tensor, csc_to_csr: Tensor, layout: str) -> Tensor:
@@ -237,16 +228,25 @@ def _input_grad(grad_out: Tensor, weight: Tensor, col_ptr: Tensor, row_idx: Tens
     st = _static(layout)
     if not _use_kernels(st, grad_out, weight):
         return _opaque_ops().blocksparse_linear_input_grad(grad_out, weight, layout)
-    in_f = st.shape[1]
-    dy2d = grad_out.reshape(-1, grad_out.shape[-1])
-    out = dy2d.new_empty((dy2d.shape[0], in_f))
-    with _launch_context(grad_out.device, grad_out, weight):
+    return _dsd(grad_out, weight, None, col_ptr, row_idx, csc_to_csr, st, transposed=True)
+
+
+def _dsd(
+    a: Tensor, weight: Tensor, bias: Optional[Tensor], ptr: Tensor, idx: Tensor, blk: Optional[Tensor],
+    st: _Static, *, transposed: bool,
+) -> Tensor:  # fmt: skip
+    """The DSD kernel on ``a`` of shape ``(..., K)``: over block-rows with the CSR lists (forward) or
+    over block-columns with the CSC lists (``transposed``: the input gradient)."""
+    n_out = st.shape[1] if transposed else st.shape[0]
+    a2d = a.reshape(-1, a.shape[-1])
+    out = a2d.new_empty((a2d.shape[0], n_out))
+    with _launch_context(a.device, a, weight):
         _T.launch_dsd(
-            dy2d, weight, None, out, col_ptr, row_idx, csc_to_csr,
-            block_size=st.block_size, n_blocks=st.grid[1], nnz=st.nnz, count=st.per_col,
-            compressed=False, transposed=True,
+            a2d, weight, bias, out, ptr, idx, blk,
+            block_size=st.block_size, n_blocks=st.grid[1 if transposed else 0], nnz=st.nnz,
+            count=st.per_col if transposed else st.per_row, compressed=False, transposed=transposed,
         )  # fmt: skip
-    return out.reshape(*grad_out.shape[:-1], in_f)
+    return out.reshape(*a.shape[:-1], n_out)
 
 
 def _weight_grad(
