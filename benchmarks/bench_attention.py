@@ -82,9 +82,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from torch.nn.attention.flex_attention import noop_mask
+    from torch.nn.attention.flex_attention import flex_attention, noop_mask
 
     from sparse_compiler.kernels.attention import _make_block_mask, block_sparse_attention, block_tables
     from sparse_compiler.layouts.attention import attention_element_mask, attention_layout

@@ -200,7 +200,7 @@ class Options:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None = None, **overrides: Any) -> "Options":
+    def from_mapping(cls, mapping: Mapping[str, Any] | None = None, **overrides: Any) -> Options:
         """Build from a dict (``torch.compile(options=...)``), rejecting unknown keys by name."""
         if isinstance(mapping, Options):
             merged = dataclasses.asdict(mapping)

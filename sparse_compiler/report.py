@@ -155,7 +155,7 @@ class Report:
         title: str = "sparse_compiler report",
         notes: list[str] | None = None,
         attention: Sequence[Any] = (),
-    ) -> "Report":
+    ) -> Report:
         """The report of a linear ``plan`` and of the attention decisions (``cost.attention``)."""
         notes = list(notes or [])
         if not plan.decisions and not attention:

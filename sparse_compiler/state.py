@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["layout_of", "mark_sparsified", "dense_use_of", "mark_used_densely", "forget", "staged", "defer"]
+__all__ = ["defer", "dense_use_of", "forget", "layout_of", "mark_sparsified", "mark_used_densely", "staged"]
 
 _ENTRIES: dict[int, tuple[weakref.ref, str, str]] = {}
 _DENSE_USES: dict[int, tuple[weakref.ref, str]] = {}
@@ -37,7 +37,7 @@ class _Stage:
     entries: dict[int, tuple[torch.Tensor, str, str]] = field(default_factory=dict)
     dense_uses: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
     actions: list[Callable[[], None]] = field(default_factory=list)
-    outer: Optional["_Stage"] = None
+    outer: Optional[_Stage] = None
 
 
 _CURRENT = threading.local()

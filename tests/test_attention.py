@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from models import Block
 
 from sparse_compiler.cost.attention import (
     CUDA_PROFILE,
@@ -29,8 +30,6 @@ from sparse_compiler.layouts.attention import (
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze_attention import analyze_attention
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
-
-from models import Block
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 

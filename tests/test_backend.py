@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from models import MLP, Block, Conv1D, TiedLM
 
 import sparse_compiler
 from sparse_compiler import backend, state
@@ -17,8 +18,6 @@ from sparse_compiler.layouts import get_layout
 from sparse_compiler.layouts.butterfly import block_diagonal
 from sparse_compiler.layouts.registry import register
 from sparse_compiler.passes.rewrite_linear import sparsify_parameter_
-
-from models import MLP, Block, Conv1D, TiedLM
 
 # Small layers in tests: 16-blocks, no size floor, and an explicit density (the cost model is
 # tested in test_cost.py).

@@ -25,7 +25,6 @@ if __name__ == "__main__":  # worker mode: must precede any import of the kernel
 
 import pytest
 import torch
-
 from triton_interpreter import (  # noqa: E402
     REPO,
     check_case,

@@ -30,7 +30,6 @@ if __name__ == "__main__":  # worker mode: must precede any import of the kernel
 
 import pytest
 import torch
-
 from triton_interpreter import (  # noqa: E402
     HAVE_TRITON,
     REPO,
@@ -303,8 +302,8 @@ def test_joint_graph_has_backward_kernels(traceable, monkeypatch):
 def test_symbolic_token_count_traces_without_specialising(traceable, monkeypatch):
     """A symbolic token count (dynamic shapes) reaches the kernel calls and their grids as a symbol,
     and tracing adds no guard that pins it to one value (which would recompile per count)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     monkeypatch.setattr(V, "KERNEL_DEVICE_TYPES", {"cuda", "cpu"})
     layout = register(flat_butterfly(64, 128, 4, 2, 16))
@@ -355,11 +354,11 @@ def test_sparsify_backend_traces_to_kernels_forward_and_backward(traceable, monk
     the forward's kernels."""
     import copy
 
+    from models import Block
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
 
     import sparse_compiler
-    from models import Block
 
     monkeypatch.setattr(V, "KERNEL_DEVICE_TYPES", {"cuda", "cpu"})
     graphs = {}

@@ -50,11 +50,11 @@ from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze_attention import AttentionCandidate
 
 __all__ = [
+    "CPU_PROFILE",
+    "CUDA_PROFILE",
     "AttentionDecision",
     "AttentionEstimate",
     "AttentionProfile",
-    "CPU_PROFILE",
-    "CUDA_PROFILE",
     "estimate_attention_time",
     "pays_from_seq_len",
     "plan_attention",

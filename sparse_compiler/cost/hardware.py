@@ -30,7 +30,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["HardwareProfile", "BUILTIN_PROFILES", "profile", "cache_path", "detect_name"]
+__all__ = ["BUILTIN_PROFILES", "HardwareProfile", "cache_path", "detect_name", "profile"]
 
 _T = 1e12
 

@@ -43,7 +43,7 @@ from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import Candidate, GraphSummary
 
-__all__ = ["Decision", "Plan", "plan", "dtype_name", "TARGET_DENSITIES"]
+__all__ = ["TARGET_DENSITIES", "Decision", "Plan", "dtype_name", "plan"]
 
 SUPPORTED_DEVICES = ("cpu", "cuda")
 TARGET_DENSITIES = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
@@ -86,7 +86,7 @@ class Plan:
     def chosen(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.sparse)
 
-    def with_dense(self, nodes: set[str], reason: str) -> "Plan":
+    def with_dense(self, nodes: set[str], reason: str) -> Plan:
         """The same plan with the decisions of ``nodes`` turned dense for ``reason``."""
         decisions = tuple(
             Decision(d.candidate, None, reason, d.estimate and dataclasses.replace(d.estimate, forward=d.estimate.dense_forward, training=d.estimate.dense_training, charged_density=1.0))
@@ -96,7 +96,7 @@ class Plan:
         return dataclasses.replace(self, decisions=decisions)
 
     @classmethod
-    def merge(cls, plans: Sequence["Plan"], options: Options) -> "Plan":
+    def merge(cls, plans: Sequence[Plan], options: Options) -> Plan:
         """One plan for a model traced as several graphs (graph breaks); their parameters are
         assumed disjoint, so sizes and step times add up."""
         if len(plans) == 1:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["LossLaw", "LOSS_LAWS", "ScalingView", "equivalent_params"]
+__all__ = ["LOSS_LAWS", "LossLaw", "ScalingView", "equivalent_params"]
 
 
 @dataclass(frozen=True)

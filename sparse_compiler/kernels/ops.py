@@ -31,7 +31,7 @@ from sparse_compiler.kernels import SUPPORTED_DTYPES, rects
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout
 
-__all__ = ["blocksparse_linear", "SUPPORTED_DTYPES", "register_device_impl"]
+__all__ = ["SUPPORTED_DTYPES", "blocksparse_linear", "register_device_impl"]
 
 
 # device type -> (forward, input_grad, weight_grad); a device type not listed uses the rectangle path.

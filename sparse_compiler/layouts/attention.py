@@ -417,7 +417,7 @@ _LAYOUTS: dict[str, Layout] = {}
 _LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse_key(key: str) -> dict[str, Any]:
     kind, _, rest = key.partition(":")
     if kind != "attention":

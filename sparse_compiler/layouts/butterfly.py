@@ -27,11 +27,11 @@ import torch
 from sparse_compiler.layouts.layout import Layout
 
 __all__ = [
-    "flat_butterfly",
     "block_diagonal",
-    "from_mask",
-    "butterfly_grid",
     "butterfly_configs",
+    "butterfly_grid",
+    "flat_butterfly",
+    "from_mask",
     "nearest_flat_butterfly",
 ]
 

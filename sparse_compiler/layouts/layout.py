@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Layout", "Rect", "Band", "BandCover", "LayoutTables"]
+__all__ = ["Band", "BandCover", "Layout", "LayoutTables", "Rect"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class Layout:
         m = self.block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
         return m.to(device=device, dtype=dtype)
 
-    def transposed(self) -> "Layout":
+    def transposed(self) -> Layout:
         """The layout of the transposed weight (an explicit-mask layout; register it before use)."""
         params = {"block_size": self.block_size, "transpose_of": self.key}
         return Layout(self.block_mask.t().contiguous(), self.block_size, kind=self.kind, params={**self.params, **params})

@@ -13,7 +13,7 @@ import threading
 from sparse_compiler.layouts.butterfly import block_diagonal, flat_butterfly
 from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["register", "get_layout"]
+__all__ = ["get_layout", "register"]
 
 _LAYOUTS: dict[str, Layout] = {}
 _LOCK = threading.Lock()

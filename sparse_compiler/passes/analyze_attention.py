@@ -35,10 +35,10 @@ are named by their path, ``wrap_body_0.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import operator
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -385,7 +385,7 @@ class _Inputs:
     graphargs: dict
 
     @classmethod
-    def of(cls, region: Region, top_placeholders: Sequence[fx.Node], example_inputs: Sequence[Any]) -> "_Inputs":
+    def of(cls, region: Region, top_placeholders: Sequence[fx.Node], example_inputs: Sequence[Any]) -> _Inputs:
         index = {ph: i for i, ph in enumerate(top_placeholders)}
         values, graphargs = {}, {}
         for ph, top in region.origin.items():

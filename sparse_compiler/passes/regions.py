@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["Region", "regions", "node_index", "find_node", "is_body_call", "pass_into"]
+__all__ = ["Region", "find_node", "is_body_call", "node_index", "pass_into", "regions"]
 
 
 def _body_call_targets() -> tuple:
@@ -50,7 +50,7 @@ class Region:
     gm: fx.GraphModule
     prefix: str
     origin: dict[fx.Node, fx.Node] = field(default_factory=dict)  # placeholder -> top-level node
-    parent: Optional["Region"] = None
+    parent: Optional[Region] = None
     call: Optional[fx.Node] = None  # the higher-order op node in the parent's graph
 
     @property

@@ -48,7 +48,7 @@ from sparse_compiler.passes.regions import node_index, pass_into
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
 
-__all__ = ["rewrite_linear", "sparsify_parameter_", "sparse_at_every_call", "zero_dropped_blocks_"]
+__all__ = ["rewrite_linear", "sparse_at_every_call", "sparsify_parameter_", "zero_dropped_blocks_"]
 
 _OPAQUE = torch.ops.sparse_compiler.blocksparse_linear.default
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")

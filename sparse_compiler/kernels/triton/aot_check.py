@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from typing import Any, Iterator, Optional
 
-__all__ = ["compile_variant", "variants", "run"]
+__all__ = ["compile_variant", "run", "variants"]
 
 _TYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 _ELT = {"bfloat16": 2, "float16": 2, "float32": 4}

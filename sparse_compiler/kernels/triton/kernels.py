@@ -29,7 +29,7 @@ All products use ``tl.dot`` with float32 accumulation; ``PRECISION`` is the dot'
 import triton
 import triton.language as tl
 
-__all__ = ["dsd_kernel", "sdd_kernel", "finish_kernel", "INTERPRETED"]
+__all__ = ["INTERPRETED", "dsd_kernel", "finish_kernel", "sdd_kernel"]
 
 
 # ------------------------------------------------------------------------------------------- DSD
@@ -108,13 +108,13 @@ def dsd_kernel(
                 acc = _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab,
                                 stride_ak, stride_wr, stride_wblk, B, COMPRESSED, USE_BLK_TAB, PRECISION, BLOCK_K)
         else:
-            for t in range(0, NB_CONST * (B // BLOCK_K)):
+            for t in range(NB_CONST * (B // BLOCK_K)):
                 acc = _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab,
                                 stride_ak, stride_wr, stride_wblk, B, COMPRESSED, USE_BLK_TAB, PRECISION, BLOCK_K)
     else:
         start = tl.load(ptr_tab + o)
         count = tl.load(ptr_tab + o + 1) - start
-        for t in range(0, count * (B // BLOCK_K)):
+        for t in range(count * (B // BLOCK_K)):
             acc = _dsd_step(acc, t, start, a_rows, a_tile, m_mask, w_ptr, w_tile, w_corner, idx_tab, blk_tab,
                             stride_ak, stride_wr, stride_wblk, B, COMPRESSED, USE_BLK_TAB, PRECISION, BLOCK_K)
 
@@ -253,7 +253,7 @@ def finish_kernel(
     n_split = tl.where(q >= 0, SPLIT, 0)
     q_safe = tl.maximum(q, 0)
     acc = tl.zeros((BLOCK_R, B), dtype=tl.float32)
-    for s in range(0, n_split):
+    for s in range(n_split):
         base = (s * NNZ + q_safe).to(tl.int64) * (B * B)
         acc += tl.load(ws_ptr + base + offs_r[:, None] * B + offs_c[None, :])
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty))

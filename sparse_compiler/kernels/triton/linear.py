@@ -68,24 +68,24 @@ except Exception:  # pragma: no cover - older torch
     _wrap_triton = None
 
 __all__ = [
-    "available",
-    "Settings",
     "SETTINGS",
-    "settings",
-    "supports_block_size",
-    "linear_forward",
-    "linear_input_grad",
-    "linear_weight_grad",
-    "linear_forward_compressed",
-    "linear_input_grad_compressed",
-    "linear_weight_grad_compressed",
-    "forward",
-    "input_grad",
-    "weight_grad",
+    "Settings",
+    "available",
     "compress_weight",
     "decompress_weight",
+    "forward",
+    "input_grad",
     "launch_dsd",
     "launch_sdd",
+    "linear_forward",
+    "linear_forward_compressed",
+    "linear_input_grad",
+    "linear_input_grad_compressed",
+    "linear_weight_grad",
+    "linear_weight_grad_compressed",
+    "settings",
+    "supports_block_size",
+    "weight_grad",
 ]
 
 

@@ -102,15 +102,15 @@ from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout
 
 __all__ = [
-    "TABLE_NAMES",
     "KERNEL_DEVICE_TYPES",
+    "TABLE_NAMES",
     "VISIBLE",
-    "table_args",
-    "detach_dynamo_graph",
     "TableInputs",
     "blocksparse_linear_visible",
     "blocksparse_linear_visible_input_grad",
     "blocksparse_linear_visible_weight_grad",
+    "detach_dynamo_graph",
+    "table_args",
 ]
 
 #: The index tables of the forward op, in argument order (fields of ``LayoutTables``).
@@ -149,7 +149,7 @@ class _Static:
     per_col: Optional[int]  # constant kept blocks per block-column, else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _static(key: str) -> _Static:
     # The layout's mask is a real CPU tensor: reduce it outside any fake/proxy mode that is tracing.
     with _no_tracing():
