@@ -189,11 +189,12 @@ def _fake_inputs(mode, layout, device, tokens, bias=True):
 
 
 def _trace_functional(fn, *args):
-    """make_fx under FunctionalTensorMode: the mode in which AOTAutograd decomposes a triton_op."""
+    """make_fx (fake tracing: the inputs are fake CUDA tensors) under FunctionalTensorMode, the mode in
+    which AOTAutograd decomposes a triton_op."""
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    return make_fx(dispatch_functionalize(fn))(*args)
+    return make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
 
 
 @needs_triton

@@ -45,6 +45,10 @@ be read), which is FlexAttention's main optimisation for causal attention.
 
 On CPU an opaque copy (``sparse_compiler::attention_barrier``) follows the FlexAttention output:
 torch 2.13's C++ FlexAttention template cannot take fused epilogues, and Inductor would otherwise try.
+Three more precede it, of ``q``, ``k`` and ``v``: torch 2.11's template refuses a query, key and
+value that are views of one buffer (the output of a fused q/k/v projection), and torch 2.13's reads
+the query's shape from the buffer under it. The copies cost ``O(L·d)`` beside the attention's
+``O(L²·d)``.
 """
 
 from __future__ import annotations
@@ -381,6 +385,8 @@ def block_sparse_attention(
 
     mask_mod = _mask_mod(keep, b, causal, user_bool, (lq, lk))
     bm = _make_block_mask(tables, b, lq, lk, mask_mod)
+    if q.device.type == "cpu":  # own 4-D buffers for the C++ template (module docstring)
+        q4, k4, v4 = (torch.ops.sparse_compiler.attention_barrier(t) for t in (q4, k4, v4))
     out = flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
     if q.device.type == "cpu":
         out = torch.ops.sparse_compiler.attention_barrier(out)
