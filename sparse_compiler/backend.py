@@ -26,6 +26,7 @@ from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import analyze, summarize
 from sparse_compiler.passes.analyze_attention import analyze_attention
 from sparse_compiler.passes.expand_mha import expand_multihead_attention
+from sparse_compiler.passes.naming import remember_root
 from sparse_compiler.passes.regions import node_index
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
 from sparse_compiler.passes.rewrite_linear import rewrite_linear, sparse_at_every_call
@@ -128,14 +129,18 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
     plans: list[Plan] = []
     attention: list[AttentionDecision] = []
     notes: list[str] = []
+    traced: set[int] = set()  # ids of the parameters some graph reads
 
     def capture(gm: fx.GraphModule, inputs: Sequence[Any], **_: Any) -> Callable[..., Any]:
+        traced.update(id(t) for t in inputs if isinstance(t, torch.nn.Parameter))
+        traced.update(id(p) for p in gm.parameters())
         notes.extend(_expand(gm, inputs, opts))
         the_plan, decisions = _plan_graph(gm, inputs, opts)
         plans.append(the_plan)
         attention.extend(decisions)
         return gm.forward
 
+    remember_root(model)  # names parameters that a graph break leaves to Dynamo's temporaries
     compiled = torch.compile(model, backend=capture, dynamic=False)
     was_training = getattr(model, "training", None)
     if isinstance(model, torch.nn.Module):
@@ -148,4 +153,24 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
             model.train()
     if len(plans) > 1:
         notes.insert(0, f"the model was traced as {len(plans)} graphs (graph breaks)")
+    untraced = _untraced_linears(model, traced)
+    if untraced:
+        notes.append(
+            f"{len(untraced)} Linear layer(s) appear in no traced graph and stay dense: {', '.join(untraced)} "
+            "(unused by this forward, or run outside the compiled graphs: a graph break inside a "
+            "torch.utils.checkpoint function, or code Dynamo skips)"
+        )
     return Report.from_plan(Plan.merge(plans, opts), notes=notes, attention=attention)
+
+
+def _untraced_linears(model: Any, traced: set[int], shown: int = 8) -> list[str]:
+    """Names of ``model``'s ``nn.Linear`` modules whose weight no traced graph reads (the first
+    ``shown``, then a count): Dynamo never handed them to a backend, so they stay dense silently."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    names = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in traced
+    ]
+    return names if len(names) <= shown else names[:shown] + [f"… {len(names) - shown} more"]

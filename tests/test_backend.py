@@ -368,6 +368,69 @@ def test_report_api_does_not_change_the_model():
     assert state.dense_use_of(tied.emb.weight) is None and state.layout_of(tied.body.weight) is None
 
 
+class _BreakInsideCheckpoint(nn.Module):
+    """``middle`` runs inside a checkpointed function with a graph break: Dynamo hands it to no
+    backend, so it stays dense whatever the options; ``unused`` is never called."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.first, self.middle, self.last, self.unused = (nn.Linear(d, d) for _ in range(4))
+
+    def _body(self, x):
+        x = self.middle(x)
+        torch._dynamo.graph_break()
+        return torch.relu(x)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.last(checkpoint(self._body, self.first(x), use_reentrant=False))
+
+
+def test_report_names_linear_layers_no_graph_reads():
+    report = sparse_compiler.report(_BreakInsideCheckpoint(), torch.randn(4, 64), **SMALL)
+    assert {r["module"] for r in _linear_rows(report)} == {"first", "last"}
+    (note,) = [n for n in report.notes if "appear in no traced graph" in n]
+    assert note.startswith("2 Linear layer(s)") and ": middle, unused (" in note
+    # a model whose layers all reach the compiler gets no such note
+    assert not any("no traced graph" in n for n in sparse_compiler.report(Block(), torch.randn(1, 16, 64), **SMALL).notes)
+
+
+def test_layers_after_a_graph_break_are_named_from_the_compiled_module():
+    """``self.last`` is loaded before the break inside the checkpointed body, so Dynamo's source for
+    its weight is a stack temporary of the resume function: the name comes from the module."""
+    model = _BreakInsideCheckpoint()
+    _compile(model, include=("last",))(torch.randn(4, 64))
+    rows = {r["module"]: r for r in _linear_rows()}
+    assert set(rows) == {"first", "last"}
+    assert rows["last"]["parameter"] == "last.weight" and rows["last"]["decision"] == "sparse"
+    assert rows["first"]["decision"] == "dense" and "include" in rows["first"]["reason"]
+    assert float((model.last.weight == 0).float().mean()) == pytest.approx(1 - rows["last"]["density"])
+    assert not (model.first.weight == 0).any()
+
+
+class _HeldAcrossABreak(nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.last = nn.Linear(d, d)
+
+    def forward(self, x):
+        layer = self.last
+        torch._dynamo.graph_break()  # nothing compiled before it: no graph names the module
+        return layer(x)
+
+
+@pytest.mark.parametrize("exclude", [(), ("last",)], ids=["default_globs", "exclude"])
+def test_a_layer_with_an_unknown_path_is_marked_and_globs_never_guess(exclude):
+    _compile(_HeldAcrossABreak(), exclude=exclude)(torch.randn(4, 64))
+    (row,) = _linear_rows()
+    assert row["parameter"] == "<unknown>.weight"
+    if exclude:
+        assert row["decision"] == "dense" and "module path is unknown" in row["reason"]
+    else:
+        assert row["decision"] == "sparse"
+
+
 def test_an_abandoned_compilation_leaves_parameters_and_records_untouched(monkeypatch):
     """Dynamo may abandon a compilation after the backend rewrote the graph (and call it again):
     nothing is zeroed and nothing recorded until one succeeds."""

@@ -164,6 +164,11 @@ def _soft_reason(c: Candidate, o: Options, block_size: int) -> str | None:
     """Reasons the options give; a parameter already sparsified keeps its layout regardless."""
     if "linear" not in o.targets:
         return f"linear layers are not among targets={list(o.targets)}"
+    if not c.name_known and (tuple(o.include) != ("*",) or o.exclude):
+        return (
+            "its module path is unknown (the module was held in a local across a graph break), so "
+            "include/exclude cannot be applied to it"
+        )
     if not _matches(c.module_name, o.include) and not _matches(c.param_name, o.include):
         return f"not matched by include={list(o.include)}"
     if _matches(c.module_name, o.exclude) or _matches(c.param_name, o.exclude):

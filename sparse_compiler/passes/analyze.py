@@ -17,7 +17,6 @@ fake tensors; a dim that Dynamo made symbolic is kept as a sympy expression, wit
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -27,9 +26,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sparse_compiler import state
+from sparse_compiler.passes.naming import calling_module, current_frame, parameter_name, remember_root, source_fqn
 from sparse_compiler.passes.regions import Region, is_body_call, regions
 
-__all__ = ["Candidate", "analyze", "source_fqn"]
+__all__ = ["Candidate", "analyze", "source_fqn"]  # (source_fqn: from passes.naming)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Candidate:
     existing_stored: str | None  # the weight_stored of the use that sparsified it
     blocker: str | None  # a reason this node cannot be rewritten whatever the plan (else None)
     recomputed: bool = False  # inside an activation-checkpointed region: its forward runs twice in training
+    name_known: bool = True  # False: named only relative to a stack temporary after a graph break (passes/naming.py)
 
     @property
     def flops(self) -> Any:
@@ -80,36 +81,6 @@ _TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 _LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
 _MATMUL_FUNCTIONS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.mm: "mm", torch.Tensor.matmul: "matmul"}
 _MATMUL_METHODS = {"matmul": "matmul", "mm": "mm", "__matmul__": "matmul"}
-
-
-def source_fqn(source: Any) -> str | None:
-    """Dotted attribute path of a Dynamo source, relative to the compiled function's local.
-
-    ``L['fn']._modules['0']._parameters['weight']`` → ``"0.weight"``. The containers ``_modules``,
-    ``_parameters`` and ``_buffers`` and Dynamo's wrapper sources are skipped, and so is ``args[0]``
-    when the compiled frame is a decorated ``forward(*args, **kwargs)`` (Hugging Face models):
-    ``L['args'][0]._modules['model']…`` → ``"model.…"``.
-    """
-    chain = []
-    s = source
-    while s is not None:
-        chain.append(s)
-        s = getattr(s, "base", None)
-    if not chain:
-        return None
-    parts: list[str] = []
-    inner = list(reversed(chain[:-1]))  # the root is the local variable itself
-    if getattr(chain[-1], "local_name", None) in ("args", "kwargs") and inner and getattr(inner[0], "index", None) is not None:
-        inner = inner[1:]  # a decorated forward(*args, **kwargs): args[0] is the module itself
-    for s in inner:
-        member = getattr(s, "member", None)
-        index = getattr(s, "index", None)
-        if member is not None:
-            if member not in ("_modules", "_parameters", "_buffers"):
-                parts.append(str(member))
-        elif index is not None:
-            parts.append(str(index))
-    return ".".join(parts) if parts else None
 
 
 def _is_transpose_2d(node: fx.Node) -> bool:
@@ -223,23 +194,6 @@ def _consumers(param: fx.Node) -> set[fx.Node]:
     return out
 
 
-def _calling_module(node: fx.Node) -> tuple[str | None, str]:
-    """(dotted path, class name) of the innermost module whose forward created ``node``.
-
-    Dynamo records the path as an access expression on the compiled local, e.g.
-    ``L['self'].blocks[0].qkv``; the local itself is dropped and indexing becomes dotted.
-    """
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None, ""
-    path, module_type = list(stack.values())[-1]
-    type_name = getattr(module_type, "__name__", str(module_type))
-    path = re.sub(r"^[A-Z]\[['\"](?:args|kwargs)['\"]\]\[[^\]]*\]\.?", "", str(path))  # forward(*args): args[0]
-    path = re.sub(r"^[A-Z]\[['\"][^'\"]*['\"]\]\.?", "", path)
-    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path).strip(".")
-    return path, type_name
-
-
 def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate]:
     """All Linear-like candidates of ``gm`` in graph order (see module docstring)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -249,6 +203,8 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
         if isinstance(value, torch.nn.Parameter) and value.dim() == 2:
             params[ph] = i
 
+    frame = current_frame()
+    remember_root(frame.root)
     all_regions = regions(gm)
     uses = _uses(all_regions, list(params))
     candidates = []
@@ -277,9 +233,10 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
             blocker = blocker or f"bias of shape {tuple(getattr(bias_meta, 'shape', ()))} is not a ({out_features},) vector"
         matched.add(node)
         grapharg = param.meta.get("grapharg")
-        fqn = source_fqn(grapharg.source) if grapharg is not None else None
-        param_name = fqn or param.name
-        caller, module_type = _calling_module(node)
+        param_name, name_known = parameter_name(weight, getattr(grapharg, "source", None), param.name, frame)
+        caller, module_type = calling_module(node)
+        if not name_known:
+            caller = None  # its path is relative to the same unknown module
         owner = param_name.rpartition(".")[0]
         module_name = caller if caller is not None else owner
         if caller is not None and owner.startswith(caller + "."):  # a submodule's weight used by its
@@ -312,6 +269,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 existing_stored=existing[1] if existing else None,
                 blocker=blocker,
                 recomputed=not region.is_top,
+                name_known=name_known,
             )
         )
     # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so

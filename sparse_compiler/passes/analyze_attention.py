@@ -49,7 +49,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from networkx.algorithms import isomorphism
 
-from sparse_compiler.passes.analyze import _calling_module, _dim_expr, _meta
+from sparse_compiler.passes.analyze import _dim_expr, _meta
+from sparse_compiler.passes.naming import calling_module
 from sparse_compiler.passes.regions import Region, regions
 
 __all__ = ["AttentionCandidate", "analyze_attention"]
@@ -505,7 +506,7 @@ def _candidate(
                     allowed = allowed.reshape(allowed.shape[-2:])
                 if _is_causal_mask(allowed, lq, lk):
                     causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
-    caller, module_type = _calling_module(out)
+    caller, module_type = calling_module(out)
     return AttentionCandidate(
         node=out.name,
         nodes=tuple(n.name for n in nodes),
