@@ -93,6 +93,11 @@ def main() -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    # one flex_attention frame compiled per length and causality (7 or more): stay clear of Dynamo's
+    # recompile limit (8), past which it would silently run the unfused eager implementation
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     t_start = time.perf_counter()
     dev = "cuda"
     dtype = torch.bfloat16
