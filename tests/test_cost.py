@@ -199,6 +199,16 @@ def test_hardware_profiles_by_name_and_detection():
         profile("tpu")
 
 
+@pytest.mark.parametrize("tile", [16, 32, 64, 128])
+def test_cpu_calibration_layouts_measure_squares_of_the_tile_at_density_one_quarter(tile):
+    from sparse_compiler.cost.calibrate import cpu_tile_layout
+    from sparse_compiler.cost.estimate import granularity
+
+    layout = cpu_tile_layout(512, tile)
+    assert layout.density == 0.25 and granularity(layout, "cpu") == tile
+    assert {(r.r1 - r.r0, r.c1 - r.c0) for r in layout.rects} == {(tile, tile)}
+
+
 def test_calibration_is_stored_loaded_and_changes_estimates(tmp_path, monkeypatch):
     from sparse_compiler.cost.calibrate import calibrate
 
