@@ -496,7 +496,7 @@ def test_plan_reasons():
     short = plan_attention([dataclasses.replace(c, seq_len_q=96, seq_len_k=96, seq_len_q_hint=96, seq_len_k_hint=96)], opts)[0]
     assert not short.sparse and "too short" in short.reason and "two blocks" in short.reason
     # the time model: 512 tokens do not pay on a GPU profile; the reason names where it starts to pay
-    timed = plan_attention([c], opts, profile=CUDA_PROFILE)[0]
+    timed = plan_attention([dataclasses.replace(c, device="cuda")], opts, profile=CUDA_PROFILE)[0]
     assert not timed.sparse and "too short" in timed.reason and "pays from about" in timed.reason
     assert timed.pays_from_seq_len is not None and timed.pays_from_seq_len > 512
     n = timed.pays_from_seq_len * 2
@@ -508,6 +508,9 @@ def test_plan_reasons():
     assert not on_64.sparse and "multiple of 128" in on_64.reason
     assert "disabled" in plan_attention([c], Options(targets=("attention",), enabled=False))[0].reason
     assert "exclude" in plan_attention([c], Options(targets=("attention",), exclude=("*",)))[0].reason
+    # CPU training stays dense at every length unless forced: no speed-up to be had there
+    cpu_long = plan_attention([dataclasses.replace(long, device="cpu")], Options(targets=("attention",)))[0]
+    assert not cpu_long.sparse and cpu_long.reason.startswith("CPU training")
 
 
 def test_time_model_sparse_pays_more_with_length():
@@ -521,13 +524,55 @@ def test_time_model_sparse_pays_more_with_length():
     assert speedups[0] < speedups[1] < speedups[2] and speedups[2] > 2
 
 
-def test_dynamic_sequence_length_stays_dense_with_the_reason():
+def test_a_dynamic_sequence_length_is_specialised_one_graph_per_length(monkeypatch):
+    """Under dynamic shapes each length gets its own layout (as under dynamic=False), through
+    Inductor's C++ FlexAttention, and a length seen before reuses its graph."""
+    record = []
+    model = Block(d=64, heads=4).eval()
+    compiled = torch.compile(model, backend=_backend(record=record, compiled=True, min_seq_len=0), dynamic=True)
+    xs = {n: torch.randn(2, n, 64) for n in (96, 100, 160)}  # 100: a ragged last block
+    for n, x in xs.items():
+        with torch.no_grad():
+            got = compiled(x)
+        d = record[-1]
+        assert d.candidate.symbolic and d.specialize and d.sparse and d.lowering == "flex"
+        assert d.layout.grid == (-(-n // 16),) * 2 and "specialised to" in d.reason
+        with monkeypatch.context() as m:
+            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+            with torch.no_grad():
+                want = model(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert {r.candidate.seq_len_q_hint for r in record} == set(xs)
+    compilations = len(record)
+    with torch.no_grad():
+        compiled(xs[96])  # guarded on its length: no new compilation
+    assert len(record) == compilations
+
+
+def test_a_dynamic_length_dense_at_every_length_is_not_specialised():
+    """CPU training keeps attention dense whatever the length: one graph serves every length."""
     record = []
     model = Block(d=64, heads=4)
-    compiled = torch.compile(model, backend=_backend(record=record), dynamic=True)
-    compiled(torch.randn(2, 96, 64))
-    (d,) = record
-    assert d.candidate.symbolic and not d.sparse and "dynamic" in d.reason
+    compiled = torch.compile(model, backend=_backend(record=record, min_seq_len=None), dynamic=True)
+    for n in (96, 160):
+        compiled(torch.randn(2, n, 64)).sum().backward()
+    assert {d.candidate.seq_len_q_hint for d in record} == {96}
+    assert not any(d.sparse or d.specialize for d in record) and "CPU training" in record[-1].reason
+
+
+def test_a_dynamic_sequence_length_with_a_model_mask_stays_dense_with_the_reason():
+    record = []
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    compiled = torch.compile(attend, backend=_backend(record=record, min_seq_len=0))
+    for n in (96, 128):  # the second length: Dynamo recompiles with the length dynamic
+        q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
+        compiled(q, k, v, torch.rand(n, n) > 0.1)
+    assert record[0].sparse and not record[0].candidate.symbolic
+    d = record[-1]
+    assert d.candidate.symbolic and not d.sparse and "dynamic" in d.reason and "mask" in d.reason
 
 
 # ---------------------------------------------------------------------------------------------- end to end

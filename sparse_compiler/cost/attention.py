@@ -9,7 +9,10 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
 2. a structural blocker found by the analysis (dropout, a learned mask, a non-constant scale, …);
 3. unsupported device or dtype, or a torch without FlexAttention;
 4. ``include`` / ``exclude`` globs over the module name;
-5. a dynamic (symbolic) sequence length: a static layout needs a fixed length;
+5. a dynamic (symbolic) sequence length is *specialised*: decided at its current value with
+   ``specialize`` set, so that the rewrite guards the graph on that length and each new length
+   compiles its own graph, as under ``dynamic=False`` (a static layout is made for one length). Not
+   with a model mask, which FlexAttention would have to trace as a closure under dynamic shapes;
 6. fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
    of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
 7. too short: the estimated block-sparse time is not below the dense fused kernel's.
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -214,6 +217,7 @@ class AttentionDecision:
     lowering: str | None = None  # "flex" | "sdpa" when sparse
     estimate: AttentionEstimate | None = None
     pays_from_seq_len: int | None = None
+    specialize: bool = False  # symbolic lengths: the rewrite guards the graph on their current values
 
     @property
     def sparse(self) -> bool:
@@ -288,6 +292,9 @@ def _matches(name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+_TOO_SHORT = "too short"  # the start of the reasons that depend on the sequence length
+
+
 def _dense(c: AttentionCandidate, reason: str, **kw: Any) -> AttentionDecision:
     return AttentionDecision(c, None, reason, **kw)
 
@@ -311,14 +318,33 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         return _dense(c, f"not matched by include={list(o.include)}")
     if _matches(name, o.exclude):
         return _dense(c, f"excluded by exclude={list(o.exclude)}")
-    if not isinstance(c.seq_len_q, int) or not isinstance(c.seq_len_k, int):
-        dyn = c.seq_len_q if not isinstance(c.seq_len_q, int) else c.seq_len_k
-        return _dense(c, f"sequence length is dynamic ({dyn}); a static layout needs a fixed length "
-                         "(compile with dynamic=False, or torch._dynamo.mark_static on the length)")
+    dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
+    if not dynamic:
+        return _decide_length(c, o, profile, min_seq_len)
+    if c.mask_mode != "none":
+        return _dense(c, f"sequence length is dynamic ({dynamic}) and the model passes a mask, which FlexAttention "
+                         "cannot take under dynamic shapes (compile with dynamic=False: a layout per length)")
+    decision = _decide_length(c, o, profile, min_seq_len)
+    if not decision.sparse and not decision.reason.startswith(_TOO_SHORT):
+        return decision  # dense at every length: one graph serves them all
+    note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
+            "length compiles its own graph (a static layout is made for one length)")
+    return replace(decision, reason=decision.reason + note, specialize=True)
+
+
+def _cpu_training_unforced(c: AttentionCandidate, o: Options, min_seq_len: int | None) -> bool:
+    """CPU training without ``attention_min_seq_len``: dense at every length, since its only sparse
+    path (SDPA with the element mask) gives no speed-up."""
+    threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
+    return c.device == "cpu" and c.requires_grad and threshold is None and not o.eager
+
+
+def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
+    """Rules 6 and 7, at the candidate's lengths (their current values when symbolic)."""
     b = o.attention_block_size
-    lq, lk = c.seq_len_q, c.seq_len_k
+    lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
     if -(-lq // b) < 2 or -(-lk // b) < 2:
-        return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way")
+        return _dense(c, f"{_TOO_SHORT}: {lq}x{lk} is less than two blocks of attention_block_size={b} each way")
     if c.device == "cuda" and b % 128:
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
                          "(up to 128) must divide the block size")
@@ -334,12 +360,16 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     pays = pays_from_seq_len(c, o, prof, training)
     threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
     pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
+    if _cpu_training_unforced(c, o, min_seq_len):  # the time model assumed FlexAttention, which CPU training lacks
+        return _dense(c, "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the "
+                         "equivalent element mask gives no speed-up (set attention_min_seq_len to force it)",
+                      estimate=est, pays_from_seq_len=pays)
     if threshold is not None:
         if min(lq, lk) < threshold:
-            return _dense(c, f"too short: {min(lq, lk)} tokens < attention_min_seq_len={threshold}",
+            return _dense(c, f"{_TOO_SHORT}: {min(lq, lk)} tokens < attention_min_seq_len={threshold}",
                           estimate=est, pays_from_seq_len=pays)
     elif est.sparse_s >= est.dense_s:
-        return _dense(c, f"too short: block-sparse attention {pay_text}; here {lq}x{lk} "
+        return _dense(c, f"{_TOO_SHORT}: block-sparse attention {pay_text}; here {lq}x{lk} "
                          f"(estimated {est.speedup:.2f}x)", estimate=est, pays_from_seq_len=pays)
     p = layout.params
     what = p["pattern"]
@@ -352,11 +382,7 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     if o.eager:
         lowering = "sdpa"
         why += "; eager=True: SDPA with the equivalent element mask (same result, no speedup)"
-    elif c.device == "cpu" and training:
-        if threshold is None:  # the time model's verdict assumed FlexAttention, which CPU training lacks
-            return _dense(c, "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the "
-                             "equivalent element mask gives no speed-up (set attention_min_seq_len to force it)",
-                          estimate=est, pays_from_seq_len=pays)
+    elif c.device == "cpu" and training:  # (forced: attention_min_seq_len)
         lowering = "sdpa"
         why += "; CPU training: FlexAttention has no CPU backward, so SDPA with the equivalent element mask (same result, no speedup)"
     else:

@@ -4,3 +4,18 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes every block-sparse implementation (CPU rectangles, Triton, attention) accepts."""
+
+
+def tracing(*tensors) -> bool:
+    """Whether this call is being traced (Dynamo, make_fx, fake tensors, AOTAutograd) rather than run."""
+    try:
+        if torch.compiler.is_compiling():
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        if torch._C._len_torch_dispatch_stack() > 0:
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    return any(isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)

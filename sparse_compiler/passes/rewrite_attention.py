@@ -4,20 +4,25 @@ For each sparse :class:`~sparse_compiler.cost.attention.AttentionDecision`, the 
 (the SDPA call, or the final ``· v`` of a hand-written attention) is replaced by::
 
     block_sparse_attention(q, k, v, mask, layout=<key>, causal=…, scale=…, enable_gqa=…,
-                           mask_mode=…, lowering="flex" | "sdpa")
+                           mask_mode=…, lowering="flex" | "sdpa"[, mask_reads_layout=False])
 
 (``sparse_compiler.kernels.attention``), whose arguments are the graph's own q, k, v and mask nodes
 and constants; the layout travels as its key. The nodes of a hand-written attention that nothing else
 uses any more (scores, softmax, casts, dropout, the mask computation) are removed. Nothing is baked
 into the graph: when Inductor compiles it, AOTAutograd traces through the lowering, so the
 FlexAttention kernels (forward and backward) are generated for the graph's own shapes.
+
+A decision made on symbolic lengths (``specialize``) guards the graph on their current values, for
+a dense decision too: a static layout, and the verdict on whether sparsity pays, hold for one length.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 from sparse_compiler.cost.attention import AttentionDecision
 from sparse_compiler.kernels.attention import block_sparse_attention
@@ -32,10 +37,13 @@ def rewrite_attention(
     gm: fx.GraphModule, example_inputs: Sequence[Any], decisions: Sequence[AttentionDecision]
 ) -> fx.GraphModule:
     """Apply the sparse ``decisions`` to ``gm`` in place and return it (module docstring)."""
+    nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
+    for d in decisions:
+        if d.specialize:
+            _guard_lengths(nodes, d)
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
         return gm
-    nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
     erased: set[fx.Node] = set()
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     for d in chosen:
@@ -53,6 +61,8 @@ def rewrite_attention(
             "mask_mode": c.mask_mode,
             "lowering": d.lowering or "flex",
         }
+        if d.specialize and kwargs["lowering"] == "flex":
+            kwargs["mask_reads_layout"] = False  # see kernels/attention.py
         with graph.inserting_before(out):
             new = graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
             if c.output_dtype is not None and c.dtype is not None and c.output_dtype != c.dtype:
@@ -68,6 +78,16 @@ def rewrite_attention(
         module.graph.lint()
         module.recompile()
     return gm
+
+
+def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
+    """Guard the graph on the query and key lengths the decision was made for: Dynamo checks its
+    guards before reusing a graph, so another length compiles anew, with its own decision."""
+    c = d.candidate
+    for name in (c.query, c.key):
+        val = nodes[name][1].meta.get("val", nodes[name][1].meta.get("example_value"))
+        if isinstance(val, torch.Tensor) and val.dim() >= 2:
+            guard_int(val.shape[-2])
 
 
 def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node]) -> None:

@@ -51,7 +51,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from sparse_compiler.kernels import SUPPORTED_DTYPES, rects
+from sparse_compiler.kernels import SUPPORTED_DTYPES, rects, tracing
 from sparse_compiler.layouts.layout import Layout, LayoutTables
 
 try:  # guarded: the package must import on machines without Triton
@@ -317,21 +317,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"  # ignored for 16-bit operands; the compiler's default value
-
-
-def tracing(*tensors: Any) -> bool:
-    """Whether this call is being traced (Dynamo, make_fx, fake tensors, AOTAutograd)."""
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        if torch._C._len_torch_dispatch_stack() > 0:
-            return True
-    except Exception:  # pragma: no cover
-        pass
-    return any(isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 def _traced(tensors) -> bool:
