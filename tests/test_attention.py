@@ -667,3 +667,26 @@ def test_gpu_backend_path_trains_a_block(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_lengths_train_with_a_layout_per_length(monkeypatch):
+    """The specialised dynamic-length path on CUDA: FlexAttention kernels forward and backward,
+    each length with its own layout and the block test left to the index tables."""
+    record = []
+    model = Block(d=256, heads=4).cuda()
+    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
+    compiled = torch.compile(model, backend=_backend(options=options, record=record, compiled=True), dynamic=True)
+    for n in (512, 896):
+        x = torch.randn(2, n, 256, device="cuda")
+        got = compiled(x)
+        grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+        d = record[-1]
+        assert d.specialize and d.sparse and d.lowering == "flex" and d.layout.grid == (n // 128, n // 128)
+        with monkeypatch.context() as m:
+            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+            want = model(x)
+            want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
