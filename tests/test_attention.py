@@ -549,6 +549,30 @@ def test_a_dynamic_sequence_length_is_specialised_one_graph_per_length(monkeypat
     assert len(record) == compilations
 
 
+def test_a_dynamic_length_too_short_to_pay_shares_one_graph_until_it_would_pay(monkeypatch):
+    """Lengths below the one from which sparsity pays (every step of a generation, say) share one
+    dense graph; a length past it compiles a sparse graph of its own."""
+    record = []
+    model = Block(d=64, heads=4).eval()
+    compiled = torch.compile(model, backend=_backend(record=record, compiled=True, min_seq_len=None), dynamic=True)
+    with torch.no_grad():
+        for n in (80, 96, 160, 200):  # (not 64: a length equal to d_model would be specialised by Dynamo)
+            compiled(torch.randn(1, n, 64))
+    short = record[-1]
+    assert {d.candidate.seq_len_q_hint for d in record} == {80}  # one graph (Dynamo may compile it twice)
+    assert not short.sparse and short.short_of is not None and "serves every query length below" in short.reason
+    bound = short.short_of[1]
+    assert bound == short.pays_from_seq_len > 200
+    x = torch.randn(1, bound, 64)
+    with torch.no_grad():
+        got = compiled(x)
+    long = record[-1]
+    assert long.candidate.seq_len_q_hint == bound and long.sparse and long.specialize
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(long.layout))
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_dynamic_length_dense_at_every_length_is_not_specialised():
     """CPU training keeps attention dense whatever the length: one graph serves every length."""
     record = []

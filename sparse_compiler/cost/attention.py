@@ -9,10 +9,12 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
 2. a structural blocker found by the analysis (dropout, a learned mask, a non-constant scale, …);
 3. unsupported device or dtype, or a torch without FlexAttention;
 4. ``include`` / ``exclude`` globs over the module name;
-5. a dynamic (symbolic) sequence length is *specialised*: decided at its current value with
-   ``specialize`` set, so that the rewrite guards the graph on that length and each new length
-   compiles its own graph, as under ``dynamic=False`` (a static layout is made for one length). Not
-   with a model mask, which FlexAttention would have to trace as a closure under dynamic shapes;
+5. a dynamic (symbolic) sequence length is decided at its current value, and the rewrite guards
+   the graph on what the decision assumed: a sparse one on the exact length (``specialize``: each new
+   length compiles its own graph and layout, as under ``dynamic=False``), a "too short" one on the
+   length staying below the one from which it would change (``short_of``: one dense graph serves
+   all shorter lengths, e.g. every step of a generation). Not with a model mask, which FlexAttention
+   would have to trace as a closure under dynamic shapes;
 6. fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
    of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
 7. too short: the estimated block-sparse time is not below the dense fused kernel's.
@@ -218,6 +220,7 @@ class AttentionDecision:
     estimate: AttentionEstimate | None = None
     pays_from_seq_len: int | None = None
     specialize: bool = False  # symbolic lengths: the rewrite guards the graph on their current values
+    short_of: tuple[str, int] | None = None  # too short: ("q" or "k", the length from which it may change)
 
     @property
     def sparse(self) -> bool:
@@ -292,9 +295,6 @@ def _matches(name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-_TOO_SHORT = "too short"  # the start of the reasons that depend on the sequence length
-
-
 def _dense(c: AttentionCandidate, reason: str, **kw: Any) -> AttentionDecision:
     return AttentionDecision(c, None, reason, **kw)
 
@@ -325,11 +325,15 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         return _dense(c, f"sequence length is dynamic ({dynamic}) and the model passes a mask, which FlexAttention "
                          "cannot take under dynamic shapes (compile with dynamic=False: a layout per length)")
     decision = _decide_length(c, o, profile, min_seq_len)
-    if not decision.sparse and not decision.reason.startswith(_TOO_SHORT):
-        return decision  # dense at every length: one graph serves them all
-    note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
-            "length compiles its own graph (a static layout is made for one length)")
-    return replace(decision, reason=decision.reason + note, specialize=True)
+    if decision.sparse:
+        note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
+                "length compiles its own graph (a static layout is made for one length)")
+        return replace(decision, reason=decision.reason + note, specialize=True)
+    if decision.short_of is not None:
+        dim, bound = decision.short_of
+        note = f"; dynamic length ({dynamic}): this dense graph serves every {'query' if dim == 'q' else 'key'} length below {bound}"
+        return replace(decision, reason=decision.reason + note)
+    return decision  # dense at every length: one graph serves them all
 
 
 def _cpu_training_unforced(c: AttentionCandidate, o: Options, min_seq_len: int | None) -> bool:
@@ -343,8 +347,10 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     """Rules 6 and 7, at the candidate's lengths (their current values when symbolic)."""
     b = o.attention_block_size
     lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
+    shorter = "q" if lq <= lk else "k"
     if -(-lq // b) < 2 or -(-lk // b) < 2:
-        return _dense(c, f"{_TOO_SHORT}: {lq}x{lk} is less than two blocks of attention_block_size={b} each way")
+        return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way",
+                      short_of=("q" if -(-lq // b) < 2 else "k", b + 1))
     if c.device == "cuda" and b % 128:
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
                          "(up to 128) must divide the block size")
@@ -366,11 +372,12 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
                       estimate=est, pays_from_seq_len=pays)
     if threshold is not None:
         if min(lq, lk) < threshold:
-            return _dense(c, f"{_TOO_SHORT}: {min(lq, lk)} tokens < attention_min_seq_len={threshold}",
-                          estimate=est, pays_from_seq_len=pays)
+            return _dense(c, f"too short: {min(lq, lk)} tokens < attention_min_seq_len={threshold}",
+                          estimate=est, pays_from_seq_len=pays, short_of=(shorter, threshold))
     elif est.sparse_s >= est.dense_s:
-        return _dense(c, f"{_TOO_SHORT}: block-sparse attention {pay_text}; here {lq}x{lk} "
-                         f"(estimated {est.speedup:.2f}x)", estimate=est, pays_from_seq_len=pays)
+        return _dense(c, f"too short: block-sparse attention {pay_text}; here {lq}x{lk} "
+                         f"(estimated {est.speedup:.2f}x)", estimate=est, pays_from_seq_len=pays,
+                      short_of=(shorter, max(pays or MAX_LADDER_BLOCKS * b, min(lq, lk) + 1)))
     p = layout.params
     what = p["pattern"]
     if p.get("butterfly_size"):

@@ -12,8 +12,9 @@ uses any more (scores, softmax, casts, dropout, the mask computation) are remove
 into the graph: when Inductor compiles it, AOTAutograd traces through the lowering, so the
 FlexAttention kernels (forward and backward) are generated for the graph's own shapes.
 
-A decision made on symbolic lengths (``specialize``) guards the graph on their current values, for
-a dense decision too: a static layout, and the verdict on whether sparsity pays, hold for one length.
+A decision made on symbolic lengths guards the graph on what it assumed of them: a sparse one on
+their exact values (a static layout is made for one length), a too-short one on staying below the
+length from which it may change.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import guard_int
+from torch.fx.experimental.symbolic_shapes import guard_bool, guard_int
 
 from sparse_compiler.cost.attention import AttentionDecision
 from sparse_compiler.kernels.attention import block_sparse_attention
@@ -39,7 +40,7 @@ def rewrite_attention(
     """Apply the sparse ``decisions`` to ``gm`` in place and return it (module docstring)."""
     nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
     for d in decisions:
-        if d.specialize:
+        if d.candidate.symbolic and (d.specialize or d.short_of is not None):
             _guard_lengths(nodes, d)
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
@@ -81,13 +82,22 @@ def rewrite_attention(
 
 
 def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
-    """Guard the graph on the query and key lengths the decision was made for: Dynamo checks its
-    guards before reusing a graph, so another length compiles anew, with its own decision."""
+    """Guard the graph on what the decision assumed of the lengths (``cost/attention.py``, rule 5):
+    the exact query and key lengths of a sparse decision, the bound a too-short one holds below.
+    Dynamo checks its guards before reusing a graph; a length that fails them compiles anew, with
+    its own decision."""
     c = d.candidate
-    for name in (c.query, c.key):
+    lengths = {}
+    for dim, name in (("q", c.query), ("k", c.key)):
         val = nodes[name][1].meta.get("val", nodes[name][1].meta.get("example_value"))
         if isinstance(val, torch.Tensor) and val.dim() >= 2:
-            guard_int(val.shape[-2])
+            lengths[dim] = val.shape[-2]
+    if d.specialize:
+        for length in lengths.values():
+            guard_int(length)
+    elif d.short_of is not None and d.short_of[0] in lengths:
+        dim, bound = d.short_of
+        guard_bool(lengths[dim] < bound)
 
 
 def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node]) -> None:
