@@ -1,6 +1,7 @@
 """Hugging Face models as users compile them: GPT-2 (``Conv1D``: addmm with (in, out) weights),
 Llama (grouped-query attention, rotary embeddings, a decorated ``forward(*args, **kwargs)``) and
-BERT (padding mask). Tiny configs built in memory: nothing is downloaded."""
+BERT (padding mask); and their attention made block-sparse. Tiny configs built in memory: nothing is
+downloaded."""
 
 import pytest
 import torch
@@ -82,3 +83,39 @@ def test_model_compiles_sparse_and_equals_its_eager_sparse_self(name):
         assert torch.count_nonzero((p if stored == "out_in" else p.t())[~keep]) == 0
         checked += 1
     assert checked == len({r["parameter"] for r in rows if r["decision"] == "sparse"})
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_model_attention_becomes_block_sparse_as_its_masked_reference(name, monkeypatch):
+    """Attention as Hugging Face writes it (its causal mask, rotary embeddings, Llama's grouped
+    query heads) is rewritten, and the compiled model equals the eager one whose attention keeps
+    only the layout's pairs."""
+    from sparse_compiler.layouts.attention import attention_element_mask, get_attention_layout
+
+    torch.manual_seed(0)
+    model, _ = EXPECTED[name][0]()
+    model.eval()
+    ids = TOKENS[:1]  # 64 tokens: 4 blocks of 16
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32}
+    with torch.no_grad():
+        got = torch.compile(model, backend="sparsify", options=options)(input_ids=ids).logits
+    decisions = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert len(decisions) == 2 and all(r["decision"] == "sparse" for r in decisions), decisions
+    (key,) = {r["layout"] for r in decisions}
+    layout = get_attention_layout(key)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        allowed = attention_element_mask(layout, q.shape[-2], k.shape[-2], is_causal, device=q.device)
+        if attn_mask is not None:
+            allowed = allowed & attn_mask if attn_mask.dtype == torch.bool else allowed & (attn_mask == 0)
+        kwargs = {"enable_gqa": True} if enable_gqa else {}
+        return sdpa(q, k, v, attn_mask=allowed, scale=scale, **kwargs)
+
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", masked_sdpa)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-3  # the layout drops pairs the dense model attends to
