@@ -625,6 +625,25 @@ def test_compiled_cpu_inference_through_flex_attention_matches_masked_sdpa(monke
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_mode", ["keep", "drop", "add"])
+def test_compiled_cpu_flex_attention_reads_a_mask_computed_in_the_graph(mask_mode):
+    """A padding mask computed inside the compiled graph (as models build theirs) reaches the C++
+    FlexAttention template, for each mask convention, equal to SDPA with the element mask."""
+    layout = attention_layout("butterfly+local+global", 96, 96, 16, density=0.4)
+    q, k, v = (torch.randn(2, 4, 96, 16) for _ in range(3))
+    lengths = torch.tensor([96, 70])
+
+    def attend(q, k, v, lengths, lowering):
+        keep = torch.arange(96)[None, None, None, :] < lengths[:, None, None, None]  # (2, 1, 1, 96)
+        mask = {"keep": keep, "drop": ~keep, "add": torch.where(keep, 0.0, float("-inf"))}[mask_mode]
+        return block_sparse_attention(q, k, v, mask, layout=layout.key, mask_mode=mask_mode, lowering=lowering)
+
+    with torch.no_grad():
+        got = torch.compile(attend)(q, k, v, lengths, "flex")
+        want = attend(q, k, v, lengths, "sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_cpu_training_graph_matches_masked_sdpa(monkeypatch):
     """One Inductor compilation of a training graph: AOTAutograd traces the rewritten graph."""
     record = []

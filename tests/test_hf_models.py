@@ -85,7 +85,7 @@ def test_model_compiles_sparse_and_equals_its_eager_sparse_self(name):
     assert checked == len({r["parameter"] for r in rows if r["decision"] == "sparse"})
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_model_attention_becomes_block_sparse_as_its_masked_reference(name, monkeypatch):
     """Attention as Hugging Face writes it (its causal mask, rotary embeddings, Llama's grouped
     query heads) is rewritten, and the compiled model equals the eager one whose attention keeps
@@ -93,12 +93,12 @@ def test_model_attention_becomes_block_sparse_as_its_masked_reference(name, monk
     from sparse_compiler.layouts.attention import attention_element_mask, get_attention_layout
 
     torch.manual_seed(0)
-    model, _ = EXPECTED[name][0]()
+    model, extra = EXPECTED[name][0]()
     model.eval()
-    ids = TOKENS[:1]  # 64 tokens: 4 blocks of 16
+    ids = TOKENS  # 64 tokens: 4 blocks of 16
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32}
     with torch.no_grad():
-        got = torch.compile(model, backend="sparsify", options=options)(input_ids=ids).logits
+        got = torch.compile(model, backend="sparsify", options=options)(input_ids=ids, **extra).logits
     decisions = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
     assert len(decisions) == 2 and all(r["decision"] == "sparse" for r in decisions), decisions
     (key,) = {r["layout"] for r in decisions}
@@ -113,9 +113,9 @@ def test_model_attention_becomes_block_sparse_as_its_masked_reference(name, monk
         return sdpa(q, k, v, attn_mask=allowed, scale=scale, **kwargs)
 
     with torch.no_grad():
-        dense = model(input_ids=ids).logits
+        dense = model(input_ids=ids, **extra).logits
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", masked_sdpa)
     with torch.no_grad():
-        want = model(input_ids=ids).logits
+        want = model(input_ids=ids, **extra).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - dense).abs().max() > 1e-3  # the layout drops pairs the dense model attends to

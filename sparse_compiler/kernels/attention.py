@@ -47,10 +47,11 @@ be read), which is FlexAttention's main optimisation for causal attention.
 
 On CPU an opaque copy (``sparse_compiler::attention_barrier``) follows the FlexAttention output:
 torch 2.13's C++ FlexAttention template cannot take fused epilogues, and Inductor would otherwise try.
-Three more precede it, of ``q``, ``k`` and ``v``: torch 2.11's template refuses a query, key and
-value that are views of one buffer (the output of a fused q/k/v projection), and torch 2.13's reads
-the query's shape from the buffer under it. The copies cost ``O(L·d)`` beside the attention's
-``O(L²·d)``.
+More precede it, of ``q``, ``k``, ``v`` and the model's mask: torch 2.11's template refuses a query,
+key and value that are views of one buffer (the output of a fused q/k/v projection), torch 2.13's
+reads the query's shape from the buffer under it, and both take the tensors a mask reads only as
+inputs of their own, not as values computed in the same kernel group. The copies cost ``O(L·d)``
+(and the mask's size) beside the attention's ``O(L²·d)``.
 """
 
 from __future__ import annotations
@@ -391,12 +392,13 @@ def block_sparse_attention(
     from torch.nn.attention.flex_attention import flex_attention
 
     q4, k4, v4, m4 = _to_4d(q, k, v, mask)
-    user_bool = None
+    user = ~m4 if mask_mode == "drop" else m4  # bool, True attends ("keep", "drop"), or the bias ("add")
+    if user is not None and q.device.type == "cpu":  # the C++ template takes a mask's tensors only as its own inputs
+        user = torch.ops.sparse_compiler.attention_barrier(user)
+    user_bool = user if mask_mode in ("keep", "drop") else None
     score_mod = None
-    if mask_mode in ("keep", "drop"):
-        user_bool = m4 if mask_mode == "keep" else ~m4
-    elif mask_mode == "add":
-        read_bias = _index_fn(m4, lq, lk)
+    if mask_mode == "add":
+        read_bias = _index_fn(user, lq, lk)
 
         def add_bias(score, b_, h, q_idx, kv_idx):
             return score + read_bias(b_, h, q_idx, kv_idx)
