@@ -92,6 +92,20 @@ def _masked_sdpa(layout):
     return sdpa
 
 
+def _assert_trains_like_masked_sdpa(model, x, got, layout, tol, grad_tol):
+    """``got = compiled(x)``: its output and the parameters' gradients of ``got.square().sum()``
+    equal the eager model's whose SDPA keeps only ``layout``'s pairs."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(got.square().sum(), params)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layout))
+        want = model(x)
+        want_grads = torch.autograd.grad(want.square().sum(), params)
+    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=grad_tol[0], atol=grad_tol[1])
+
+
 class HandAttention(nn.Module):
     """Attention as models write it by hand: nanoGPT-style causal buffer or an additive padding mask."""
 
@@ -389,15 +403,9 @@ def test_flex_training_graph_is_traced_with_its_backward(monkeypatch):
     model = Block(d=64, heads=4)
     x = torch.randn(2, 100, 64)
     got = torch.compile(model, backend=backend)(x)
-    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    _assert_trains_like_masked_sdpa(model, x, got, record[0].layout, (1e-5, 1e-5), (1e-4, 1e-5))
     assert "sparse_compiler.attention_block_tables" in code["fw"] and "flex_attention" in code["fw"]
     assert "flex_attention_backward" in code["bw"] and "_tensor_constant" not in code["fw"] + code["bw"]
-    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(record[0].layout))
-    want = model(x)
-    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- analysis and plan
@@ -644,22 +652,16 @@ def test_compiled_cpu_flex_attention_reads_a_mask_computed_in_the_graph(mask_mod
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_cpu_training_graph_matches_masked_sdpa(monkeypatch):
+def test_compiled_cpu_training_graph_matches_masked_sdpa():
     """One Inductor compilation of a training graph: AOTAutograd traces the rewritten graph."""
     record = []
     model = Block(d=64, heads=4)
     x = torch.randn(2, 64, 64)
     compiled = torch.compile(model, backend=_backend(record=record, compiled=True))
     got = compiled(x)
-    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
     (d,) = record
     assert d.sparse and d.lowering == "sdpa"
-    monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
-    want = model(x)
-    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for a, b in zip(grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    _assert_trains_like_masked_sdpa(model, x, got, d.layout, (1e-4, 1e-5), (1e-3, 1e-4))
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -713,7 +715,7 @@ def test_gpu_backend_path_trains_a_block(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_dynamic_lengths_train_with_a_layout_per_length(monkeypatch):
+def test_gpu_dynamic_lengths_train_with_a_layout_per_length():
     """The specialised dynamic-length path on CUDA: FlexAttention kernels forward and backward,
     each length with its own layout and the block test left to the index tables."""
     record = []
@@ -723,13 +725,6 @@ def test_gpu_dynamic_lengths_train_with_a_layout_per_length(monkeypatch):
     for n in (512, 896):
         x = torch.randn(2, n, 256, device="cuda")
         got = compiled(x)
-        grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
         d = record[-1]
         assert d.specialize and d.sparse and d.lowering == "flex" and d.layout.grid == (n // 128, n // 128)
-        with monkeypatch.context() as m:
-            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
-            want = model(x)
-            want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-        for a, b in zip(grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+        _assert_trains_like_masked_sdpa(model, x, got, d.layout, (1e-3, 1e-3), (1e-2, 1e-2))
