@@ -15,6 +15,7 @@ from an unknown module is marked so (``<unknown>.weight``), and globs are not ma
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ class Frame:
     root: torch.nn.Module | None = None
     resumed: bool = False
 
+    @functools.cached_property
+    def paths(self) -> dict[int, str]:
+        """``id(parameter) -> path`` in the first root that holds it: this frame's module, then the
+        roots seen most recently (built once per frame: one walk per root, not per parameter)."""
+        paths: dict[int, str] = {}
+        for root in [self.root, *(r() for r in reversed(_ROOTS))]:
+            if root is not None:
+                for name, p in root.named_parameters(remove_duplicate=False):
+                    paths.setdefault(id(p), name)
+        return paths
+
 
 def current_frame() -> Frame:
     """The frame Dynamo is compiling now (an empty :class:`Frame` outside a compilation, or on a
@@ -59,13 +71,6 @@ def current_frame() -> Frame:
     if candidate is None and isinstance(local.get("args"), (tuple, list)) and local["args"]:
         candidate = local["args"][0]
     return Frame(candidate if isinstance(candidate, torch.nn.Module) else None, resumed)
-
-
-def _path_in(root: torch.nn.Module, tensor: torch.Tensor) -> str | None:
-    for name, p in root.named_parameters(remove_duplicate=False):
-        if p is tensor:
-            return name
-    return None
 
 
 def _chain(source: Any) -> list[Any]:
@@ -113,10 +118,9 @@ def _relative_to_unknown(local: str | None, frame: Frame) -> bool:
 def parameter_name(tensor: torch.Tensor, source: Any, fallback: str, frame: Frame) -> tuple[str, bool]:
     """``(name, known)`` of a parameter graph input (module docstring); ``fallback`` is the
     placeholder's name."""
-    roots = ([frame.root] if frame.root is not None else []) + [r() for r in reversed(_ROOTS)]
-    for candidate in roots:
-        if candidate is not None and (path := _path_in(candidate, tensor)) is not None:
-            return path, True
+    path = frame.paths.get(id(tensor))
+    if path is not None:
+        return path, True
     chain = _chain(source)
     local = getattr(chain[-1], "local_name", None) if chain else None
     name = source_fqn(source) if source is not None else None
