@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,22 +30,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_cpu_linear import machine  # noqa: E402
+from bench_cpu_linear import machine, timed  # noqa: E402
 
 from sparse_compiler.cost.attention import CPU_PROFILE, estimate_attention_time  # noqa: E402
 from sparse_compiler.kernels.attention import block_sparse_attention  # noqa: E402
 from sparse_compiler.layouts.attention import attention_element_mask, attention_layout  # noqa: E402
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    fn()  # warm-up (the first call compiles)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def predicted_speedup(layout, batch_heads: int, length: int, head_dim: int, causal: bool) -> float:
