@@ -359,7 +359,7 @@ def record_compilation(options: Any, plan: Plan, attention: Sequence[Any], notes
     # a recompiled graph (new shapes) has the same nodes reading the same parameters; two graphs of
     # one model may share node names ("linear"), never the parameters as well
     signature = tuple((d.candidate.node, d.candidate.param_name) for d in plan.decisions)
-    signature += tuple((d.candidate.node, getattr(d.candidate, "module_name", "")) for d in attention)
+    signature += tuple((d.candidate.node, d.candidate.module_name) for d in attention)
     with _LOCK:
         entry = _COMPILATIONS.pop(id(options), None) or _Compilation(options)
         entry.graphs.pop(signature, None)

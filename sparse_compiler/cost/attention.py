@@ -336,13 +336,6 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     return decision  # dense at every length: one graph serves them all
 
 
-def _cpu_training_unforced(c: AttentionCandidate, o: Options, min_seq_len: int | None) -> bool:
-    """CPU training without ``attention_min_seq_len``: dense at every length, since its only sparse
-    path (SDPA with the element mask) gives no speed-up."""
-    threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
-    return c.device == "cpu" and c.requires_grad and threshold is None and not o.eager
-
-
 def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
     """Rules 6 and 7, at the candidate's lengths (their current values when symbolic)."""
     b = o.attention_block_size
@@ -366,7 +359,9 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     pays = pays_from_seq_len(c, o, prof, training)
     threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
     pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
-    if _cpu_training_unforced(c, o, min_seq_len):  # the time model assumed FlexAttention, which CPU training lacks
+    if c.device == "cpu" and training and threshold is None and not o.eager:
+        # dense at every length: the time model assumed FlexAttention, which CPU training lacks, and
+        # its only sparse path there (SDPA with the element mask) gives no speed-up
         return _dense(c, "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the "
                          "equivalent element mask gives no speed-up (set attention_min_seq_len to force it)",
                       estimate=est, pays_from_seq_len=pays)

@@ -96,6 +96,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from sparse_compiler.kernels import tracing
 from sparse_compiler.kernels.ops import check_linear_args
 from sparse_compiler.kernels.triton import linear as _T
 from sparse_compiler.layouts.layout import Layout
@@ -166,7 +167,6 @@ def _static(key: str) -> _Static:
 
 
 # ============================================================================================ helpers
-_tracing = _T.tracing
 
 
 def _use_kernels(st: _Static, *tensors: Optional[Tensor]) -> bool:
@@ -176,13 +176,13 @@ def _use_kernels(st: _Static, *tensors: Optional[Tensor]) -> bool:
     device_type = tensors[0].device.type
     if _T._kernels().INTERPRETED:
         # interpreted kernels run eagerly on real CPU tensors; they cannot be wrapped for tracing
-        return device_type == "cpu" and not _tracing(*tensors)
+        return device_type == "cpu" and not tracing(*tensors)
     return device_type in KERNEL_DEVICE_TYPES
 
 
 def _launch_context(device: torch.device, *tensors: Optional[Tensor]):
     """Eager launches go to the tensors' GPU; traced ones get their device guard from Inductor."""
-    if device.type == "cuda" and not _tracing(*tensors):
+    if device.type == "cuda" and not tracing(*tensors):
         return _T._on_device(device)
     return contextlib.nullcontext()
 
