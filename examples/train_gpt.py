@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 

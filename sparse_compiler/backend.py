@@ -16,7 +16,7 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from sparse_compiler import state
 from sparse_compiler.cost.attention import AttentionDecision, plan_attention

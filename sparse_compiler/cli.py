@@ -51,7 +51,7 @@ def _call_factory(factory: Any, target: str) -> tuple[Any, tuple[Any, ...]]:
 
 def _demo_factory() -> tuple[Any, tuple[Any, ...]]:
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     layer = nn.TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, batch_first=True)
     model = nn.Sequential(layer, nn.Linear(512, 1000))

@@ -1,7 +1,7 @@
 """Small models shared by the backend tests and the example."""
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 from models import Block
 

@@ -8,7 +8,7 @@ import unittest.mock
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 from models import MLP, Block, Conv1D, TiedLM
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 import sparse_compiler

@@ -1,7 +1,7 @@
 """``passes/regions.py``: the graph and the bodies of its checkpointed regions, on hand-built graphs."""
 
 import torch
-import torch.fx as fx
+from torch import fx
 import torch.nn.functional as F
 
 from sparse_compiler.passes.analyze import analyze

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 import torch.nn.functional as F
 
 from sparse_compiler import state
@@ -84,9 +84,9 @@ _MATMUL_METHODS = {"matmul": "matmul", "mm": "mm", "__matmul__": "matmul"}
 
 
 def _is_transpose_2d(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target in _TRANSPOSE_METHODS:
-        args = node.args[1:]
-    elif node.op == "call_function" and node.target in (torch.t, torch.transpose, torch.permute):
+    if (node.op == "call_method" and node.target in _TRANSPOSE_METHODS) or (
+        node.op == "call_function" and node.target in (torch.t, torch.transpose, torch.permute)
+    ):
         args = node.args[1:]
     elif node.op == "call_function" and node.target is getattr and len(node.args) == 2:
         return node.args[1] in ("T", "mT")

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import networkx as nx
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 import torch.nn.functional as F
 from networkx.algorithms import isomorphism
 

@@ -34,7 +34,7 @@ import operator
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 import torch.nn.functional as F
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 

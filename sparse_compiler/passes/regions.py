@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 __all__ = ["Region", "find_node", "is_body_call", "node_index", "pass_into", "regions"]
 

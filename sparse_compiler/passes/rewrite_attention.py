@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_bool, guard_int
 
 from sparse_compiler.cost.attention import AttentionDecision

@@ -36,7 +36,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from sparse_compiler import state
 from sparse_compiler.cost.planner import Plan

@@ -93,7 +93,7 @@ import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch import Tensor
 
 from sparse_compiler.kernels import tracing
