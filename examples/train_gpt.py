@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 # ---------------------------------------------------------------------------------------------- data

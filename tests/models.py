@@ -1,8 +1,8 @@
 """Small models shared by the backend tests and the example."""
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class MLP(nn.Module):

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
 from models import Block
+from torch import nn
 
 from sparse_compiler.cost.attention import (
     CUDA_PROFILE,

@@ -8,9 +8,9 @@ import unittest.mock
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
 from models import MLP, Block, Conv1D, TiedLM
+from torch import nn
 
 import sparse_compiler
 from sparse_compiler import backend, state

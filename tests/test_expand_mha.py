@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import sparse_compiler
 from sparse_compiler.passes.expand_mha import expand_multihead_attention

@@ -1,8 +1,8 @@
 """``passes/regions.py``: the graph and the bodies of its checkpointed regions, on hand-built graphs."""
 
 import torch
-from torch import fx
 import torch.nn.functional as F
+from torch import fx
 
 from sparse_compiler.passes.analyze import analyze
 from sparse_compiler.passes.regions import find_node, pass_into, regions

@@ -22,8 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import sympy
 import torch
-from torch import fx
 import torch.nn.functional as F
+from torch import fx
 
 from sparse_compiler import state
 from sparse_compiler.passes.naming import calling_module, current_frame, parameter_name, remember_root, source_fqn

@@ -45,9 +45,9 @@ from typing import Any, Sequence
 import networkx as nx
 import sympy
 import torch
-from torch import fx
 import torch.nn.functional as F
 from networkx.algorithms import isomorphism
+from torch import fx
 
 from sparse_compiler.passes.analyze import _dim_expr, _meta
 from sparse_compiler.passes.naming import calling_module

@@ -34,8 +34,8 @@ import operator
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import fx
 import torch.nn.functional as F
+from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from sparse_compiler.passes.regions import regions

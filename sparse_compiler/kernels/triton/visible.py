@@ -93,8 +93,7 @@ import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import fx
-from torch import Tensor
+from torch import Tensor, fx
 
 from sparse_compiler.kernels import tracing
 from sparse_compiler.kernels.ops import check_linear_args
