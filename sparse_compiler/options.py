@@ -78,6 +78,13 @@ class Options:
         attention_seed: seed of BigBird's random blocks (fixed, so the layout stays static).
         attention_min_seq_len: ``None``: the time model decides from which sequence length sparse
             attention pays; an int makes attention sparse from that length on.
+        attention_seq_len: ``None``: the pattern is fitted to ``attention_density`` at each length
+            the model is called with (so it differs between lengths). An int fixes the pattern: its
+            parameters are fitted at this self-attention length, and every length uses them, the
+            shorter ones seeing the top-left corner of the longer ones' layout; a causal model then
+            computes at each position what it computes there in any longer sequence. Lengths at
+            which block-sparse kernels do not pay apply the same pattern through SDPA with its
+            element mask (no speed-up).
     """
 
     enabled: bool = True
@@ -109,6 +116,7 @@ class Options:
     attention_global: int = 1
     attention_seed: int = 0
     attention_min_seq_len: int | None = None
+    attention_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -186,9 +194,10 @@ class Options:
         d = self.attention_density
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
             fail("attention_density", "expected a number in (0, 1]")
-        m = self.attention_min_seq_len
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            fail("attention_min_seq_len", "expected None or a positive int")
+        for name in ("attention_min_seq_len", "attention_seq_len"):
+            m = getattr(self, name)
+            if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+                fail(name, "expected None or a positive int")
         for name in ("attention_block_size", "attention_window", "attention_global", "attention_seed"):
             value = getattr(self, name)
             low = 1 if name == "attention_block_size" else 0

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from models import Block
 from torch import nn
 
+import sparse_compiler
 from sparse_compiler.cost.attention import (
     CUDA_PROFILE,
     AttentionDecision,
@@ -24,6 +25,7 @@ from sparse_compiler.kernels.attention import block_sparse_attention, block_tabl
 from sparse_compiler.layouts.attention import (
     attention_element_mask,
     attention_layout,
+    attention_layout_at,
     causal_blocks,
     get_attention_layout,
 )
@@ -217,6 +219,28 @@ def test_density_approaches_target(pattern, density, causal):
                 assert abs(math.log(got / density)) <= abs(math.log(alt / density)) + 1e-9
     else:
         assert density / 1.35 <= got <= density * 1.35, (pattern, got)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_pattern_at_a_longer_length_extends_the_shorter_layout(pattern, causal):
+    """Blocks depend on their position only: with the parameters resolved at one length, a longer
+    sequence's layout holds the shorter one's in its top-left corner (BigBird's random blocks are
+    drawn among all keys when not causal, so only its causal rows are position-only)."""
+    layout = attention_layout(pattern, 1024, 1024, 16, density=0.2, causal=causal)
+    n = layout.grid[0]
+    free = {k: v for k, v in layout.params.items() if k not in ("seq_len_q", "seq_len_k", "density")}
+    assert attention_layout_at(layout, 1024, 1024) is layout
+    for length in (1024 + 5 * 16 + 3, 2048):
+        longer = attention_layout_at(layout, length, length)
+        assert longer.grid == (-(-length // 16),) * 2
+        assert {k: v for k, v in longer.params.items() if k in free} == free
+        if pattern != "bigbird" or causal:
+            assert torch.equal(longer.block_mask[:n, :n], layout.block_mask), pattern
+    # fitted at each length instead, the parameters (and so the corner) change with the length
+    refit = attention_layout(pattern, 2048, 2048, 16, density=0.2, causal=causal)
+    if pattern not in ("local", "global", "local+global"):  # no free parameter
+        assert not torch.equal(refit.block_mask[:n, :n], layout.block_mask), pattern
 
 
 def test_bigbird_is_deterministic_by_seed_and_rebuilt_from_its_key():
@@ -521,6 +545,40 @@ def test_plan_reasons():
     assert not cpu_long.sparse and cpu_long.reason.startswith("CPU training")
 
 
+def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
+    """With ``attention_seq_len`` the pattern is part of the model: a length at which the kernels do
+    not pay gets it through SDPA with its element mask, where an unfixed pattern attends densely."""
+    record = []
+    torch.compile(Block(d=64, heads=4), backend=_backend(record=record))(torch.randn(2, 512, 64))
+    c = _at_length(dataclasses.replace(record[0].candidate, device="cuda"), 1024)
+    fixed = Options(targets=("attention",), attention_block_size=128, attention_seq_len=8192)
+    fitted = attention_layout("butterfly+local+global", 8192, 8192, 128, density=0.25, causal=True)
+
+    free = plan_attention([c], dataclasses.replace(fixed, attention_seq_len=None), profile=CUDA_PROFILE)[0]
+    assert not free.sparse and "too short" in free.reason
+    short = plan_attention([c], fixed, profile=CUDA_PROFILE)[0]
+    assert short.sparse and short.lowering == "sdpa" and "too short" in short.reason and "fixed pattern" in short.reason
+    assert short.layout is attention_layout_at(fitted, 1024, 1024) and "attention_seq_len=8192" in short.reason
+    n = 16384
+    long = plan_attention([_at_length(c, n)], fixed, profile=CUDA_PROFILE)[0]
+    assert long.sparse and long.lowering == "flex" and long.layout is attention_layout_at(fitted, n, n)
+    assert long.density < fitted.params["density"]  # fixed parameters: sparser at a longer length
+    # CPU training applies it too (unfixed, it stays dense there)
+    cpu = plan_attention([dataclasses.replace(c, device="cpu", requires_grad=True)], fixed)[0]
+    assert cpu.sparse and cpu.lowering == "sdpa" and "CPU training" in cpu.reason
+    # one block: every pattern keeps it, dense is exact
+    one = plan_attention([_at_length(c, 100)], fixed, profile=CUDA_PROFILE)[0]
+    assert not one.sparse and "one block" in one.reason
+    # queries and keys of different lengths: where the queries lie is unknown, so dense, and why
+    cached = dataclasses.replace(c, seq_len_q=1, seq_len_q_hint=1, seq_len_k=4096, seq_len_k_hint=4096)
+    step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
+    assert not step.sparse and "cache" in step.reason and "cannot be placed" in step.reason
+
+
+def _at_length(c, n):
+    return dataclasses.replace(c, seq_len_q=n, seq_len_k=n, seq_len_q_hint=n, seq_len_k_hint=n)
+
+
 def test_time_model_sparse_pays_more_with_length():
     common = dict(batch_heads=16, head_dim=64, value_dim=64, dtype=torch.bfloat16, causal=False, training=True)
     speedups = []
@@ -605,6 +663,37 @@ def test_a_dynamic_sequence_length_with_a_model_mask_stays_dense_with_the_reason
     assert record[0].sparse and not record[0].candidate.symbolic
     d = record[-1]
     assert d.candidate.symbolic and not d.sparse and "dynamic" in d.reason and "mask" in d.reason
+
+
+def test_a_fixed_pattern_gives_every_position_the_output_it_has_in_a_longer_sequence(monkeypatch):
+    """A causal two-block model with a fixed pattern, compiled at two lengths through the sparsify
+    backend (dynamic lengths, a graph per length): C++ FlexAttention at the longer length, SDPA with
+    the element mask at the shorter one. The shorter sequence's outputs are the longer one's first
+    positions (as with dense causal attention: right padding and the length change nothing before
+    them), and both equal the eager model with the fixed layout applied by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(d=64, heads=4), Block(d=64, heads=4)).eval()
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.3,
+               "attention_seq_len": 128, "attention_min_seq_len": 120}
+    compiled = torch.compile(model, backend="sparsify", options=options, dynamic=True)
+    x = torch.randn(2, 160, 64)
+    with torch.no_grad():
+        long = compiled(x)
+        long_rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+        short = compiled(x[:, :100])  # ragged: 6 blocks and 4 tokens
+        short_rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert [r["lowering"] for r in long_rows] == ["flex", "flex"] and [r["lowering"] for r in short_rows] == ["sdpa", "sdpa"]
+    assert all("fixed pattern" in r["reason"] for r in short_rows)
+    torch.testing.assert_close(short, long[:, :100], rtol=1e-4, atol=1e-5)
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    layout = attention_layout_at(fitted, 160, 160)
+    assert {r["layout"] for r in long_rows} == {layout.key}
+    with torch.no_grad():
+        dense = model(x)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layout))
+        want = model(x)
+    torch.testing.assert_close(long, want, rtol=1e-4, atol=1e-5)
+    assert (long - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 
 
 # ---------------------------------------------------------------------------------------------- end to end

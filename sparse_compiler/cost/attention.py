@@ -13,11 +13,18 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
    the graph on what the decision assumed: a sparse one on the exact length (``specialize``: each new
    length compiles its own graph and layout, as under ``dynamic=False``), a "too short" one on the
    length staying below the one from which it would change (``short_of``: one dense graph serves
-   all shorter lengths, e.g. every step of a generation). Not with a model mask, which FlexAttention
-   would have to trace as a closure under dynamic shapes;
+   all shorter lengths, e.g. every step of a generation). With a model mask, only a fixed pattern
+   (below), through SDPA: FlexAttention would have to trace the mask as a closure under dynamic shapes;
 6. fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
    of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
-7. too short: the estimated block-sparse time is not below the dense fused kernel's.
+7. too short: the estimated block-sparse time is not below the dense fused kernel's (on the CPU,
+   training always is: FlexAttention has no CPU backward).
+
+A *fixed* pattern (``attention_seq_len``: fitted at that length, the same at every length; see
+``layouts/attention.py``) is part of what the model computes, so rule 7 does not drop it: the
+length gets the pattern through SDPA with its element mask (``lowering="sdpa"``, no speed-up).
+Queries and keys of different lengths (a step with a key/value cache, cross-attention) stay dense
+with a fixed pattern: where the queries lie among the keys is not known.
 
 Lengths that are not a multiple of the block size are handled (the last block is partial).
 
@@ -172,15 +179,16 @@ def _estimate(c: AttentionCandidate, layout: Layout, profile: Any, training: boo
 
 
 def _options_key(o: Options) -> tuple:
-    return (o.attention_pattern, o.attention_density, o.attention_block_size, o.attention_window, o.attention_global, o.attention_seed)
+    return (o.attention_pattern, o.attention_density, o.attention_block_size, o.attention_window, o.attention_global,
+            o.attention_seed, o.attention_seq_len)
 
 
 @functools.lru_cache(maxsize=256)
 def _pays_from_cached(okey: tuple, profile: Any, batch_heads: int, head_dim: int, value_dim: int,
                       dtype: torch.dtype | None, causal: bool, training: bool) -> int | None:
-    pattern, density, b, window, n_global, seed = okey
+    pattern, density, b, window, n_global, seed, seq_len = okey
     o = Options(attention_pattern=pattern, attention_density=density, attention_block_size=b,
-                attention_window=window, attention_global=n_global, attention_seed=seed)
+                attention_window=window, attention_global=n_global, attention_seed=seed, attention_seq_len=seq_len)
     blocks = 2
     while blocks <= MAX_LADDER_BLOCKS:
         length = blocks * b
@@ -266,7 +274,8 @@ class AttentionDecision:
             "layout": layout.key if layout is not None else None,
             "layout_kind": params.get("pattern") if layout is not None else None,
             "block_size": layout.block_size if layout is not None else None,
-            "butterfly_size": (params.get("butterfly_size") or None) if layout is not None else None,
+            "butterfly_size": None,
+            "butterfly_cell": (params.get("butterfly_cell") or None) if layout is not None else None,
             "n_factors": (params.get("n_factors") or None) if layout is not None else None,
             "flops": str(c.flops),
             "flops_hint": c.flops_hint,
@@ -321,10 +330,13 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
     if not dynamic:
         return _decide_length(c, o, profile, min_seq_len)
-    if c.mask_mode != "none":
+    if c.mask_mode != "none" and o.attention_seq_len is None:
         return _dense(c, f"sequence length is dynamic ({dynamic}) and the model passes a mask, which FlexAttention "
                          "cannot take under dynamic shapes (compile with dynamic=False: a layout per length)")
     decision = _decide_length(c, o, profile, min_seq_len)
+    if c.mask_mode != "none" and decision.lowering == "flex":  # a fixed pattern: applied without FlexAttention
+        decision = replace(decision, lowering="sdpa", reason=decision.reason + "; the model passes a mask, which "
+                           "FlexAttention cannot take at a dynamic length: SDPA with the element mask (same result, no speed-up)")
     if decision.sparse:
         note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
                 "length compiles its own graph (a static layout is made for one length)")
@@ -337,12 +349,20 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
 
 
 def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
-    """Rules 6 and 7, at the candidate's lengths (their current values when symbolic)."""
+    """Rules 6 and 7, at the candidate's lengths (their current values when symbolic). With a fixed
+    pattern (``attention_seq_len``), a length at which block-sparse kernels do not pay applies the
+    pattern through SDPA with its element mask instead of attending densely."""
     b = o.attention_block_size
     lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
     shorter = "q" if lq <= lk else "k"
+    fixed = o.attention_seq_len
+    if fixed is not None and lq != lk:
+        return _dense(c, f"{lq} queries x {lk} keys with a fixed pattern (attention_seq_len={fixed}): where the "
+                         "queries lie among the keys (a step with a key/value cache, cross-attention) is not known, "
+                         "so the pattern cannot be placed; dense")
     if -(-lq // b) < 2 or -(-lk // b) < 2:
-        return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way",
+        exact = "; one block, which every pattern keeps" if fixed is not None else ""
+        return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way{exact}",
                       short_of=("q" if -(-lq // b) < 2 else "k", b + 1))
     if c.device == "cuda" and b % 128:
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
@@ -359,29 +379,36 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     pays = pays_from_seq_len(c, o, prof, training)
     threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
     pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
+    slow, short_of = None, None
     if c.device == "cpu" and training and threshold is None and not o.eager:
-        # dense at every length: the time model assumed FlexAttention, which CPU training lacks, and
-        # its only sparse path there (SDPA with the element mask) gives no speed-up
-        return _dense(c, "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the "
-                         "equivalent element mask gives no speed-up (set attention_min_seq_len to force it)",
-                      estimate=est, pays_from_seq_len=pays)
-    if threshold is not None:
+        # the time model assumed FlexAttention, which CPU training lacks; its only sparse path there
+        # (SDPA with the element mask) gives no speed-up
+        slow = "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the equivalent element mask gives no speed-up"
+    elif threshold is not None:
         if min(lq, lk) < threshold:
-            return _dense(c, f"too short: {min(lq, lk)} tokens < attention_min_seq_len={threshold}",
-                          estimate=est, pays_from_seq_len=pays, short_of=(shorter, threshold))
+            slow, short_of = f"too short: {min(lq, lk)} tokens < attention_min_seq_len={threshold}", (shorter, threshold)
     elif est.sparse_s >= est.dense_s:
-        return _dense(c, f"too short: block-sparse attention {pay_text}; here {lq}x{lk} "
-                         f"(estimated {est.speedup:.2f}x)", estimate=est, pays_from_seq_len=pays,
-                      short_of=(shorter, max(pays or MAX_LADDER_BLOCKS * b, min(lq, lk) + 1)))
+        slow = f"too short: block-sparse attention {pay_text}; here {lq}x{lk} (estimated {est.speedup:.2f}x)"
+        short_of = (shorter, max(pays or MAX_LADDER_BLOCKS * b, min(lq, lk) + 1))
+    if slow is not None and fixed is None:
+        force = " (set attention_min_seq_len to force it)" if slow.startswith("CPU training") else ""
+        return _dense(c, slow + force, estimate=est, pays_from_seq_len=pays, short_of=short_of)
     p = layout.params
     what = p["pattern"]
-    if p.get("butterfly_size"):
-        what += f" (butterfly {p['butterfly_size']}, k={p['n_factors']})"
+    if p.get("butterfly_cell"):
+        what += f" (butterfly cells of {p['butterfly_cell']} blocks, k={p['n_factors']})"
     ragged = "" if lq % b == 0 and lk % b == 0 else "; last block partial"
-    why = f"{what} at density {p['density']:.3f}, blocks of {b}{ragged}; estimated {est.speedup:.2f}x the dense kernel ({pay_text})"
+    why = f"{what} at density {p['density']:.3f}, blocks of {b}{ragged}"
+    if fixed is not None:
+        why += f", pattern fitted at attention_seq_len={fixed}"
+    if slow is None:
+        why += f"; estimated {est.speedup:.2f}x the dense kernel ({pay_text})"
     if c.mask_origin == "causal buffer":
         why += "; the mask buffer is causal: is_causal"
-    if o.eager:
+    if slow is not None:
+        lowering = "sdpa"
+        why += f"; {slow}: the fixed pattern applies through SDPA with its element mask (same result, no speed-up)"
+    elif o.eager:
         lowering = "sdpa"
         why += "; eager=True: SDPA with the equivalent element mask (same result, no speedup)"
     elif c.device == "cpu" and training:  # (forced: attention_min_seq_len)

@@ -6,9 +6,10 @@ row or column is partial, and the element mask (:func:`attention_element_mask`) 
 
 Patterns (each a function of the grid ``n_q × n_k`` and a few integers; all return bool tensors):
 
-- ``butterfly``: the flat block butterfly of Pixelated Butterfly on a ``butterfly_size`` grid
-  stretched over the blocks: query cell ``r`` sees key cells ``r, r^1, r^2, …, r^(2^(n_factors-1))``.
-  The parameters are chosen to approach the target density (:func:`attention_layout`).
+- ``butterfly``: the flat block butterfly of Pixelated Butterfly over cells of ``cell × cell``
+  blocks: query cell ``r`` sees key cells ``r, r^1, r^2, …, r^(2^(n_factors-1))``. The parameters
+  are chosen to approach the target density (:func:`attention_layout`): at a length of
+  ``butterfly_size · cell`` blocks this is the ``butterfly_size`` grid stretched over the blocks.
 - ``local``: a band of ``window`` blocks on each side of the diagonal (``|i - j| <= window``).
 - ``global``: the first ``global_blocks`` query blocks see every key, and every query sees the first
   ``global_blocks`` key blocks (tokens such as CLS or BOS that gather and broadcast).
@@ -22,6 +23,13 @@ Patterns named with ``+`` (``"butterfly+local+global"``) are unions. Whatever th
 diagonal (block ``(i, min(i, n_k - 1))``) is always kept so that every query sees itself, and with
 ``causal=True`` every block above the diagonal (``j > i``) is dropped (the causal restriction, with the
 top-left alignment of ``scaled_dot_product_attention(is_causal=True)``).
+
+Every pattern is a function of the block position ``(i, j)`` and its resolved parameters, never of the
+sequence length (BigBird's random blocks too, when causal): with the same parameters, a shorter
+sequence's layout is the top-left corner of a longer one's (:func:`attention_layout_at` rebuilds a
+layout at other lengths). So a causal model whose pattern is fixed (the ``attention_seq_len``
+option) computes, at every position, what it computes there in any longer sequence: right padding
+and the total length do not change the outputs of the tokens before them.
 
 Density: the fraction of kept blocks among the blocks the attention could use at all, i.e. among all
 ``n_q · n_k`` blocks, or among the lower triangle (diagonal included) when causal. That is the ratio of
@@ -51,6 +59,7 @@ __all__ = [
     "attention_density",
     "attention_element_mask",
     "attention_layout",
+    "attention_layout_at",
     "attention_layout_from_options",
     "bigbird_blocks",
     "butterfly_blocks",
@@ -112,22 +121,19 @@ def global_blocks(n_q: int, n_k: int, n_global: int) -> torch.Tensor:
     return (i < n_global) | (j < n_global)
 
 
-def butterfly_blocks(n_q: int, n_k: int, butterfly_size: int, n_factors: int) -> torch.Tensor:
-    """The flat block butterfly grid (``butterfly_size``, ``n_factors``) stretched over the blocks.
+def butterfly_blocks(n_q: int, n_k: int, cell: int, n_factors: int) -> torch.Tensor:
+    """The flat block butterfly over cells of ``cell × cell`` blocks.
 
-    Query block ``i`` lies in grid row ``i · butterfly_size // n_q`` and key block ``j`` in grid column
-    ``j · butterfly_size // n_k``; a block is kept when its grid cell is. The grid may not be finer
-    than the blocks (``butterfly_size <= min(n_q, n_k)``).
+    Block ``i`` lies in cell ``i // cell``; cells ``r`` and ``c`` are kept together when ``r ^ c`` is
+    ``0`` or one of ``1, 2, …, 2^(n_factors-1)``: row ``r`` of the grid keeps ``r, r^1, …,
+    r^(2^(n_factors-1))``, so the grid is block-diagonal in butterflies of ``2^n_factors`` cells. A
+    block's membership depends on its position only, not on the sequence length.
     """
-    grid = butterfly_grid(butterfly_size, n_factors)  # validates both parameters
-    if butterfly_size > min(n_q, n_k):
-        _fail(
-            "butterfly_size",
-            butterfly_size,
-            f"a grid finer than the blocks (n_q={n_q}, n_k={n_k} blocks) only rounds up; use at most {min(n_q, n_k)}",
-        )
+    _check_int("cell", cell, 1)
+    _check_int("n_factors", n_factors, 1)
     i, j = _grid_ids(n_q, n_k)
-    return grid[(i * butterfly_size // n_q), (j * butterfly_size // n_k)]
+    x = (i // cell) ^ (j // cell)
+    return (x == 0) | (((x & (x - 1)) == 0) & (x < (1 << n_factors)))
 
 
 def strided_blocks(n_q: int, n_k: int, stride: int) -> torch.Tensor:
@@ -152,19 +158,19 @@ def bigbird_blocks(
     n_q: int, n_k: int, window: int, n_global: int, n_random: int, seed: int, causal: bool = False
 ) -> torch.Tensor:
     """BigBird: local ``window`` + ``n_global`` global blocks + ``n_random`` random key blocks per
-    query block, drawn among the blocks not kept yet (and allowed by ``causal``) with Python's
-    ``random.Random(seed)``, row by row: the same seed gives the same layout in every process."""
+    query block, drawn among the blocks not kept yet (and allowed by ``causal``). Row ``i`` draws
+    with its own ``random.Random`` seeded by ``(seed, i)``: the same seed gives the same layout in
+    every process, and with ``causal`` a row depends on its position only."""
     _check_int("n_random", n_random, 0)
     _check_int("seed", seed, 0)
     mask = local_blocks(n_q, n_k, window) | global_blocks(n_q, n_k, n_global) | diagonal_blocks(n_q, n_k)
     if causal:
         mask &= causal_blocks(n_q, n_k)
-    rng = random.Random(seed)
     rows = mask.tolist()
     for i, row in enumerate(rows):
         limit = min(i + 1, n_k) if causal else n_k
         free = [j for j in range(limit) if not row[j]]
-        for j in rng.sample(free, min(n_random, len(free))):
+        for j in random.Random(f"bigbird:{seed}:{i}").sample(free, min(n_random, len(free))):
             mask[i, j] = True
     return mask
 
@@ -216,19 +222,19 @@ def _build(params: dict[str, Any]) -> torch.Tensor:
             mask = mask | local_blocks(n_q, n_k, params["window"])
         if "global" in parts:
             mask = mask | global_blocks(n_q, n_k, params["global"])
-        if "butterfly" in parts and params["bs"]:
-            mask = mask | butterfly_blocks(n_q, n_k, params["bs"], params["nf"])
+        if "butterfly" in parts and params["cell"]:
+            mask = mask | butterfly_blocks(n_q, n_k, params["cell"], params["nf"])
     if causal:
         mask = mask & causal_blocks(n_q, n_k)
     return mask
 
 
-_FIELDS = ("pattern", "lq", "lk", "b", "causal", "bs", "nf", "window", "global", "stride", "summary", "random", "seed")
+_FIELDS = ("pattern", "lq", "lk", "b", "causal", "cell", "nf", "window", "global", "stride", "summary", "random", "seed")
 _REPORT_NAMES = {
     "lq": "seq_len_q",
     "lk": "seq_len_k",
     "b": "block_size",
-    "bs": "butterfly_size",
+    "cell": "butterfly_cell",
     "nf": "n_factors",
     "global": "global_blocks",
     "random": "n_random",
@@ -271,7 +277,8 @@ def attention_layout(pattern: str, seq_len_q: int, seq_len_k: int, block_size: i
 
     The free parameter of each pattern approaches ``density`` unless given explicitly:
     ``butterfly_size``/``n_factors`` for patterns with ``butterfly`` (every power-of-2 grid up to the
-    number of blocks, every factor count), ``stride`` for ``strided`` and ``fixed``, ``n_random`` for
+    number of blocks, every factor count; the layout keeps the grid's cell, ``n_k // butterfly_size``
+    blocks, as its ``butterfly_cell``), ``stride`` for ``strided`` and ``fixed``, ``n_random`` for
     ``bigbird``. ``window`` and ``global_blocks`` are taken as given, so a union whose fixed parts
     already exceed the target keeps them (the layout's ``params["density"]`` is the real density).
     Invalid parameters raise ``ValueError`` naming the parameter.
@@ -315,7 +322,7 @@ def _attention_layout(
         "lk": seq_len_k,
         "b": block_size,
         "causal": int(causal),
-        "bs": 0,
+        "cell": 0,
         "nf": 0,
         "window": window if ("local" in parts or parts == ("bigbird",)) else 0,
         "global": global_blocks if ("global" in parts or parts == ("bigbird",)) else 0,
@@ -328,12 +335,16 @@ def _attention_layout(
         if (butterfly_size is None) != (n_factors is None):
             _fail("butterfly_size" if butterfly_size is None else "n_factors", None, "set butterfly_size and n_factors together")
         if butterfly_size is not None:
-            butterfly_blocks(n_q, n_k, butterfly_size, n_factors)  # validates
-            return _make({**base, "bs": butterfly_size, "nf": n_factors})
-        # Preference at equal density: finer grids and more factors (more butterfly levels mix more
-        # distant blocks).
+            butterfly_grid(butterfly_size, n_factors)  # validates both
+            if butterfly_size > min(n_q, n_k):
+                _fail("butterfly_size", butterfly_size, f"a grid finer than the blocks (n_q={n_q}, n_k={n_k} blocks) "
+                                                        f"only rounds up; use at most {min(n_q, n_k)}")
+            return _make({**base, "cell": n_k // butterfly_size, "nf": n_factors})
+        # About ``bs`` cells over the keys: cells of ``n_k // bs`` blocks (a few more cells follow
+        # when ``bs`` does not divide ``n_k``). Preference at equal density: finer grids and more
+        # factors (more butterfly levels mix more distant blocks).
         sizes = [2**e for e in range(1, int(math.log2(min(n_q, n_k))) + 1)] if min(n_q, n_k) >= 2 else []
-        configs = [{**base, "bs": bs, "nf": k} for bs in reversed(sizes) for k in range(int(math.log2(bs)), 0, -1)]
+        configs = [{**base, "cell": n_k // bs, "nf": k} for bs in reversed(sizes) for k in range(int(math.log2(bs)), 0, -1)]
         if len(parts) > 1:  # the other parts alone may come nearer (short sequences)
             configs.append(base)
         return _nearest(configs or [base], density)
@@ -360,12 +371,28 @@ def _attention_layout(
     return _make(base)
 
 
+def attention_layout_at(layout: Layout, seq_len_q: int, seq_len_k: int) -> Layout:
+    """The same pattern, with the parameters ``layout`` resolved, at other lengths (its blocks are the
+    top-left corner of the longer of the two layouts; see the module docstring)."""
+    if not layout.key.startswith("attention:"):
+        raise ValueError(f"only pattern layouts can be rebuilt at other lengths, not {layout.key!r}")
+    _check_int("seq_len_q", seq_len_q, 1)
+    _check_int("seq_len_k", seq_len_k, 1)
+    return _make({**_parse_key(layout.key), "lq": seq_len_q, "lk": seq_len_k})
+
+
 def attention_layout_from_options(options: Any, seq_len_q: int, seq_len_k: int, causal: bool) -> Layout:
-    """:func:`attention_layout` with the ``attention_*`` fields of :class:`~sparse_compiler.Options`."""
-    return attention_layout(
+    """:func:`attention_layout` with the ``attention_*`` fields of :class:`~sparse_compiler.Options`:
+    fitted at these lengths, or, with ``attention_seq_len`` set, fitted at that self-attention
+    length and rebuilt at these (:func:`attention_layout_at`)."""
+    fit_q, fit_k = seq_len_q, seq_len_k
+    fixed = getattr(options, "attention_seq_len", None)
+    if fixed is not None:
+        fit_q = fit_k = fixed
+    layout = attention_layout(
         options.attention_pattern,
-        seq_len_q,
-        seq_len_k,
+        fit_q,
+        fit_k,
         options.attention_block_size,
         density=options.attention_density,
         window=options.attention_window,
@@ -373,6 +400,7 @@ def attention_layout_from_options(options: Any, seq_len_q: int, seq_len_k: int, 
         seed=options.attention_seed,
         causal=causal,
     )
+    return layout if (fit_q, fit_k) == (seq_len_q, seq_len_k) else attention_layout_at(layout, seq_len_q, seq_len_k)
 
 
 def layout_geometry(
@@ -402,7 +430,7 @@ def attention_element_mask(
     causal: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """The ``(seq_len_q, seq_len_k)`` bool mask of allowed (query, key) pairs: the blocks stretched and
+    """The ``(seq_len_q, seq_len_k)`` bool mask of allowed (query, key) pairs: the blocks expanded and
     cropped, and the element-level causal mask (``key <= query``) when causal (see
     :func:`layout_geometry` for the defaults)."""
     lq, lk, c = layout_geometry(layout, seq_len_q, seq_len_k, causal)
