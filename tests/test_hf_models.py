@@ -119,3 +119,27 @@ def test_model_attention_becomes_block_sparse_as_its_masked_reference(name, monk
         want = model(input_ids=ids, **extra).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - dense).abs().max() > 1e-3  # the layout drops pairs the dense model attends to
+
+
+def test_gpt2_with_a_fixed_pattern_gives_a_sequence_the_same_logits_alone_and_right_padded():
+    """With ``attention_seq_len`` a sequence's logits do not depend on the batch it is padded into
+    (as with dense causal attention). The first call, without a mask, also leaves FlexAttention's
+    own compilation cache in a state the second call, with one, must survive."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=1000, n_positions=256, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 1000, (2, 192), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones_like(ids)
+    padding[0, 128:] = 0
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32,
+               "attention_density": 0.2, "attention_seq_len": 192}
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    with torch.no_grad():
+        alone = compiled(input_ids=ids[:1, :128]).logits
+        rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+        batch = compiled(input_ids=ids, attention_mask=padding).logits
+        rows += [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+        dense = model(input_ids=ids[:1, :128]).logits
+    assert len(rows) == 4 and all(r["decision"] == "sparse" for r in rows), [r["reason"] for r in rows]
+    torch.testing.assert_close(alone[0], batch[0, :128], rtol=1e-4, atol=1e-4)
+    assert (alone - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps

@@ -411,7 +411,11 @@ def block_sparse_attention(
     bm = _make_block_mask(tables, b, lq, lk, mask_mod)
     if q.device.type == "cpu":  # own 4-D buffers for the C++ template (module docstring)
         q4, k4, v4 = (torch.ops.sparse_compiler.attention_barrier(t) for t in (q4, k4, v4))
-    out = flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
+    # Traced outside Dynamo, flex_attention compiles a wrapper frame of its own, whose cache outlives
+    # this graph: a later graph with other shapes would recompile it with dynamic shapes, and its
+    # mask subgraph would then no longer match the tensors it is given (an Inductor assertion).
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        out = flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
     if q.device.type == "cpu":
         out = torch.ops.sparse_compiler.attention_barrier(out)
     return _from_4d(out, nd)
