@@ -569,6 +569,12 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     # one block: every pattern keeps it, dense is exact
     one = plan_attention([_at_length(c, 100)], fixed, profile=CUDA_PROFILE)[0]
     assert not one.sparse and "one block" in one.reason
+    # a model mask at a dynamic length: FlexAttention cannot take it there, SDPA applies the pattern
+    masked = dataclasses.replace(_at_length(c, n), seq_len_q="s0", seq_len_k="s0", mask_mode="keep", mask_dynamic="s0")
+    via_sdpa = plan_attention([masked], fixed, profile=CUDA_PROFILE)[0]
+    assert via_sdpa.sparse and via_sdpa.lowering == "sdpa" and via_sdpa.specialize and "dynamic length" in via_sdpa.reason
+    unfixed = plan_attention([masked], dataclasses.replace(fixed, attention_seq_len=None), profile=CUDA_PROFILE)[0]
+    assert not unfixed.sparse and "dynamic" in unfixed.reason and "mask" in unfixed.reason
     # queries and keys of different lengths: where the queries lie is unknown, so dense, and why
     cached = dataclasses.replace(c, seq_len_q=1, seq_len_q_hint=1, seq_len_k=4096, seq_len_k_hint=4096)
     step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
@@ -663,6 +669,25 @@ def test_a_dynamic_sequence_length_with_a_model_mask_stays_dense_with_the_reason
     assert record[0].sparse and not record[0].candidate.symbolic
     d = record[-1]
     assert d.candidate.symbolic and not d.sparse and "dynamic" in d.reason and "mask" in d.reason
+
+
+def test_a_fixed_pattern_with_a_model_mask_at_a_dynamic_length_goes_through_sdpa():
+    record = []
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    compiled = torch.compile(attend, backend=_backend(options=fixed, record=record, min_seq_len=0))
+    for n in (96, 128):
+        q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
+        mask = torch.rand(n, n) > 0.1
+        got = compiled(q, k, v, mask)
+        d = record[-1]
+        assert d.sparse and d.layout.key == attention_layout_at(record[0].layout, n, n).key
+        allowed = attention_element_mask(d.layout, n, n, False) & mask
+        torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=allowed), rtol=1e-5, atol=1e-6)
+    assert d.candidate.symbolic and d.candidate.mask_dynamic and d.lowering == "sdpa" and "mask" in d.reason
 
 
 def test_a_fixed_pattern_gives_every_position_the_output_it_has_in_a_longer_sequence(monkeypatch):

@@ -328,15 +328,18 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     if _matches(name, o.exclude):
         return _dense(c, f"excluded by exclude={list(o.exclude)}")
     dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
-    if not dynamic:
+    if not dynamic and not c.mask_dynamic:
         return _decide_length(c, o, profile, min_seq_len)
+    what = f"sequence length is dynamic ({dynamic})" if dynamic else f"the model's mask has dynamic dims ({c.mask_dynamic})"
     if c.mask_mode != "none" and o.attention_seq_len is None:
-        return _dense(c, f"sequence length is dynamic ({dynamic}) and the model passes a mask, which FlexAttention "
-                         "cannot take under dynamic shapes (compile with dynamic=False: a layout per length)")
+        return _dense(c, f"{what} and the model passes a mask, which FlexAttention cannot take under dynamic shapes "
+                         "(compile with dynamic=False: a layout per length; or fix the pattern with attention_seq_len)")
     decision = _decide_length(c, o, profile, min_seq_len)
     if c.mask_mode != "none" and decision.lowering == "flex":  # a fixed pattern: applied without FlexAttention
-        decision = replace(decision, lowering="sdpa", reason=decision.reason + "; the model passes a mask, which "
-                           "FlexAttention cannot take at a dynamic length: SDPA with the element mask (same result, no speed-up)")
+        decision = replace(decision, lowering="sdpa", reason=decision.reason + f"; {what} and the model passes a "
+                           "mask, which FlexAttention cannot take there: SDPA with the element mask (same result, no speed-up)")
+    if not dynamic:
+        return decision  # static lengths: nothing to guard
     if decision.sparse:
         note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
                 "length compiles its own graph (a static layout is made for one length)")

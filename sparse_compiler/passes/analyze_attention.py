@@ -96,6 +96,7 @@ class AttentionCandidate:
     device: str
     requires_grad: bool  # q, k or v requires grad (a training graph)
     blocker: str | None
+    mask_dynamic: str = ""  # the mask's dynamic dims ("s0, s1"); mask_shape holds their current values
 
     @property
     def symbolic(self) -> bool:
@@ -364,12 +365,7 @@ def _mask_info(mask: Any, lq: int, lk: int, q_ndim: int) -> tuple[tuple[int, ...
     m = _meta(mask)
     if not isinstance(m, torch.Tensor):
         return None, False, None, "mask shape unknown to the analysis"
-    shape = []
-    for d in m.shape:
-        e, h = _dim_expr(d)
-        if not isinstance(e, int):
-            return None, False, m.dtype, f"mask has a dynamic dim ({e})"
-        shape.append(int(h))
+    shape = [int(_dim_expr(d)[1]) for d in m.shape]  # dynamic dims at their current values
     if m.dim() > q_ndim:
         return tuple(shape), bool(m.requires_grad), m.dtype, f"mask has more dims ({m.dim()}) than the query"
     if m.dim() >= 1 and shape[-1] not in (1, lk) or m.dim() >= 2 and shape[-2] not in (1, lq):
@@ -484,9 +480,13 @@ def _candidate(
     if not isinstance(enable_gqa, bool):
         blocker = blocker or "enable_gqa is not a constant"
         enable_gqa = False
-    mask_shape, mask_requires_grad, mask_origin = None, False, ""
+    mask_shape, mask_requires_grad, mask_origin, mask_dynamic = None, False, "", ""
     if mask is not None:
         mask_origin = "argument"
+        mask_meta = _meta(mask)
+        if isinstance(mask_meta, torch.Tensor):
+            dims = (_dim_expr(d)[0] for d in mask_meta.shape)
+            mask_dynamic = ", ".join(dict.fromkeys(str(e) for e in dims if not isinstance(e, int)))
         lq, lk = info.get("seq_len_q_hint", 0), info.get("seq_len_k_hint", 0)
         mask_shape, mask_requires_grad, mask_dtype, mask_blocker = _mask_info(mask, lq, lk, _ndim(q) or 4)
         blocker = blocker or mask_blocker
@@ -527,6 +527,7 @@ def _candidate(
         enable_gqa=enable_gqa,
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
+        mask_dynamic=mask_dynamic,
         **info,
     )
 
