@@ -382,11 +382,12 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     pays = pays_from_seq_len(c, o, prof, training)
     threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
     pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
-    slow, short_of = None, None
+    slow, short_of, force = None, None, ""
     if c.device == "cpu" and training and threshold is None and not o.eager:
         # the time model assumed FlexAttention, which CPU training lacks; its only sparse path there
         # (SDPA with the element mask) gives no speed-up
         slow = "CPU training: FlexAttention has no CPU backward, and the SDPA fallback with the equivalent element mask gives no speed-up"
+        force = " (set attention_min_seq_len to force it)"
     elif threshold is not None:
         if min(lq, lk) < threshold:
             slow, short_of = f"too short: {min(lq, lk)} tokens < attention_min_seq_len={threshold}", (shorter, threshold)
@@ -394,7 +395,6 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
         slow = f"too short: block-sparse attention {pay_text}; here {lq}x{lk} (estimated {est.speedup:.2f}x)"
         short_of = (shorter, max(pays or MAX_LADDER_BLOCKS * b, min(lq, lk) + 1))
     if slow is not None and fixed is None:
-        force = " (set attention_min_seq_len to force it)" if slow.startswith("CPU training") else ""
         return _dense(c, slow + force, estimate=est, pays_from_seq_len=pays, short_of=short_of)
     p = layout.params
     what = p["pattern"]

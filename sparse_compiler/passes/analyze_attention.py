@@ -361,16 +361,23 @@ def _shape_info(q: Any, k: Any, v: Any) -> tuple[dict[str, Any], str | None]:
     return info, blocker
 
 
-def _mask_info(mask: Any, lq: int, lk: int, q_ndim: int) -> tuple[tuple[int, ...] | None, bool, torch.dtype | None, str | None]:
+def _mask_info(
+    mask: Any, lq: int, lk: int, q_ndim: int
+) -> tuple[tuple[int, ...] | None, str, bool, torch.dtype | None, str | None]:
+    """(shape with dynamic dims at their current values, the dynamic dims' names, requires_grad,
+    dtype, blocker) of the mask node."""
     m = _meta(mask)
     if not isinstance(m, torch.Tensor):
-        return None, False, None, "mask shape unknown to the analysis"
-    shape = [int(_dim_expr(d)[1]) for d in m.shape]  # dynamic dims at their current values
+        return None, "", False, None, "mask shape unknown to the analysis"
+    exprs = [_dim_expr(d) for d in m.shape]
+    shape = tuple(int(h) for _, h in exprs)
+    dynamic = ", ".join(dict.fromkeys(str(e) for e, _ in exprs if not isinstance(e, int)))
+    blocker = None
     if m.dim() > q_ndim:
-        return tuple(shape), bool(m.requires_grad), m.dtype, f"mask has more dims ({m.dim()}) than the query"
-    if m.dim() >= 1 and shape[-1] not in (1, lk) or m.dim() >= 2 and shape[-2] not in (1, lq):
-        return tuple(shape), bool(m.requires_grad), m.dtype, f"mask of shape {tuple(shape)} does not broadcast to ({lq}, {lk})"
-    return tuple(shape), bool(m.requires_grad), m.dtype, None
+        blocker = f"mask has more dims ({m.dim()}) than the query"
+    elif m.dim() >= 1 and shape[-1] not in (1, lk) or m.dim() >= 2 and shape[-2] not in (1, lq):
+        blocker = f"mask of shape {shape} does not broadcast to ({lq}, {lk})"
+    return shape, dynamic, bool(m.requires_grad), m.dtype, blocker
 
 
 @dataclass(frozen=True)
@@ -483,12 +490,8 @@ def _candidate(
     mask_shape, mask_requires_grad, mask_origin, mask_dynamic = None, False, "", ""
     if mask is not None:
         mask_origin = "argument"
-        mask_meta = _meta(mask)
-        if isinstance(mask_meta, torch.Tensor):
-            dims = (_dim_expr(d)[0] for d in mask_meta.shape)
-            mask_dynamic = ", ".join(dict.fromkeys(str(e) for e in dims if not isinstance(e, int)))
         lq, lk = info.get("seq_len_q_hint", 0), info.get("seq_len_k_hint", 0)
-        mask_shape, mask_requires_grad, mask_dtype, mask_blocker = _mask_info(mask, lq, lk, _ndim(q) or 4)
+        mask_shape, mask_dynamic, mask_requires_grad, mask_dtype, mask_blocker = _mask_info(mask, lq, lk, _ndim(q) or 4)
         blocker = blocker or mask_blocker
         if mask_dtype is not None and mask_mode == "keep" and mask_dtype != torch.bool:
             mask_mode = "add"
