@@ -84,7 +84,14 @@ class Options:
             shorter ones seeing the top-left corner of the longer ones' layout; a causal model then
             computes at each position what it computes there in any longer sequence. Lengths at
             which block-sparse kernels do not pay apply the same pattern through SDPA with its
-            element mask (no speed-up).
+            element mask (no speed-up), and so do key/value cache steps, whose queries take the
+            bottom rows of the layout at the key length.
+        attention_causal: ``None``: an attention node gets the causal pattern when it is causal
+            itself (``is_causal``, a causal mask buffer) or is a key/value cache step. ``True`` or
+            ``False`` choose for every node: ``True`` for a decoder whose causality arrives in a
+            mask tensor (Hugging Face models given a padding mask), so that padded and unpadded
+            calls, cached or not, share one pattern. The model's own mask and causality are applied
+            either way; this only chooses the pattern's blocks and how they were fitted.
     """
 
     enabled: bool = True
@@ -117,6 +124,7 @@ class Options:
     attention_seed: int = 0
     attention_min_seq_len: int | None = None
     attention_seq_len: int | None = None
+    attention_causal: bool | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -127,6 +135,8 @@ class Options:
         for name in ("enabled", "allow_shared_weights", "rescale_init", "eager", "visible_kernels"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "expected True or False")
+        if self.attention_causal is not None and not isinstance(self.attention_causal, bool):
+            fail("attention_causal", "expected None (from each node), True or False")
         d = self.density
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
             fail("density", "expected None (cost model) or a number in (0, 1]")

@@ -26,6 +26,7 @@ from sparse_compiler.layouts.attention import (
     attention_element_mask,
     attention_layout,
     attention_layout_at,
+    attention_mask_at_end,
     causal_blocks,
     get_attention_layout,
 )
@@ -243,6 +244,24 @@ def test_a_pattern_at_a_longer_length_extends_the_shorter_layout(pattern, causal
         assert not torch.equal(refit.block_mask[:n, :n], layout.block_mask), pattern
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_queries_of_a_cache_step_take_the_bottom_rows_of_the_self_attention_layout(pattern, causal):
+    """``attention_mask_at_end``: the last ``lq`` of ``lk`` positions get rows ``lk - lq …`` of the
+    pattern's layout at ``lk``, at any length (including ragged ones and ones past a cached
+    capacity), and the element-level causal mask is aligned bottom-right."""
+    layout = attention_layout(pattern, 256, 256, 16, density=0.3, causal=causal)
+    for lk in (1, 16, 17, 100, 256, 300, 513):
+        square = attention_element_mask(attention_layout_at(layout, lk, lk), lk, lk, causal)
+        for lq in {1, 3, lk}:
+            if lq <= lk:
+                assert torch.equal(attention_mask_at_end(layout, lq, lk, causal), square[lk - lq:]), (lq, lk)
+    # placed at the top instead, the queries would see other keys
+    assert not torch.equal(attention_mask_at_end(layout, 3, 300, causal), square[:3, :300])
+    with pytest.raises(ValueError, match="seq_len_q"):
+        attention_mask_at_end(layout, 5, 4)
+
+
 def test_bigbird_is_deterministic_by_seed_and_rebuilt_from_its_key():
     a = attention_layout("bigbird", 4096, 4096, 128, density=0.25, seed=7)
     b = attention_layout("bigbird", 4096, 4096, 128, density=0.25, seed=7)
@@ -395,6 +414,33 @@ def test_grouped_query_attention(lowering):
     got = block_sparse_attention(q, k, v, layout=layout.key, causal=True, enable_gqa=True, lowering=lowering)
     want = _SDPA(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=attention_element_mask(layout))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "keep", "add"])
+def test_a_fixed_pattern_is_lowered_at_the_lengths_of_each_call(mode):
+    """``fixed=True``: the pattern's mask is built for the call's lengths, the queries being the last
+    keys; at equal lengths that is the layout at that length."""
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    for lq, lk in ((100, 100), (1, 100), (5, 77)):
+        q, k, v = _qkv((2, 3), lq, lk, requires_grad=True)
+        mask = {"none": None, "keep": torch.rand(lq, lk) > 0.2, "add": torch.randn(lq, lk)}[mode]
+        causal = lq == lk
+        got = block_sparse_attention(q, k, v, mask, layout=fitted.key, causal=causal, mask_mode=mode, lowering="sdpa",
+                                     fixed=True)
+        allowed = attention_mask_at_end(fitted, lq, lk, causal)
+        ref_mask = {"none": allowed, "keep": allowed & mask if mask is not None and mask.dtype == torch.bool else None,
+                    "add": mask.masked_fill(~allowed, float("-inf")) if mode == "add" else None}[mode]
+        want = _SDPA(q, k, v, attn_mask=ref_mask)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if lq == lk:
+            here = attention_layout_at(fitted, lq, lk).key
+            same = block_sparse_attention(q, k, v, mask, layout=here, causal=causal, mask_mode=mode, lowering="sdpa")
+            torch.testing.assert_close(got, same, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fixed=True"):
+        block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="flex", fixed=True)
 
 
 def test_flex_training_graph_is_traced_with_its_backward(monkeypatch):
@@ -572,13 +618,24 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     # a model mask at a dynamic length: FlexAttention cannot take it there, SDPA applies the pattern
     masked = dataclasses.replace(_at_length(c, n), seq_len_q="s0", seq_len_k="s0", mask_mode="keep", mask_dynamic="s0")
     via_sdpa = plan_attention([masked], fixed, profile=CUDA_PROFILE)[0]
-    assert via_sdpa.sparse and via_sdpa.lowering == "sdpa" and via_sdpa.specialize and "dynamic length" in via_sdpa.reason
+    assert via_sdpa.sparse and via_sdpa.lowering == "sdpa" and via_sdpa.fixed_pattern and not via_sdpa.specialize
+    assert "each call's lengths" in via_sdpa.reason
     unfixed = plan_attention([masked], dataclasses.replace(fixed, attention_seq_len=None), profile=CUDA_PROFILE)[0]
     assert not unfixed.sparse and "dynamic" in unfixed.reason and "mask" in unfixed.reason
     # queries and keys of different lengths: where the queries lie is unknown, so dense, and why
-    cached = dataclasses.replace(c, seq_len_q=1, seq_len_q_hint=1, seq_len_k=4096, seq_len_k_hint=4096)
-    step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
+    cross = dataclasses.replace(c, seq_len_q=1, seq_len_q_hint=1, seq_len_k=4096, seq_len_k_hint=4096, causal=False)
+    step = plan_attention([cross], fixed, profile=CUDA_PROFILE)[0]
     assert not step.sparse and "cache" in step.reason and "cannot be placed" in step.reason
+    # ... unless the keys are a cache ending with the queries' own: the causal pattern's bottom rows
+    cached = dataclasses.replace(cross, kv_cache_step=True)
+    step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
+    assert step.sparse and step.lowering == "sdpa" and step.fixed_pattern and "bottom rows" in step.reason
+    assert step.layout is attention_layout_at(fitted, 4096, 4096)
+    non_causal = plan_attention([cached], dataclasses.replace(fixed, attention_causal=False), profile=CUDA_PROFILE)[0]
+    assert non_causal.layout.params["causal"] is False and "bottom rows of the fixed" in non_causal.reason
+    # SDPA's is_causal with fewer queries than keys aligns top-left: not a cache step's causality
+    top_left = plan_attention([dataclasses.replace(cached, causal=True)], fixed, profile=CUDA_PROFILE)[0]
+    assert not top_left.sparse and "top-left" in top_left.reason
 
 
 def _at_length(c, n):
@@ -719,6 +776,89 @@ def test_a_fixed_pattern_gives_every_position_the_output_it_has_in_a_longer_sequ
         want = model(x)
     torch.testing.assert_close(long, want, rtol=1e-4, atol=1e-5)
     assert (long - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+
+
+class CachedSelfAttention(nn.Module):
+    """Causal self-attention over a growing key/value cache, written as decoders write it."""
+
+    def __init__(self, d=32, heads=2, explicit=False):
+        super().__init__()
+        self.heads, self.explicit = heads, explicit
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, past_k=None, past_v=None, mask=None):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        if self.explicit:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            a = scores.softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and past_k is None)
+        return self.proj(a.transpose(1, 2).reshape(b, t, d)), k, v
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cached_decoding_with_a_fixed_pattern_computes_what_the_uncached_forward_does(explicit, monkeypatch):
+    """Key/value cache steps (one query, then a chunk of three with their causal mask) take the
+    bottom rows of the fixed pattern at the key length: each step's outputs equal the uncached
+    forward's at the same positions, which equals the eager model with the fixed layout applied by
+    hand. The growing cache compiles once for all its lengths."""
+    torch.manual_seed(0)
+    model = CachedSelfAttention(explicit=explicit).eval()
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=10_000))
+    x = torch.randn(2, 112, 32)
+    with torch.no_grad():
+        _, k, v = compiled(x[:, :64], mask=torch.ones(64, 64, dtype=torch.bool).tril() if explicit else None)
+        outs, graphs, t = [], [], 64
+        while t < 112:
+            chunk = 3 if t % 10 == 0 and t + 3 <= 112 else 1
+            mask = torch.ones(chunk, t + chunk, dtype=torch.bool).tril(t) if chunk > 1 or explicit else None
+            y, k, v = compiled(x[:, t:t + chunk], k, v, mask)
+            outs.append(y)
+            graphs.append(len(record))
+            t += chunk
+        steps = torch.cat(outs, 1)
+    cache_steps = [d for d in record if d.candidate.kv_cache_step]
+    assert cache_steps and all(d.sparse and d.fixed_pattern and "bottom rows" in d.reason for d in cache_steps)
+    assert graphs[-1] == graphs[len(graphs) // 2]  # the second half of the steps compiled nothing new
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    layout = attention_layout_at(fitted, 112, 112)
+
+    def reference(attn_mask=None):
+        with torch.no_grad():
+            return model(x, mask=attn_mask)[0][:, 64:]
+
+    full_mask = torch.ones(112, 112, dtype=torch.bool).tril()
+    dense = reference(full_mask if explicit else None)
+    if explicit:
+        want = reference(full_mask & attention_element_mask(layout))
+    else:
+        monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layout))
+        want = reference()
+    torch.testing.assert_close(steps, want, rtol=1e-5, atol=1e-5)
+    assert (steps - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+
+
+def test_cross_attention_of_other_lengths_stays_dense_under_a_fixed_pattern():
+    """Keys that are not a cache ending with the queries' own keys: where the queries lie is not
+    known, so the pattern is not placed."""
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+
+    def cross(q, memory):
+        return F.scaled_dot_product_attention(q, memory, memory)
+
+    q, memory = torch.randn(1, 2, 48, 8), torch.randn(1, 2, 80, 8)
+    got = torch.compile(cross, backend=_backend(options=fixed, record=record))(q, memory)
+    (d,) = record
+    assert not d.candidate.kv_cache_step and not d.sparse and "cannot be placed" in d.reason
+    torch.testing.assert_close(got, cross(q, memory))
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -16,15 +16,15 @@ OPTIONS = {"density": 0.25, "block_size": 16, "rescale_init": False}
 TOKENS = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
 
 
-def _gpt2():
-    config = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+def _gpt2(positions=64):
+    config = transformers.GPT2Config(vocab_size=1000, n_positions=positions, n_embd=64, n_layer=2, n_head=4)
     return transformers.GPT2LMHeadModel(config), {}
 
 
-def _llama():
+def _llama(positions=64):
     config = transformers.LlamaConfig(
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        num_key_value_heads=2, max_position_embeddings=positions,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config), {}
 
@@ -143,3 +143,42 @@ def test_gpt2_with_a_fixed_pattern_gives_a_sequence_the_same_logits_alone_and_ri
     assert len(rows) == 4 and all(r["decision"] == "sparse" for r in rows), [r["reason"] for r in rows]
     torch.testing.assert_close(alone[0], batch[0, :128], rtol=1e-4, atol=1e-4)
     assert (alone - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name, monkeypatch):
+    """Greedy decoding with Hugging Face's key/value cache (GPT-2; Llama: rotary embeddings and
+    grouped-query heads): each step's queries take the bottom rows of the fixed pattern, so every
+    step's logits equal the eager model's on the whole sequence with the fixed layout applied."""
+    from sparse_compiler.layouts.attention import attention_element_mask, attention_layout_at, get_attention_layout
+
+    torch.manual_seed(0)
+    model = EXPECTED[name][0](positions=128)[0].eval()
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.2,
+               "attention_seq_len": 128, "attention_min_seq_len": 10_000}
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    ids = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(2))
+    steps, rows = [], []
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=True)
+        for _ in range(8):
+            ids = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
+            out = compiled(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+            rows += [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert rows and all(r["decision"] == "sparse" and "key/value cache step" in r["reason"] for r in rows), [r["reason"] for r in rows]
+    n = ids.shape[1]
+    layout = attention_layout_at(get_attention_layout(rows[0]["layout"]), n, n)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        allowed = attention_element_mask(layout, q.shape[-2], k.shape[-2], True, device=q.device)
+        kwargs = {"enable_gqa": True} if enable_gqa else {}
+        return sdpa(q, k, v, attn_mask=allowed, scale=scale, **kwargs)
+
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits[0, -8:]
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", masked_sdpa)
+        want = model(input_ids=ids).logits[0, -8:]
+    torch.testing.assert_close(torch.cat(steps), want, rtol=1e-4, atol=1e-4)
+    assert (want - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps

@@ -22,9 +22,15 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
 
 A *fixed* pattern (``attention_seq_len``: fitted at that length, the same at every length; see
 ``layouts/attention.py``) is part of what the model computes, so rule 7 does not drop it: the
-length gets the pattern through SDPA with its element mask (``lowering="sdpa"``, no speed-up).
-Queries and keys of different lengths (a step with a key/value cache, cross-attention) stay dense
-with a fixed pattern: where the queries lie among the keys is not known.
+length gets the pattern through SDPA with its element mask (``lowering="sdpa"``, no speed-up). That
+lowering builds the mask at the lengths of each call (``fixed_pattern``), so one graph serves every
+dynamic length below the one where FlexAttention pays. Queries and keys of different lengths take
+the pattern only at a key/value cache step (the analysis saw ``k = cat([cache, new])`` with ``new``
+as long as the queries: ``kv_cache_step``): the queries are the last keys, so they take the bottom
+rows of the self-attention layout, and cached decoding computes what the uncached forward does.
+Otherwise (cross-attention) they stay dense: where the queries lie among the keys is not known.
+The pattern is causal where the node is (``is_causal``, a causal mask buffer) or, at a cache step,
+always, unless ``attention_causal`` says otherwise for every node.
 
 Lengths that are not a multiple of the block size are handled (the last block is partial).
 
@@ -185,14 +191,14 @@ def _options_key(o: Options) -> tuple:
 
 @functools.lru_cache(maxsize=256)
 def _pays_from_cached(okey: tuple, profile: Any, batch_heads: int, head_dim: int, value_dim: int,
-                      dtype: torch.dtype | None, causal: bool, training: bool) -> int | None:
+                      dtype: torch.dtype | None, causal: bool, pattern_causal: bool, training: bool) -> int | None:
     pattern, density, b, window, n_global, seed, seq_len = okey
     o = Options(attention_pattern=pattern, attention_density=density, attention_block_size=b,
                 attention_window=window, attention_global=n_global, attention_seed=seed, attention_seq_len=seq_len)
     blocks = 2
     while blocks <= MAX_LADDER_BLOCKS:
         length = blocks * b
-        layout = attention_layout_from_options(o, length, length, causal)
+        layout = attention_layout_from_options(o, length, length, pattern_causal)
         common = dict(batch_heads=batch_heads, seq_len_q=length, seq_len_k=length, head_dim=head_dim,
                       value_dim=value_dim, dtype=dtype, causal=causal, training=training)
         dense = estimate_attention_time(profile, **common)
@@ -208,9 +214,16 @@ def pays_from_seq_len(c: AttentionCandidate, options: Options, profile: Any, tra
     (module docstring), for this candidate's batch, heads, dims, dtype and causality."""
     try:
         return _pays_from_cached(_options_key(options), profile, max(c.batch_hint, 1) * max(c.heads, 1),
-                                 c.head_dim, c.value_dim, c.dtype, c.causal, training)
+                                 c.head_dim, c.value_dim, c.dtype, c.causal, _pattern_causal(c, options), training)
     except (ValueError, TypeError):
         return None
+
+
+def _pattern_causal(c: AttentionCandidate, o: Options) -> bool:
+    """Whether ``c`` gets the causal pattern (``attention_causal``; module docstring)."""
+    if o.attention_causal is not None:
+        return o.attention_causal
+    return c.causal or (c.kv_cache_step and c.seq_len_q_hint < c.seq_len_k_hint)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -228,6 +241,7 @@ class AttentionDecision:
     estimate: AttentionEstimate | None = None
     pays_from_seq_len: int | None = None
     specialize: bool = False  # symbolic lengths: the rewrite guards the graph on their current values
+    fixed_pattern: bool = False  # the lowering builds the fixed pattern's mask at each call's lengths
     short_of: tuple[str, int] | None = None  # too short: ("q" or "k", the length from which it may change)
 
     @property
@@ -336,10 +350,19 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
                          "(compile with dynamic=False: a layout per length; or fix the pattern with attention_seq_len)")
     decision = _decide_length(c, o, profile, min_seq_len)
     if c.mask_mode != "none" and decision.lowering == "flex":  # a fixed pattern: applied without FlexAttention
-        decision = replace(decision, lowering="sdpa", reason=decision.reason + f"; {what} and the model passes a "
-                           "mask, which FlexAttention cannot take there: SDPA with the element mask (same result, no speed-up)")
+        decision = replace(decision, lowering="sdpa", fixed_pattern=True, reason=decision.reason + f"; {what} and the "
+                           "model passes a mask, which FlexAttention cannot take there: SDPA with the element mask "
+                           "(same result, no speed-up)")
     if not dynamic:
         return decision  # static lengths: nothing to guard
+    if decision.fixed_pattern:
+        note = f"; dynamic length ({dynamic}): the pattern's mask is built at each call's lengths"
+        if decision.short_of is not None:
+            dim, bound = decision.short_of
+            note += f", so this graph serves every {'query' if dim == 'q' else 'key'} length below {bound}"
+        else:
+            note += ", so this graph serves every length"
+        return replace(decision, reason=decision.reason + note)
     if decision.sparse:
         note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
                 "length compiles its own graph (a static layout is made for one length)")
@@ -360,9 +383,7 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     shorter = "q" if lq <= lk else "k"
     fixed = o.attention_seq_len
     if fixed is not None and lq != lk:
-        return _dense(c, f"{lq} queries x {lk} keys with a fixed pattern (attention_seq_len={fixed}): where the "
-                         "queries lie among the keys (a step with a key/value cache, cross-attention) is not known, "
-                         "so the pattern cannot be placed; dense")
+        return _cache_step(c, o)
     if -(-lq // b) < 2 or -(-lk // b) < 2:
         exact = "; one block, which every pattern keeps" if fixed is not None else ""
         return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way{exact}",
@@ -371,7 +392,7 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
                          "(up to 128) must divide the block size")
     try:
-        layout = attention_layout_from_options(o, lq, lk, c.causal)
+        layout = attention_layout_from_options(o, lq, lk, _pattern_causal(c, o))
     except ValueError as exc:
         return _dense(c, f"no attention layout: {exc}")
     if layout.params["density"] >= 1.0:
@@ -396,12 +417,8 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
         short_of = (shorter, max(pays or MAX_LADDER_BLOCKS * b, min(lq, lk) + 1))
     if slow is not None and fixed is None:
         return _dense(c, slow + force, estimate=est, pays_from_seq_len=pays, short_of=short_of)
-    p = layout.params
-    what = p["pattern"]
-    if p.get("butterfly_cell"):
-        what += f" (butterfly cells of {p['butterfly_cell']} blocks, k={p['n_factors']})"
     ragged = "" if lq % b == 0 and lk % b == 0 else "; last block partial"
-    why = f"{what} at density {p['density']:.3f}, blocks of {b}{ragged}"
+    why = f"{_describe(layout)}{ragged}"
     if fixed is not None:
         why += f", pattern fitted at attention_seq_len={fixed}"
     if slow is None:
@@ -419,7 +436,42 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
         why += "; CPU training: FlexAttention has no CPU backward, so SDPA with the equivalent element mask (same result, no speedup)"
     else:
         lowering = "flex"
-    return AttentionDecision(c, layout, why, lowering=lowering, estimate=est, pays_from_seq_len=pays)
+    return AttentionDecision(c, layout, why, lowering=lowering, estimate=est, pays_from_seq_len=pays,
+                             fixed_pattern=fixed is not None and lowering == "sdpa")
+
+
+def _describe(layout: Layout) -> str:
+    p = layout.params
+    what = p["pattern"]
+    if p.get("butterfly_cell"):
+        what += f" (butterfly cells of {p['butterfly_cell']} blocks, k={p['n_factors']})"
+    return f"{what} at density {p['density']:.3f}, blocks of {layout.block_size}"
+
+
+def _cache_step(c: AttentionCandidate, o: Options) -> AttentionDecision:
+    """Fewer queries than keys under a fixed pattern: a key/value cache step takes the bottom rows of
+    the self-attention layout at the key length (module docstring); anything else stays dense."""
+    lq, lk, fixed = c.seq_len_q_hint, c.seq_len_k_hint, o.attention_seq_len
+    if not c.kv_cache_step:
+        return _dense(c, f"{lq} queries x {lk} keys with a fixed pattern (attention_seq_len={fixed}), and the keys "
+                         "are not a key/value cache ending with the queries' own keys (cross-attention?): where the "
+                         "queries lie among the keys is not known, so the pattern cannot be placed; dense")
+    if c.causal:
+        return _dense(c, f"is_causal with {lq} queries x {lk} keys: SDPA aligns it top-left, unlike a key/value "
+                         "cache step; dense")
+    causal = _pattern_causal(c, o)
+    try:
+        layout = attention_layout_from_options(o, lk, lk, causal)
+    except ValueError as exc:
+        return _dense(c, f"no attention layout: {exc}")
+    if layout.params["density"] >= 1.0:
+        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lk}x{lk} (blocks of "
+                         f"{o.attention_block_size}): nothing to skip")
+    why = (f"key/value cache step: the {lq} queries are the last of {lk} keys and take the bottom rows of "
+           f"{'the causal' if causal else 'the'} fixed pattern ({_describe(layout)} at {lk}x{lk}, fitted at "
+           f"attention_seq_len={fixed}), so cached decoding computes what the uncached forward does; SDPA with "
+           "the element mask (no speed-up)")
+    return AttentionDecision(c, layout, why, lowering="sdpa", fixed_pattern=True)
 
 
 def plan_attention(

@@ -20,6 +20,11 @@ Two lowerings, chosen by the planner and named in the report:
 - ``"sdpa"``: ``scaled_dot_product_attention`` with the equivalent boolean (or float) element mask.
   Exact, but it computes every block: no speedup. Used for CPU training, eager runs
   (``eager=True``; uncompiled FlexAttention would materialise the scores anyway) and as a reference.
+  With ``fixed=True`` (a fixed pattern, ``attention_seq_len``), the element mask comes from
+  ``torch.ops.sparse_compiler.attention_pattern_mask(layout, Lq, Lk, causal, device)``, the
+  pattern's rows for queries that are the last ``Lq`` of ``Lk`` positions
+  (:func:`~sparse_compiler.layouts.attention.attention_mask_at_end`), built at the lengths of each
+  call: symbolic lengths stay symbolic, so one graph serves a growing key/value cache.
 
 Why the graph calls a plain Python function rather than one opaque custom op: Inductor generates the
 FlexAttention kernels only when it sees the ``flex_attention`` higher-order op in the graph it lowers,
@@ -65,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_compiler.kernels import SUPPORTED_DTYPES, tracing
-from sparse_compiler.layouts.attention import get_attention_layout, layout_geometry
+from sparse_compiler.layouts.attention import attention_mask_at_end, get_attention_layout, layout_geometry
 
 __all__ = [
     "LOWERINGS",
@@ -188,6 +193,19 @@ def _(layout: str, seq_len_q: int, seq_len_k: int, causal: bool, split_full: boo
     i32 = dict(dtype=torch.int32, device=device)
     shapes = [(1, 1, n_q), (1, 1, n_q, n_k)] * 2 + [(1, 1, n_k), (1, 1, n_k, n_q)] * 2
     return (*(torch.empty(s, **i32) for s in shapes), torch.empty((n_q, n_k), dtype=torch.bool, device=device))
+
+
+@torch.library.custom_op("sparse_compiler::attention_pattern_mask", mutates_args=())
+def attention_pattern_mask(layout: str, seq_len_q: int, seq_len_k: int, causal: bool, device: torch.device) -> Tensor:
+    """The ``(seq_len_q, seq_len_k)`` bool element mask of the pattern ``layout`` for the last
+    ``seq_len_q`` of ``seq_len_k`` positions (``layouts.attention.attention_mask_at_end``)."""
+    return attention_mask_at_end(get_attention_layout(layout), seq_len_q, seq_len_k, causal, device)
+
+
+@attention_pattern_mask.register_fake
+def _(layout: str, seq_len_q: int, seq_len_k: int, causal: bool, device: torch.device) -> Tensor:
+    get_attention_layout(layout)  # a bad key fails while tracing, not at the first call
+    return torch.empty((seq_len_q, seq_len_k), dtype=torch.bool, device=device)
 
 
 @torch.library.custom_op("sparse_compiler::attention_barrier", mutates_args=())
@@ -335,6 +353,23 @@ def _element_mask(keep: Tensor, block: int, lq: int, lk: int, causal: bool) -> T
     return elem
 
 
+def _masked_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_mode: str, allowed: Tensor,
+    scale: float | None, enable_gqa: bool,
+) -> Tensor:
+    """SDPA over the pairs both ``allowed`` (the layout's element mask) and the model's mask allow."""
+    if mask_mode == "keep":
+        attn_mask = mask & allowed
+    elif mask_mode == "drop":
+        attn_mask = ~mask & allowed
+    elif mask_mode == "add":
+        attn_mask = torch.where(allowed, mask, torch.full((), float("-inf"), dtype=mask.dtype, device=mask.device))
+    else:
+        attn_mask = allowed
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- the lowering
 def block_sparse_attention(
     q: Tensor,
@@ -349,13 +384,16 @@ def block_sparse_attention(
     mask_mode: str = "none",
     lowering: str = "flex",
     mask_reads_layout: bool = True,
+    fixed: bool = False,
 ) -> Tensor:
     """Block-sparse attention (module docstring); q, k, v are ``(..., length, dim)`` with 2 to 4 dims.
 
     The result has the shape and dtype ``scaled_dot_product_attention`` would give.
     ``mask_reads_layout=False`` leaves the block test to FlexAttention's index tables alone: exact
     only in compiled kernels (which visit nothing else), and what lets FlexAttention trace the
-    ``mask_mod`` under dynamic shapes (no tensor in its closure).
+    ``mask_mod`` under dynamic shapes (no tensor in its closure). ``fixed=True`` (``"sdpa"`` only):
+    ``layout`` is a fixed pattern applied at the call's lengths, the queries being the last keys
+    (module docstring).
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"block_sparse_attention: mask_mode={mask_mode!r}, expected one of {MASK_MODES}")
@@ -363,6 +401,11 @@ def block_sparse_attention(
         raise ValueError(f"block_sparse_attention: lowering={lowering!r}, expected one of {LOWERINGS}")
     if (mask is None) != (mask_mode == "none"):
         raise ValueError("block_sparse_attention: pass a mask exactly when mask_mode is not 'none'")
+    if fixed:
+        if lowering != "sdpa":
+            raise ValueError("block_sparse_attention: fixed=True needs lowering='sdpa'")
+        allowed = torch.ops.sparse_compiler.attention_pattern_mask(layout, q.shape[-2], k.shape[-2], causal, q.device)
+        return _masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     nd = q.dim()
     lq, lk = int(q.shape[-2]), int(k.shape[-2])
     lay = get_attention_layout(layout)
@@ -377,17 +420,7 @@ def block_sparse_attention(
     keep = tables[-1]
 
     if lowering == "sdpa":
-        allowed = _element_mask(keep, b, lq, lk, causal)
-        if mask_mode == "keep":
-            attn_mask = mask & allowed
-        elif mask_mode == "drop":
-            attn_mask = ~mask & allowed
-        elif mask_mode == "add":
-            attn_mask = torch.where(allowed, mask, torch.full((), float("-inf"), dtype=mask.dtype, device=mask.device))
-        else:
-            attn_mask = allowed
-        kwargs = {"enable_gqa": True} if enable_gqa else {}
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, **kwargs)
+        return _masked_sdpa(q, k, v, mask, mask_mode, _element_mask(keep, b, lq, lk, causal), scale, enable_gqa)
 
     from torch.nn.attention.flex_attention import flex_attention
 

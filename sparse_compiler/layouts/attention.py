@@ -29,7 +29,10 @@ sequence length (BigBird's random blocks too, when causal): with the same parame
 sequence's layout is the top-left corner of a longer one's (:func:`attention_layout_at` rebuilds a
 layout at other lengths). So a causal model whose pattern is fixed (the ``attention_seq_len``
 option) computes, at every position, what it computes there in any longer sequence: right padding
-and the total length do not change the outputs of the tokens before them.
+and the total length do not change the outputs of the tokens before them. For the same reason the
+queries of a key/value cache step, the last ``Lq`` of ``Lk`` positions, take the bottom rows of the
+self-attention layout at ``Lk`` (:func:`attention_mask_at_end`): cached decoding follows the
+pattern the uncached forward uses.
 
 Density: the fraction of kept blocks among the blocks the attention could use at all, i.e. among all
 ``n_q · n_k`` blocks, or among the lower triangle (diagonal included) when causal. That is the ratio of
@@ -61,6 +64,7 @@ __all__ = [
     "attention_layout",
     "attention_layout_at",
     "attention_layout_from_options",
+    "attention_mask_at_end",
     "bigbird_blocks",
     "butterfly_blocks",
     "causal_blocks",
@@ -438,6 +442,57 @@ def attention_element_mask(
     if c:
         mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
     return mask
+
+
+def attention_mask_at_end(
+    layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool = False, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The ``(seq_len_q, seq_len_k)`` bool mask of ``layout``'s pattern for queries that are the
+    *last* ``seq_len_q`` of ``seq_len_k`` positions (a key/value cache step; ``seq_len_q ==
+    seq_len_k`` is plain self-attention).
+
+    Query ``i`` sits at position ``p_i = seq_len_k - seq_len_q + i``; the pair ``(i, j)`` is allowed
+    when block ``(p_i // b, j // b)`` is kept by the pattern's self-attention layout (any length
+    holding both: the pattern depends on the block position only) and, when ``causal``, ``j <= p_i``.
+    The blocks come from a layout built at a power-of-two number of blocks and kept per device, so a
+    decoding loop that grows the keys one at a time rebuilds it only when the length doubles (at
+    ``seq_len_k`` itself for non-causal BigBird, whose random blocks depend on the length).
+    """
+    _check_int("seq_len_q", seq_len_q, 1)
+    _check_int("seq_len_k", seq_len_k, 1)
+    if seq_len_q > seq_len_k:
+        _fail("seq_len_q", seq_len_q, f"more queries than keys ({seq_len_k}): they cannot be the last keys")
+    b = layout.block_size
+    keep = _blocks_at_capacity(layout.key, _n_blocks(seq_len_k, b), torch.device(device))
+    offset = seq_len_k - seq_len_q
+    pos_q = torch.arange(offset, seq_len_k, device=device)
+    pos_k = torch.arange(seq_len_k, device=device)
+    mask = keep[(pos_q // b)[:, None], (pos_k // b)[None, :]]
+    if causal:
+        mask = mask & (pos_k[None, :] <= pos_q[:, None])
+    return mask
+
+
+_CAPACITY: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+
+def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.Tensor:
+    """The square block mask of the pattern ``key`` at ``2^ceil(log2(n_blocks))`` blocks (at
+    ``n_blocks`` when the pattern depends on the length), cached."""
+    params = _parse_key(key)
+    position_only = not (params["pattern"] == "bigbird" and params["random"] and not params["causal"])
+    if not position_only:  # a new layout at each length: not worth keeping
+        length = n_blocks * params["b"]
+        return _build({**params, "lq": length, "lk": length}).to(device)
+    capacity = 1 << max(0, n_blocks - 1).bit_length()
+    cache_key = (key, capacity, device)
+    keep = _CAPACITY.get(cache_key)
+    if keep is None:
+        length = capacity * params["b"]
+        keep = _build({**params, "lq": length, "lk": length}).to(device)
+        with _LOCK:
+            keep = _CAPACITY.setdefault(cache_key, keep)
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------- keys

@@ -24,6 +24,13 @@ Two forms are recognised:
   dim, the fill value, that no intermediate result is used elsewhere); a check that fails turns into
   the candidate's ``blocker`` rather than silently dropping the node.
 
+A key/value cache step is recognised by its keys: ``k = cat([cache, new], dim=-2)`` (possibly behind
+views, expands and casts that keep the last two dims, as ``repeat_kv`` does) where ``new`` has as many
+positions as the queries. The new keys are computed from the same tokens as the queries, so the
+queries are the last ``Lq`` of the ``Lk`` keys (``kv_cache_step``), which is how Hugging Face's
+``DynamicCache`` and hand-written caches grow. A preallocated cache written in place (a static
+cache) is not recognised: its keys are a whole buffer whose valid part only the mask knows.
+
 A boolean mask computed only from module buffers (nanoGPT's ``bias[:, :, :T, :T] == 0``) is evaluated
 on the example inputs; when it is exactly the causal mask, the candidate is marked causal and the mask
 dropped (``mask_origin="causal buffer"``): such buffers are assumed constant, as Dynamo itself assumes
@@ -97,6 +104,7 @@ class AttentionCandidate:
     requires_grad: bool  # q, k or v requires grad (a training graph)
     blocker: str | None
     mask_dynamic: str = ""  # the mask's dynamic dims ("s0, s1"); mask_shape holds their current values
+    kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
 
     @property
     def symbolic(self) -> bool:
@@ -510,6 +518,7 @@ def _candidate(
                 if _is_causal_mask(allowed, lq, lk):
                     causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
     caller, module_type = calling_module(out)
+    kv_cache_step = bool(info) and isinstance(k, fx.Node) and _appends_to_cache(k, _meta(q).shape[-2], _meta(k).shape[-2])
     return AttentionCandidate(
         node=out.name,
         nodes=tuple(n.name for n in nodes),
@@ -531,8 +540,38 @@ def _candidate(
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
         mask_dynamic=mask_dynamic,
+        kv_cache_step=kv_cache_step,
         **info,
     )
+
+
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _appends_to_cache(k: fx.Node, lq: Any, lk: Any, max_steps: int = 8) -> bool:
+    """Whether the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the queries
+    (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2."""
+    node = k
+    for _ in range(max_steps):
+        if node.op != "call_function" and node.op != "call_method":
+            return False
+        if node.target in _CAT:
+            pieces, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+            out = _meta(node)
+            if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or not isinstance(dim, int) or out is None:
+                return False
+            last = _meta(pieces[-1])
+            return dim % out.dim() == out.dim() - 2 and isinstance(last, torch.Tensor) and _same_size(last.shape[-2], lq)
+        tensors = [a for a in node.all_input_nodes if isinstance(_meta(a), torch.Tensor)]
+        if len(tensors) != 1 or _meta(tensors[0]).dim() < 2 or not _same_size(_meta(tensors[0]).shape[-2], lk):
+            return False
+        node = tensors[0]
+    return False
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints or SymInts) are the same expression."""
+    return str(a) == str(b)
 
 
 def _sdpa_candidate(gm: fx.GraphModule, inputs: _Inputs, node: fx.Node) -> AttentionCandidate:

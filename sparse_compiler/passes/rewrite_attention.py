@@ -4,7 +4,7 @@ For each sparse :class:`~sparse_compiler.cost.attention.AttentionDecision`, the 
 (the SDPA call, or the final ``· v`` of a hand-written attention) is replaced by::
 
     block_sparse_attention(q, k, v, mask, layout=<key>, causal=…, scale=…, enable_gqa=…,
-                           mask_mode=…, lowering="flex" | "sdpa"[, mask_reads_layout=False])
+                           mask_mode=…, lowering="flex" | "sdpa"[, mask_reads_layout=False][, fixed=True])
 
 (``sparse_compiler.kernels.attention``), whose arguments are the graph's own q, k, v and mask nodes
 and constants; the layout travels as its key. The nodes of a hand-written attention that nothing else
@@ -14,7 +14,8 @@ FlexAttention kernels (forward and backward) are generated for the graph's own s
 
 A decision made on symbolic lengths guards the graph on what it assumed of them: a sparse one on
 their exact values (a static layout is made for one length), a too-short one on staying below the
-length from which it may change.
+length from which it may change. A fixed pattern lowered through SDPA is built at each call's lengths
+and needs neither, only, outside a key/value cache step, that the queries stay as long as the keys.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def rewrite_attention(
     """Apply the sparse ``decisions`` to ``gm`` in place and return it (module docstring)."""
     nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
     for d in decisions:
-        if d.candidate.symbolic and (d.specialize or d.short_of is not None):
+        if d.candidate.symbolic and (d.specialize or d.short_of is not None or d.fixed_pattern):
             _guard_lengths(nodes, d)
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
@@ -64,6 +65,8 @@ def rewrite_attention(
         }
         if d.specialize and kwargs["lowering"] == "flex":
             kwargs["mask_reads_layout"] = False  # see kernels/attention.py
+        if d.fixed_pattern:
+            kwargs["fixed"] = True
         with graph.inserting_before(out):
             new = graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
             if c.output_dtype is not None and c.dtype is not None and c.output_dtype != c.dtype:
@@ -83,7 +86,8 @@ def rewrite_attention(
 
 def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
     """Guard the graph on what the decision assumed of the lengths (``cost/attention.py``, rule 5):
-    the exact query and key lengths of a sparse decision, the bound a too-short one holds below.
+    the exact query and key lengths of a sparse decision, the bound a too-short one holds below,
+    equal query and key lengths for a fixed pattern's self-attention.
     Dynamo checks its guards before reusing a graph; a length that fails them compiles anew, with
     its own decision."""
     c = d.candidate
@@ -95,9 +99,12 @@ def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
     if d.specialize:
         for length in lengths.values():
             guard_int(length)
-    elif d.short_of is not None and d.short_of[0] in lengths:
+        return
+    if d.short_of is not None and d.short_of[0] in lengths:
         dim, bound = d.short_of
         guard_bool(lengths[dim] < bound)
+    if d.fixed_pattern and not c.kv_cache_step and len(lengths) == 2:
+        guard_bool(lengths["q"] == lengths["k"])  # self-attention: the layout's rows are the queries
 
 
 def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node]) -> None:
