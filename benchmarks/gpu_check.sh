@@ -9,7 +9,8 @@
 #   3. the kernels' GPU tests (test_triton_kernels.py, test_triton_visible.py)  -> $OUT/pytest_gpu_kernels.log
 #   4. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json (+ .log)
 #   5. python benchmarks/bench_attention.py, if present  -> $OUT/bench_attention.json (+ .log)
-#   6. every other GPU test (backend, attention, ...)    -> $OUT/pytest_gpu_backend.log
+#   6. python benchmarks/bench_decode.py (a cache step)  -> $OUT/bench_decode.json (+ .log)
+#   7. every other GPU test (backend, attention, ...)    -> $OUT/pytest_gpu_backend.log
 # Kernel correctness first, then the measurements (what the results/ JSON needs), then the
 # integration tests with the time that is left; pytest prints its slowest tests (--durations) so
 # that the next run can be sized.
@@ -59,6 +60,8 @@ step bench_kernels 240 "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kerne
 if [ -f benchmarks/bench_attention.py ]; then
     step bench_attention 150 "$PY" benchmarks/bench_attention.py --budget-s 120 --out "$OUT/bench_attention.json"
 fi
+step bench_decode 60 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
+    --out "$OUT/bench_decode.json"
 step pytest_gpu_backend 200 "$PY" -m pytest -q -m gpu --durations=10 tests \
     --ignore "${KERNEL_TESTS[0]}" --ignore "${KERNEL_TESTS[1]}"
 

@@ -25,6 +25,7 @@ from sparse_compiler.kernels.attention import block_sparse_attention, block_tabl
 from sparse_compiler.layouts.attention import (
     attention_element_mask,
     attention_layout,
+    attention_key_runs,
     attention_layout_at,
     attention_mask_at_end,
     causal_blocks,
@@ -443,6 +444,37 @@ def test_a_fixed_pattern_is_lowered_at_the_lengths_of_each_call(mode):
         block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="flex", fixed=True)
 
 
+@pytest.mark.parametrize("mode", ["none", "keep", "drop", "add"])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_a_cache_step_reading_only_the_kept_blocks_equals_sdpa_with_the_element_mask(mode, gqa):
+    """``lowering="kept_blocks"``: one query, a chunk spanning two block rows, a whole row, and a
+    short cache whose kept blocks are most of it (the masked SDPA fallback); grouped-query heads
+    and the model's mask in every mode and broadcast shape; gradients take the masked SDPA."""
+    fitted = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=True)
+    hq, hk = (4, 2) if gqa else (4, 4)
+    for lq, lk in ((1, 1000), (5, 777), (16, 1024), (1, 40)):
+        q, k, v = torch.randn(2, hq, lq, 8), torch.randn(2, hk, lk, 8), torch.randn(2, hk, lk, 8)
+        mask = {"none": None, "keep": torch.rand(2, 1, lq, lk) > 0.1, "drop": torch.rand(1, hq, 1, lk) < 0.1,
+                "add": torch.randn(lq, lk)}[mode]
+        allowed = attention_mask_at_end(fitted, lq, lk)
+        ref_mask = {"none": lambda: allowed, "keep": lambda: allowed & mask, "drop": lambda: allowed & ~mask,
+                    "add": lambda: mask.masked_fill(~allowed, float("-inf"))}[mode]()
+        want = _SDPA(q, k, v, attn_mask=ref_mask, enable_gqa=gqa)
+        got = block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="kept_blocks",
+                                     fixed=True, enable_gqa=gqa)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    read = [sum(e - s for s, e in attention_key_runs(fitted, lq, lk)) / lk for lq, lk in ((1, 1000), (1, 40))]
+    assert read[0] < 0.2 and read[1] > 0.5  # the kept blocks, and the fallback
+    q.requires_grad_(True)
+    got = block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="kept_blocks",
+                                 fixed=True, enable_gqa=gqa)
+    (grad,) = torch.autograd.grad(got.sum(), q)
+    (want_grad,) = torch.autograd.grad(_SDPA(q, k, v, attn_mask=ref_mask, enable_gqa=gqa).sum(), q)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kept_blocks"):
+        block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="kept_blocks")
+
+
 def test_flex_training_graph_is_traced_with_its_backward(monkeypatch):
     """The graph CUDA compiles for training (FlexAttention forward and backward, block tables from the
     custom op), traced by AOTAutograd on CPU and run with the unfused reference implementation."""
@@ -627,10 +659,12 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     step = plan_attention([cross], fixed, profile=CUDA_PROFILE)[0]
     assert not step.sparse and "cache" in step.reason and "cannot be placed" in step.reason
     # ... unless the keys are a cache ending with the queries' own: the causal pattern's bottom rows
-    cached = dataclasses.replace(cross, kv_cache_step=True)
+    cached = dataclasses.replace(cross, kv_cache_step=True, requires_grad=False)
     step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
-    assert step.sparse and step.lowering == "sdpa" and step.fixed_pattern and "bottom rows" in step.reason
-    assert step.layout is attention_layout_at(fitted, 4096, 4096)
+    assert step.sparse and step.lowering == "kept_blocks" and step.fixed_pattern and "bottom rows" in step.reason
+    assert step.layout is attention_layout_at(fitted, 4096, 4096) and "reads only the kept" in step.reason
+    with_grad = plan_attention([dataclasses.replace(cached, requires_grad=True)], fixed, profile=CUDA_PROFILE)[0]
+    assert with_grad.sparse and with_grad.lowering == "sdpa" and "gradients" in with_grad.reason
     non_causal = plan_attention([cached], dataclasses.replace(fixed, attention_causal=False), profile=CUDA_PROFILE)[0]
     assert non_causal.layout.params["causal"] is False and "bottom rows of the fixed" in non_causal.reason
     # SDPA's is_causal with fewer queries than keys aligns top-left: not a cache step's causality
@@ -826,6 +860,7 @@ def test_cached_decoding_with_a_fixed_pattern_computes_what_the_uncached_forward
         steps = torch.cat(outs, 1)
     cache_steps = [d for d in record if d.candidate.kv_cache_step]
     assert cache_steps and all(d.sparse and d.fixed_pattern and "bottom rows" in d.reason for d in cache_steps)
+    assert {d.lowering for d in cache_steps} == {"kept_blocks"}
     assert graphs[-1] == graphs[len(graphs) // 2]  # the second half of the steps compiled nothing new
     fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
     layout = attention_layout_at(fitted, 112, 112)
@@ -982,3 +1017,30 @@ def test_gpu_dynamic_lengths_train_with_a_layout_per_length():
         d = record[-1]
         assert d.specialize and d.sparse and d.lowering == "flex" and d.layout.grid == (n // 128, n // 128)
         _assert_trains_like_masked_sdpa(model, x, got, d.layout, (1e-3, 1e-3), (1e-2, 1e-2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", [False, True])
+def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
+    """The cache-step lowering on CUDA in bf16, grouped-query heads, compiled in a graph whose key
+    length is dynamic: each step equals SDPA (float32) with the pattern's element mask."""
+    dev = "cuda"
+    fitted = attention_layout("butterfly+local+global", 8192, 8192, 128, density=0.125, causal=True)
+
+    def step(q, k, v, m):
+        return block_sparse_attention(q, k, v, m, layout=fitted.key, mask_mode="keep" if padding else "none",
+                                      lowering="kept_blocks", fixed=True, enable_gqa=True)
+
+    fn = torch.compile(step, dynamic=True, fullgraph=True)
+    for lk in (5000, 6001, 8192):
+        q = torch.randn(2, 8, 1, 64, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, lk, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        pad = None
+        if padding:
+            pad = torch.ones(2, 1, 1, lk, dtype=torch.bool, device=dev)
+            pad[1, ..., :300] = False
+        with torch.no_grad():
+            got = fn(q, k, v, pad)
+        allowed = attention_mask_at_end(fitted, 1, lk, device=dev)
+        want = _SDPA(q.float(), k.float(), v.float(), attn_mask=allowed if pad is None else allowed & pad, enable_gqa=True)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -167,6 +167,7 @@ def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name,
             steps.append(out.logits[:, -1])
             rows += [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
     assert rows and all(r["decision"] == "sparse" and "key/value cache step" in r["reason"] for r in rows), [r["reason"] for r in rows]
+    assert {r["lowering"] for r in rows} == {"kept_blocks"}  # reads only the kept key/value blocks
     n = ids.shape[1]
     layout = attention_layout_at(get_attention_layout(rows[0]["layout"]), n, n)
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -29,6 +29,8 @@ the pattern only at a key/value cache step (the analysis saw ``k = cat([cache, n
 as long as the queries: ``kv_cache_step``): the queries are the last keys, so they take the bottom
 rows of the self-attention layout, and cached decoding computes what the uncached forward does.
 Otherwise (cross-attention) they stay dense: where the queries lie among the keys is not known.
+Without gradients a cache step is lowered to ``"kept_blocks"`` (``kernels/cache_step.py``), which
+reads only the kept key/value blocks of the queries' rows: decoding is bound by reading the cache.
 The pattern is causal where the node is (``is_causal``, a causal mask buffer) or, at a cache step,
 always, unless ``attention_causal`` says otherwise for every node.
 
@@ -62,7 +64,7 @@ from typing import Any, Mapping
 import torch
 
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
-from sparse_compiler.layouts.attention import attention_layout_from_options, causal_blocks
+from sparse_compiler.layouts.attention import attention_key_runs, attention_layout_from_options, causal_blocks
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze_attention import AttentionCandidate
@@ -237,7 +239,7 @@ class AttentionDecision:
     candidate: AttentionCandidate
     layout: Layout | None
     reason: str
-    lowering: str | None = None  # "flex" | "sdpa" when sparse
+    lowering: str | None = None  # "flex" | "sdpa" | "kept_blocks" when sparse
     estimate: AttentionEstimate | None = None
     pays_from_seq_len: int | None = None
     specialize: bool = False  # symbolic lengths: the rewrite guards the graph on their current values
@@ -469,9 +471,15 @@ def _cache_step(c: AttentionCandidate, o: Options) -> AttentionDecision:
                          f"{o.attention_block_size}): nothing to skip")
     why = (f"key/value cache step: the {lq} queries are the last of {lk} keys and take the bottom rows of "
            f"{'the causal' if causal else 'the'} fixed pattern ({_describe(layout)} at {lk}x{lk}, fitted at "
-           f"attention_seq_len={fixed}), so cached decoding computes what the uncached forward does; SDPA with "
-           "the element mask (no speed-up)")
-    return AttentionDecision(c, layout, why, lowering="sdpa", fixed_pattern=True)
+           f"attention_seq_len={fixed}), so cached decoding computes what the uncached forward does")
+    if c.requires_grad:
+        return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
+                                 lowering="sdpa", fixed_pattern=True)
+    runs = attention_key_runs(layout, lq, lk)
+    read = sum(e - s for s, e in runs) / lk
+    why += (f"; reads only the kept key/value blocks of the queries' rows ({read:.0%} of the cache here, "
+            f"{len(runs)} runs), or SDPA with the element mask where they are more than half of it")
+    return AttentionDecision(c, layout, why, lowering="kept_blocks", fixed_pattern=True)
 
 
 def plan_attention(

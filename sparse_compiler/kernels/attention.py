@@ -11,7 +11,7 @@ computes ``softmax(q·kᵀ·scale + bias) · v`` where a (query, key) pair takes
 
 The model's mask and causality are always combined with the layout, never dropped.
 
-Two lowerings, chosen by the planner and named in the report:
+Lowerings, chosen by the planner and named in the report:
 
 - ``"flex"``: FlexAttention (``torch.nn.attention.flex_attention``) with a ``BlockMask`` whose index
   tables skip the dropped blocks. On CUDA, Inductor turns it into generated Triton kernels for the
@@ -25,6 +25,9 @@ Two lowerings, chosen by the planner and named in the report:
   pattern's rows for queries that are the last ``Lq`` of ``Lk`` positions
   (:func:`~sparse_compiler.layouts.attention.attention_mask_at_end`), built at the lengths of each
   call: symbolic lengths stay symbolic, so one graph serves a growing key/value cache.
+- ``"kept_blocks"`` (with ``fixed=True``, for a key/value cache step without gradients): attention
+  that reads only the kept key/value blocks of the queries' rows (``kernels/cache_step.py``); it
+  falls back to the ``"sdpa"`` path where gradients are wanted.
 
 Why the graph calls a plain Python function rather than one opaque custom op: Inductor generates the
 FlexAttention kernels only when it sees the ``flex_attention`` higher-order op in the graph it lowers,
@@ -80,9 +83,10 @@ __all__ = [
     "block_sparse_attention",
     "block_tables",
     "flex_available",
+    "masked_sdpa",
 ]
 
-LOWERINGS = ("flex", "sdpa")
+LOWERINGS = ("flex", "sdpa", "kept_blocks")
 MASK_MODES = ("none", "keep", "drop", "add")
 
 # Tests set this (with torch's CPU check patched out) to trace FlexAttention's training graph on CPU,
@@ -353,7 +357,7 @@ def _element_mask(keep: Tensor, block: int, lq: int, lk: int, causal: bool) -> T
     return elem
 
 
-def _masked_sdpa(
+def masked_sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_mode: str, allowed: Tensor,
     scale: float | None, enable_gqa: bool,
 ) -> Tensor:
@@ -397,15 +401,23 @@ def block_sparse_attention(
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"block_sparse_attention: mask_mode={mask_mode!r}, expected one of {MASK_MODES}")
-    if lowering not in LOWERINGS:
-        raise ValueError(f"block_sparse_attention: lowering={lowering!r}, expected one of {LOWERINGS}")
+    if lowering not in LOWERINGS or lowering == "kept_blocks" and not fixed:
+        raise ValueError(f"block_sparse_attention: lowering={lowering!r}, expected one of {LOWERINGS} "
+                         "('kept_blocks' with fixed=True)")
     if (mask is None) != (mask_mode == "none"):
         raise ValueError("block_sparse_attention: pass a mask exactly when mask_mode is not 'none'")
     if fixed:
-        if lowering != "sdpa":
-            raise ValueError("block_sparse_attention: fixed=True needs lowering='sdpa'")
+        if lowering == "flex":
+            raise ValueError("block_sparse_attention: fixed=True needs lowering='sdpa' or 'kept_blocks'")
+        if lowering == "kept_blocks" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            from sparse_compiler.kernels import cache_step  # noqa: F401  (registers the op)
+
+            q4, k4, v4, m4 = _to_4d(q, k, v, mask)
+            scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+            out = torch.ops.sparse_compiler.attention_kept_blocks(q4, k4, v4, m4, layout, causal, scale, enable_gqa, mask_mode)
+            return _from_4d(out, q.dim())
         allowed = torch.ops.sparse_compiler.attention_pattern_mask(layout, q.shape[-2], k.shape[-2], causal, q.device)
-        return _masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
+        return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     nd = q.dim()
     lq, lk = int(q.shape[-2]), int(k.shape[-2])
     lay = get_attention_layout(layout)
@@ -420,7 +432,7 @@ def block_sparse_attention(
     keep = tables[-1]
 
     if lowering == "sdpa":
-        return _masked_sdpa(q, k, v, mask, mask_mode, _element_mask(keep, b, lq, lk, causal), scale, enable_gqa)
+        return masked_sdpa(q, k, v, mask, mask_mode, _element_mask(keep, b, lq, lk, causal), scale, enable_gqa)
 
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -63,6 +63,7 @@ __all__ = [
     "attention_element_mask",
     "attention_layout",
     "attention_layout_at",
+    "attention_key_runs",
     "attention_layout_from_options",
     "attention_mask_at_end",
     "bigbird_blocks",
@@ -445,11 +446,17 @@ def attention_element_mask(
 
 
 def attention_mask_at_end(
-    layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool = False, device: torch.device | str = "cpu"
+    layout: Layout,
+    seq_len_q: int,
+    seq_len_k: int,
+    causal: bool = False,
+    device: torch.device | str = "cpu",
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``(seq_len_q, seq_len_k)`` bool mask of ``layout``'s pattern for queries that are the
     *last* ``seq_len_q`` of ``seq_len_k`` positions (a key/value cache step; ``seq_len_q ==
-    seq_len_k`` is plain self-attention).
+    seq_len_k`` is plain self-attention); only the columns of the key positions ``keys`` (a 1-D
+    integer tensor on ``device``) when given.
 
     Query ``i`` sits at position ``p_i = seq_len_k - seq_len_q + i``; the pair ``(i, j)`` is allowed
     when block ``(p_i // b, j // b)`` is kept by the pattern's self-attention layout (any length
@@ -466,11 +473,30 @@ def attention_mask_at_end(
     keep = _blocks_at_capacity(layout.key, _n_blocks(seq_len_k, b), torch.device(device))
     offset = seq_len_k - seq_len_q
     pos_q = torch.arange(offset, seq_len_k, device=device)
-    pos_k = torch.arange(seq_len_k, device=device)
+    pos_k = torch.arange(seq_len_k, device=device) if keys is None else keys
     mask = keep[(pos_q // b)[:, None], (pos_k // b)[None, :]]
     if causal:
         mask = mask & (pos_k[None, :] <= pos_q[:, None])
     return mask
+
+
+def attention_key_runs(layout: Layout, seq_len_q: int, seq_len_k: int) -> list[tuple[int, int]]:
+    """The key positions that the last ``seq_len_q`` of ``seq_len_k`` positions may attend to under
+    ``layout``'s pattern, as maximal runs ``[start, end)`` of consecutive kept blocks (ascending,
+    cropped to ``seq_len_k``): the union of the kept blocks of the queries' block rows."""
+    _check_int("seq_len_q", seq_len_q, 1)
+    _check_int("seq_len_k", seq_len_k, 1)
+    b = layout.block_size
+    n_k = _n_blocks(seq_len_k, b)
+    keep = _blocks_at_capacity(layout.key, n_k, torch.device("cpu"))
+    rows = keep[(seq_len_k - seq_len_q) // b : (seq_len_k - 1) // b + 1, :n_k].any(0)
+    runs: list[tuple[int, int]] = []
+    for j in rows.nonzero().flatten().tolist():
+        if runs and runs[-1][1] == j * b:
+            runs[-1] = (runs[-1][0], min((j + 1) * b, seq_len_k))
+        else:
+            runs.append((j * b, min((j + 1) * b, seq_len_k)))
+    return runs
 
 
 _CAPACITY: dict[tuple[str, int, torch.device], torch.Tensor] = {}

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""One decoding step with a key/value cache: a fixed block-sparse pattern against dense SDPA.
+
+    python benchmarks/bench_decode.py [--device cpu|cuda] [--contexts 4096 16384 65536] [--out FILE]
+
+A step's query is the last position of a cache of ``context`` keys (batch 1, 8 query and 8 key/value
+heads of 64 on the CPU in fp32; batch 4, 32 query and 8 key/value heads of 128 on CUDA in bf16).
+Decoding reads the whole cache at every step, so a step's time is the cache's size over the memory
+bandwidth. Timed, per context and pattern density (``butterfly+local+global``, 128-blocks, the
+pattern fixed at the context length as ``attention_seq_len`` would fix it):
+
+- ``dense``: ``scaled_dot_product_attention`` over every cached key (the dense model's step);
+- ``masked``: SDPA with the pattern's element mask (the ``"sdpa"`` lowering: the pattern's result,
+  every key read);
+- ``kept_blocks``: the backend's cache-step lowering (``kernels/cache_step.py``), which reads only
+  the kept key/value blocks of the query's row.
+
+Each timed call reads another "layer"'s cache, cycling through enough of them that together they
+are several times the last-level cache: a step finds its cache in memory, as a model's layers do.
+Medians over repeats; the speed-up is ``dense / kept_blocks`` and ``read`` the fraction of the cache
+the query's row keeps. Every ``kept_blocks`` result is checked against ``masked``. Writes JSON with
+the machine named. A benchmark, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_cpu_linear import machine  # noqa: E402
+
+from sparse_compiler.kernels.attention import block_sparse_attention  # noqa: E402
+from sparse_compiler.layouts.attention import attention_key_runs, attention_layout, attention_mask_at_end  # noqa: E402
+
+SHAPES = {  # batch, query heads, key/value heads, head dim, dtype
+    "cpu": (1, 8, 8, 64, torch.float32),
+    "cuda": (4, 32, 8, 128, torch.bfloat16),
+}
+
+
+def per_call_seconds(fns: list, layers: list, repeat: int, device: str) -> list[float]:
+    """For each function, the median over ``repeat`` sweeps of the time of one call, each call on the
+    next layer's tensors; the functions take turns sweep by sweep, so drift hits them alike."""
+    for fn in fns:
+        for args in layers[:2]:
+            fn(*args)  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, spent in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for args in layers:
+                fn(*args)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            spent.append((time.perf_counter() - start) / len(layers))
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--densities", type=float, nargs="+", default=[1 / 4, 1 / 8])
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--bytes", type=float, default=None, help="all layers' caches together (default: 256 MB on "
+                        "the CPU, 1 GB on CUDA)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = args.device
+    batch, hq, hk, dim, dtype = SHAPES[device]
+    total_bytes = args.bytes or (256e6 if device == "cpu" else 1e9)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for context in args.contexts:
+        cache_bytes = 2 * batch * hk * context * dim * dtype.itemsize
+        n_layers = max(4, int(total_bytes // cache_bytes))
+
+        def make(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+        layers = [(make(batch, hq, 1, dim), make(batch, hk, context, dim), make(batch, hk, context, dim))
+                  for _ in range(n_layers)]  # fmt: skip
+        gqa = {"enable_gqa": True} if hq != hk else {}
+
+        def dense(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, **gqa)
+
+        for density in args.densities:
+            layout = attention_layout("butterfly+local+global", context, context, args.block, density=density, causal=True)
+            allowed = attention_mask_at_end(layout, 1, context, device=device)
+
+            def masked(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **gqa)
+
+            def kept(q, k, v):
+                return block_sparse_attention(q, k, v, layout=layout.key, lowering="kept_blocks", fixed=True,
+                                              enable_gqa=bool(gqa))  # fmt: skip
+
+            with torch.no_grad():
+                q, k, v = layers[0]
+                err = (kept(q, k, v).float() - masked(q, k, v).float()).abs().max().item()
+                t_dense, t_masked, t_kept = per_call_seconds([dense, masked, kept], layers, args.repeat, device)
+            runs = attention_key_runs(layout, 1, context)
+            row = {
+                "context": context,
+                "target_density": density,
+                "layout_density": layout.params["density"],
+                "read": sum(e - s for s, e in runs) / context,
+                "runs": len(runs),
+                "layers": n_layers,
+                "dense_ms": t_dense * 1e3,
+                "masked_ms": t_masked * 1e3,
+                "kept_blocks_ms": t_kept * 1e3,
+                "speedup": t_dense / t_kept,
+                "max_abs_diff_vs_masked": err,
+            }
+            rows.append(row)
+            print(f"context {context:6d}  d={density:.3f}  read {row['read']:.3f} ({len(runs)} runs)  dense "
+                  f"{row['dense_ms']:.3f} ms  masked {row['masked_ms']:.3f} ms  kept_blocks {row['kept_blocks_ms']:.3f} ms"
+                  f"  -> {row['speedup']:.2f}x  (|diff| {err:.1e})", flush=True)  # fmt: skip
+    info = machine()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    result = {
+        "benchmark": "decode step with a key/value cache, fixed block-sparse pattern vs dense SDPA",
+        "device": device,
+        "machine": info,
+        "shape": {"batch": batch, "query_heads": hq, "kv_heads": hk, "head_dim": dim, "dtype": str(dtype)},
+        "block": args.block,
+        "pattern": "butterfly+local+global",
+        "rows": rows,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Attention of a key/value cache step under a fixed pattern, reading only the kept key blocks.
+
+At a cache step the queries are the last ``Lq`` of ``Lk`` positions (``p_i = Lk - Lq + i``), and a
+fixed pattern lets them see only the kept blocks of their block rows ``R = {p_i // b}``
+(``layouts.attention.attention_mask_at_end``). Decoding is bound by reading the cache, so this
+lowering reads nothing else: with the kept key blocks of ``R`` merged into maximal runs
+``[s_r, e_r)`` (``attention_key_runs``),
+
+    S   = [ q · k[s_1:e_1]ᵀ | q · k[s_2:e_2]ᵀ | … ] · scale        (each run a view: nothing copied)
+    S'  = S where the pattern's element mask and the model's mask allow it, else -inf
+          (an additive mask is added)
+    P   = softmax(S') in float32
+    out = Σ_r P[:, run r] · v[s_r:e_r]
+
+which equals SDPA over all ``Lk`` keys with the pattern's element mask: a key outside the runs has
+weight ``exp(-inf) = 0`` there. Grouped-query heads (``enable_gqa``) fold each key head's query
+heads into its rows, so the keys are not repeated either.
+
+``torch.ops.sparse_compiler.attention_kept_blocks`` is an opaque op: its runs depend on the key
+length, which a graph may hold symbolically, so they are found at run time, on the host, from the
+pattern's cached block mask. It has no backward (decoding is inference): the lowering takes the
+differentiable masked SDPA when gradients are wanted. When the runs hold more than half the keys,
+it runs that masked SDPA too (a dense fused kernel then does better than a few matmuls).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparse_compiler.kernels.attention import MASK_MODES, masked_sdpa
+from sparse_compiler.layouts.attention import attention_key_runs, attention_mask_at_end, get_attention_layout
+
+__all__ = ["attention_kept_blocks"]
+
+
+@torch.library.custom_op("sparse_compiler::attention_kept_blocks", mutates_args=())
+def attention_kept_blocks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    layout: str,
+    causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    mask_mode: str,
+) -> Tensor:
+    """Attention of the last ``Lq`` of ``Lk`` positions under the fixed pattern ``layout`` (module
+    docstring). ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable
+    to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``)."""
+    if mask_mode not in MASK_MODES or (mask is None) != (mask_mode == "none"):
+        raise ValueError(f"attention_kept_blocks: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}")
+    lay = get_attention_layout(layout)
+    lq, lk = q.shape[-2], k.shape[-2]
+    runs = attention_key_runs(lay, lq, lk)
+    kept = torch.cat([torch.arange(s, e, device=q.device) for s, e in runs])
+    if 2 * kept.numel() > lk:
+        allowed = attention_mask_at_end(lay, lq, lk, causal, q.device)
+        return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
+    allowed = attention_mask_at_end(lay, lq, lk, causal, q.device, keys=kept)
+    b, hq, _, _ = q.shape
+    hk = k.shape[1]
+    group = hq // hk  # 1 unless enable_gqa
+    qg = q.reshape(b, hk, group * lq, q.shape[-1])  # query heads h = kv_head·group + g
+    scores = torch.cat([qg @ k[:, :, s:e].transpose(-1, -2) for s, e in runs], dim=-1).float() * scale
+    allowed = allowed.repeat(group, 1)
+    if mask is not None:
+        m = mask.index_select(-1, kept) if mask.shape[-1] == lk else mask
+        if group > 1:  # the mask's rows follow the folded query heads
+            m = m.expand(m.shape[0], hq, lq, kept.numel()).reshape(m.shape[0], hk, group * lq, kept.numel())
+        if mask_mode == "add":
+            scores = scores + m.float()
+        else:
+            allowed = allowed & (m if mask_mode == "keep" else ~m)
+    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+    out, start = None, 0
+    for s, e in runs:
+        part = p[..., start : start + e - s] @ v[:, :, s:e]
+        out = part if out is None else out + part
+        start += e - s
+    return out.reshape(b, hq, lq, v.shape[-1]).to(q.dtype)
+
+
+@attention_kept_blocks.register_fake
+def _(q, k, v, mask, layout, causal, scale, enable_gqa, mask_mode):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
