@@ -95,19 +95,18 @@ def main() -> None:
                   for _ in range(n_layers)]  # fmt: skip
         gqa = {"enable_gqa": True} if hq != hk else {}
 
-        def dense(q, k, v):
+        def dense(q, k, v, gqa=gqa):
             return F.scaled_dot_product_attention(q, k, v, **gqa)
 
         for density in args.densities:
             layout = attention_layout("butterfly+local+global", context, context, args.block, density=density, causal=True)
             allowed = attention_mask_at_end(layout, 1, context, device=device)
 
-            def masked(q, k, v):
+            def masked(q, k, v, allowed=allowed, gqa=gqa):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **gqa)
 
-            def kept(q, k, v):
-                return block_sparse_attention(q, k, v, layout=layout.key, lowering="kept_blocks", fixed=True,
-                                              enable_gqa=bool(gqa))  # fmt: skip
+            def kept(q, k, v, key=layout.key, gqa=bool(gqa)):
+                return block_sparse_attention(q, k, v, layout=key, lowering="kept_blocks", fixed=True, enable_gqa=gqa)
 
             with torch.no_grad():
                 q, k, v = layers[0]
