@@ -647,13 +647,15 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     # one block: every pattern keeps it, dense is exact
     one = plan_attention([_at_length(c, 100)], fixed, profile=CUDA_PROFILE)[0]
     assert not one.sparse and "one block" in one.reason
-    # a model mask at a dynamic length: FlexAttention cannot take it there, SDPA applies the pattern
-    masked = dataclasses.replace(_at_length(c, n), seq_len_q="s0", seq_len_k="s0", mask_mode="keep", mask_dynamic="s0")
-    via_sdpa = plan_attention([masked], fixed, profile=CUDA_PROFILE)[0]
+    # a dynamic length: FlexAttention where it pays, a graph per length; SDPA with the pattern's mask
+    # built at each call's lengths where it does not, one graph below the length where it would
+    masked = dataclasses.replace(_at_length(c, n), seq_len_q="s0", seq_len_k="s0", mask_mode="keep")
+    via_flex = plan_attention([masked], fixed, profile=CUDA_PROFILE)[0]
+    assert via_flex.sparse and via_flex.lowering == "flex" and via_flex.specialize and not via_flex.fixed_pattern
+    masked_short = dataclasses.replace(masked, seq_len_q_hint=1024, seq_len_k_hint=1024)
+    via_sdpa = plan_attention([masked_short], fixed, profile=CUDA_PROFILE)[0]
     assert via_sdpa.sparse and via_sdpa.lowering == "sdpa" and via_sdpa.fixed_pattern and not via_sdpa.specialize
-    assert "each call's lengths" in via_sdpa.reason
-    unfixed = plan_attention([masked], dataclasses.replace(fixed, attention_seq_len=None), profile=CUDA_PROFILE)[0]
-    assert not unfixed.sparse and "dynamic" in unfixed.reason and "mask" in unfixed.reason
+    assert "each call's lengths" in via_sdpa.reason and via_sdpa.short_of == ("q", via_sdpa.pays_from_seq_len)
     # queries and keys of different lengths: where the queries lie is unknown, so dense, and why
     cross = dataclasses.replace(c, seq_len_q=1, seq_len_q_hint=1, seq_len_k=4096, seq_len_k_hint=4096, causal=False)
     step = plan_attention([cross], fixed, profile=CUDA_PROFILE)[0]
@@ -747,38 +749,65 @@ def test_a_dynamic_length_dense_at_every_length_is_not_specialised():
     assert not any(d.sparse or d.specialize for d in record) and "CPU training" in record[-1].reason
 
 
-def test_a_dynamic_sequence_length_with_a_model_mask_stays_dense_with_the_reason():
-    record = []
+class PaddedAttention(nn.Module):
+    """Self-attention reading a padding mask, with a constant number of heads."""
 
-    def attend(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(d, 3 * d)
 
-    compiled = torch.compile(attend, backend=_backend(record=record, min_seq_len=0))
-    for n in (96, 128):  # the second length: Dynamo recompiles with the length dynamic
-        q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
-        compiled(q, k, v, torch.rand(n, n) > 0.1)
-    assert record[0].sparse and not record[0].candidate.symbolic
-    d = record[-1]
-    assert d.candidate.symbolic and not d.sparse and "dynamic" in d.reason and "mask" in d.reason
+    def forward(self, x, padding):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])
 
 
-def test_a_fixed_pattern_with_a_model_mask_at_a_dynamic_length_goes_through_sdpa():
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_model_mask_at_dynamic_lengths_goes_through_compiled_flex_attention(dynamic, monkeypatch):
+    """Through the sparsify backend and Inductor (the C++ FlexAttention template): a padding mask at
+    lengths that Dynamo made dynamic (on recompiling, or from the first call), the batch dynamic too
+    under ``dynamic=True``. Each length gets its layout; a length seen before reuses its graph."""
+    torch.manual_seed(0)
+    model = PaddedAttention().eval()
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.3, "attention_min_seq_len": 32}
+    compiled = torch.compile(model, backend="sparsify", options=options, dynamic=dynamic)
+    layouts = {}
+    for n in (96, 128, 160, 128):
+        x, padding = torch.randn(2, n, 64), torch.ones(2, n, dtype=torch.bool)
+        padding[1, n - 20 :] = False
+        with torch.no_grad():
+            got = compiled(x, padding)
+        rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+        if n not in layouts:
+            assert [(r["decision"], r["lowering"]) for r in rows] == [("sparse", "flex")], rows
+            layouts[n] = get_attention_layout(rows[0]["layout"])
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layouts[n]))
+            want = model(x, padding)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert rows[0]["symbolic"] or dynamic is None
+
+
+def test_a_fixed_pattern_with_a_model_mask_below_the_paying_length_shares_one_graph():
+    """A fixed pattern and a model mask at dynamic lengths too short for the kernels: SDPA with the
+    pattern's mask built at each call's lengths, one graph for them all."""
     record = []
     fixed = dataclasses.replace(ATTN, attention_seq_len=128)
 
     def attend(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    compiled = torch.compile(attend, backend=_backend(options=fixed, record=record, min_seq_len=0))
-    for n in (96, 128):
+    compiled = torch.compile(attend, backend=_backend(options=fixed, record=record, min_seq_len=10_000))
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3)
+    for n in (96, 128, 112, 100):
         q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
         mask = torch.rand(n, n) > 0.1
         got = compiled(q, k, v, mask)
-        d = record[-1]
-        assert d.sparse and d.layout.key == attention_layout_at(record[0].layout, n, n).key
-        allowed = attention_element_mask(d.layout, n, n, False) & mask
+        allowed = attention_element_mask(attention_layout_at(fitted, n, n), n, n, False) & mask
         torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=allowed), rtol=1e-5, atol=1e-6)
-    assert d.candidate.symbolic and d.candidate.mask_dynamic and d.lowering == "sdpa" and "mask" in d.reason
+    assert len(record) == 2  # the first length, then one graph for every other
+    d = record[-1]
+    assert d.candidate.symbolic and d.lowering == "sdpa" and d.fixed_pattern and "every query length below" in d.reason
 
 
 def test_a_fixed_pattern_gives_every_position_the_output_it_has_in_a_longer_sequence(monkeypatch):

@@ -13,8 +13,7 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
    the graph on what the decision assumed: a sparse one on the exact length (``specialize``: each new
    length compiles its own graph and layout, as under ``dynamic=False``), a "too short" one on the
    length staying below the one from which it would change (``short_of``: one dense graph serves
-   all shorter lengths, e.g. every step of a generation). With a model mask, only a fixed pattern
-   (below), through SDPA: FlexAttention would have to trace the mask as a closure under dynamic shapes;
+   all shorter lengths, e.g. every step of a generation);
 6. fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
    of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
 7. too short: the estimated block-sparse time is not below the dense fused kernel's (on the CPU,
@@ -343,18 +342,8 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         return _dense(c, f"not matched by include={list(o.include)}")
     if _matches(name, o.exclude):
         return _dense(c, f"excluded by exclude={list(o.exclude)}")
-    dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
-    if not dynamic and not c.mask_dynamic:
-        return _decide_length(c, o, profile, min_seq_len)
-    what = f"sequence length is dynamic ({dynamic})" if dynamic else f"the model's mask has dynamic dims ({c.mask_dynamic})"
-    if c.mask_mode != "none" and o.attention_seq_len is None:
-        return _dense(c, f"{what} and the model passes a mask, which FlexAttention cannot take under dynamic shapes "
-                         "(compile with dynamic=False: a layout per length; or fix the pattern with attention_seq_len)")
     decision = _decide_length(c, o, profile, min_seq_len)
-    if c.mask_mode != "none" and decision.lowering == "flex":  # a fixed pattern: applied without FlexAttention
-        decision = replace(decision, lowering="sdpa", fixed_pattern=True, reason=decision.reason + f"; {what} and the "
-                           "model passes a mask, which FlexAttention cannot take there: SDPA with the element mask "
-                           "(same result, no speed-up)")
+    dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
     if not dynamic:
         return decision  # static lengths: nothing to guard
     if decision.fixed_pattern:
@@ -439,7 +428,7 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     else:
         lowering = "flex"
     return AttentionDecision(c, layout, why, lowering=lowering, estimate=est, pays_from_seq_len=pays,
-                             fixed_pattern=fixed is not None and lowering == "sdpa")
+                             fixed_pattern=fixed is not None and lowering == "sdpa", short_of=short_of)
 
 
 def _describe(layout: Layout) -> str:

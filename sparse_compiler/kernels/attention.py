@@ -45,9 +45,7 @@ backward. So the rewrite pass inserts a call to :func:`block_sparse_attention`, 
    compiled artefact and would not follow the graph to another device);
 2. the ``flex_attention`` higher-order op (or SDPA), with a ``mask_mod`` that reads the layout's
    block flags (so even the unfused reference implementation, which ignores the index tables, computes
-   the same thing) and the model's mask. For a length Dynamo made dynamic, the rewrite asks for a
-   ``mask_mod`` without the block flags (``mask_reads_layout=False``): FlexAttention cannot trace a
-   tensor in the closure under dynamic shapes, and compiled kernels visit only the tables' blocks.
+   the same thing) and the model's mask.
 
 The tables split the kept blocks into *full* ones (every pair allowed: ``mask_mod`` skipped) and
 *partial* ones (on the causal diagonal, at a ragged end, or everywhere when a boolean model mask must
@@ -72,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_compiler.kernels import SUPPORTED_DTYPES, tracing
+from sparse_compiler.kernels import SUPPORTED_DTYPES
 from sparse_compiler.layouts.attention import attention_mask_at_end, get_attention_layout, layout_geometry
 
 __all__ = [
@@ -296,20 +294,13 @@ def _mask_mod(
     causal: bool,
     user: Optional[Tensor],
     lengths: Optional[tuple[int, int]],
-    read_keep: bool = True,
 ):
-    """``mask_mod(b, h, q, k)``: the pair is in a kept block (when ``read_keep``), causal, and allowed
-    by the model's mask. Compiled kernels visit only the blocks of the index tables, so there the block
-    test is redundant; leaving it out (and so the ``keep`` tensor out of the closure) is what lets
-    FlexAttention trace the mask under dynamic shapes."""
+    """``mask_mod(b, h, q, k)``: the pair is in a kept block, causal, and allowed by the model's mask."""
     n_q, n_k = keep.shape
     read_user = _index_fn(user, *lengths) if user is not None else None
 
     def mask_mod(b, h, q_idx, kv_idx):
-        if read_keep:
-            allowed = keep[(q_idx // block).clamp(max=n_q - 1), (kv_idx // block).clamp(max=n_k - 1)]
-        else:
-            allowed = q_idx >= 0
+        allowed = keep[(q_idx // block).clamp(max=n_q - 1), (kv_idx // block).clamp(max=n_k - 1)]
         if causal:
             allowed = allowed & (q_idx >= kv_idx)
         if read_user is not None:
@@ -387,17 +378,13 @@ def block_sparse_attention(
     enable_gqa: bool = False,
     mask_mode: str = "none",
     lowering: str = "flex",
-    mask_reads_layout: bool = True,
     fixed: bool = False,
 ) -> Tensor:
     """Block-sparse attention (module docstring); q, k, v are ``(..., length, dim)`` with 2 to 4 dims.
 
     The result has the shape and dtype ``scaled_dot_product_attention`` would give.
-    ``mask_reads_layout=False`` leaves the block test to FlexAttention's index tables alone: exact
-    only in compiled kernels (which visit nothing else), and what lets FlexAttention trace the
-    ``mask_mod`` under dynamic shapes (no tensor in its closure). ``fixed=True`` (``"sdpa"`` only):
-    ``layout`` is a fixed pattern applied at the call's lengths, the queries being the last keys
-    (module docstring).
+    ``fixed=True`` (``"sdpa"`` or ``"kept_blocks"``): ``layout`` is a fixed pattern applied at the
+    call's lengths, the queries being the last keys (module docstring).
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"block_sparse_attention: mask_mode={mask_mode!r}, expected one of {MASK_MODES}")
@@ -450,16 +437,16 @@ def block_sparse_attention(
 
         score_mod = add_bias
 
-    if not mask_reads_layout and (user_bool is not None or score_mod is not None or not tracing(q, k, v)):
-        raise ValueError("block_sparse_attention: mask_reads_layout=False needs a compiled call without a model mask")
-    mask_mod = _mask_mod(keep, b, causal, user_bool, (lq, lk), read_keep=mask_reads_layout)
+    mask_mod = _mask_mod(keep, b, causal, user_bool, (lq, lk))
     bm = _make_block_mask(tables, b, lq, lk, mask_mod)
     if q.device.type == "cpu":  # own 4-D buffers for the C++ template (module docstring)
         q4, k4, v4 = (torch.ops.sparse_compiler.attention_barrier(t) for t in (q4, k4, v4))
     # Traced outside Dynamo, flex_attention compiles a wrapper frame of its own, whose cache outlives
-    # this graph: a later graph with other shapes would recompile it with dynamic shapes, and its
-    # mask subgraph would then no longer match the tensors it is given (an Inductor assertion).
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+    # this graph. Left to Dynamo's defaults, that frame takes dynamic shapes (automatically on a later
+    # graph with other shapes, or at once under compile(dynamic=True)), and its mask subgraph's
+    # symbols then differ from the outer graph's: Inductor asserts ("A subgraph argument other than
+    # striding has been modified"). The sizes a decision depends on are guarded, so static is right.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, assume_static_by_default=True):
         out = flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
     if q.device.type == "cpu":
         out = torch.ops.sparse_compiler.attention_barrier(out)

@@ -103,7 +103,6 @@ class AttentionCandidate:
     device: str
     requires_grad: bool  # q, k or v requires grad (a training graph)
     blocker: str | None
-    mask_dynamic: str = ""  # the mask's dynamic dims ("s0, s1"); mask_shape holds their current values
     kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
 
     @property
@@ -371,21 +370,18 @@ def _shape_info(q: Any, k: Any, v: Any) -> tuple[dict[str, Any], str | None]:
 
 def _mask_info(
     mask: Any, lq: int, lk: int, q_ndim: int
-) -> tuple[tuple[int, ...] | None, str, bool, torch.dtype | None, str | None]:
-    """(shape with dynamic dims at their current values, the dynamic dims' names, requires_grad,
-    dtype, blocker) of the mask node."""
+) -> tuple[tuple[int, ...] | None, bool, torch.dtype | None, str | None]:
+    """(shape with dynamic dims at their current values, requires_grad, dtype, blocker) of the mask node."""
     m = _meta(mask)
     if not isinstance(m, torch.Tensor):
-        return None, "", False, None, "mask shape unknown to the analysis"
-    exprs = [_dim_expr(d) for d in m.shape]
-    shape = tuple(int(h) for _, h in exprs)
-    dynamic = ", ".join(dict.fromkeys(str(e) for e, _ in exprs if not isinstance(e, int)))
+        return None, False, None, "mask shape unknown to the analysis"
+    shape = tuple(int(_dim_expr(d)[1]) for d in m.shape)
     blocker = None
     if m.dim() > q_ndim:
         blocker = f"mask has more dims ({m.dim()}) than the query"
     elif m.dim() >= 1 and shape[-1] not in (1, lk) or m.dim() >= 2 and shape[-2] not in (1, lq):
         blocker = f"mask of shape {shape} does not broadcast to ({lq}, {lk})"
-    return shape, dynamic, bool(m.requires_grad), m.dtype, blocker
+    return shape, bool(m.requires_grad), m.dtype, blocker
 
 
 @dataclass(frozen=True)
@@ -495,11 +491,11 @@ def _candidate(
     if not isinstance(enable_gqa, bool):
         blocker = blocker or "enable_gqa is not a constant"
         enable_gqa = False
-    mask_shape, mask_requires_grad, mask_origin, mask_dynamic = None, False, "", ""
+    mask_shape, mask_requires_grad, mask_origin = None, False, ""
     if mask is not None:
         mask_origin = "argument"
         lq, lk = info.get("seq_len_q_hint", 0), info.get("seq_len_k_hint", 0)
-        mask_shape, mask_dynamic, mask_requires_grad, mask_dtype, mask_blocker = _mask_info(mask, lq, lk, _ndim(q) or 4)
+        mask_shape, mask_requires_grad, mask_dtype, mask_blocker = _mask_info(mask, lq, lk, _ndim(q) or 4)
         blocker = blocker or mask_blocker
         if mask_dtype is not None and mask_mode == "keep" and mask_dtype != torch.bool:
             mask_mode = "add"
@@ -539,7 +535,6 @@ def _candidate(
         enable_gqa=enable_gqa,
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
-        mask_dynamic=mask_dynamic,
         kv_cache_step=kv_cache_step,
         **info,
     )

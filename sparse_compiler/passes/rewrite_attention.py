@@ -4,7 +4,7 @@ For each sparse :class:`~sparse_compiler.cost.attention.AttentionDecision`, the 
 (the SDPA call, or the final ``· v`` of a hand-written attention) is replaced by::
 
     block_sparse_attention(q, k, v, mask, layout=<key>, causal=…, scale=…, enable_gqa=…,
-                           mask_mode=…, lowering="flex" | "sdpa"[, mask_reads_layout=False][, fixed=True])
+                           mask_mode=…, lowering="flex" | "sdpa" | "kept_blocks"[, fixed=True])
 
 (``sparse_compiler.kernels.attention``), whose arguments are the graph's own q, k, v and mask nodes
 and constants; the layout travels as its key. The nodes of a hand-written attention that nothing else
@@ -63,8 +63,6 @@ def rewrite_attention(
             "mask_mode": c.mask_mode,
             "lowering": d.lowering or "flex",
         }
-        if d.specialize and kwargs["lowering"] == "flex":
-            kwargs["mask_reads_layout"] = False  # see kernels/attention.py
         if d.fixed_pattern:
             kwargs["fixed"] = True
         with graph.inserting_before(out):
