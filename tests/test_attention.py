@@ -24,8 +24,8 @@ from sparse_compiler.cost.attention import (
 from sparse_compiler.kernels.attention import block_sparse_attention, block_tables
 from sparse_compiler.layouts.attention import (
     attention_element_mask,
-    attention_layout,
     attention_key_runs,
+    attention_layout,
     attention_layout_at,
     attention_mask_at_end,
     causal_blocks,
@@ -429,7 +429,7 @@ def test_a_fixed_pattern_is_lowered_at_the_lengths_of_each_call(mode):
         got = block_sparse_attention(q, k, v, mask, layout=fitted.key, causal=causal, mask_mode=mode, lowering="sdpa",
                                      fixed=True)
         allowed = attention_mask_at_end(fitted, lq, lk, causal)
-        ref_mask = {"none": allowed, "keep": allowed & mask if mask is not None and mask.dtype == torch.bool else None,
+        ref_mask = {"none": allowed, "keep": allowed & mask if mode == "keep" else None,
                     "add": mask.masked_fill(~allowed, float("-inf")) if mode == "add" else None}[mode]
         want = _SDPA(q, k, v, attn_mask=ref_mask)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -457,8 +457,10 @@ def test_a_cache_step_reading_only_the_kept_blocks_equals_sdpa_with_the_element_
         mask = {"none": None, "keep": torch.rand(2, 1, lq, lk) > 0.1, "drop": torch.rand(1, hq, 1, lk) < 0.1,
                 "add": torch.randn(lq, lk)}[mode]
         allowed = attention_mask_at_end(fitted, lq, lk)
-        ref_mask = {"none": lambda: allowed, "keep": lambda: allowed & mask, "drop": lambda: allowed & ~mask,
-                    "add": lambda: mask.masked_fill(~allowed, float("-inf"))}[mode]()
+        if mode == "add":
+            ref_mask = mask.masked_fill(~allowed, float("-inf"))
+        else:
+            ref_mask = allowed if mode == "none" else allowed & (mask if mode == "keep" else ~mask)
         want = _SDPA(q, k, v, attn_mask=ref_mask, enable_gqa=gqa)
         got = block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="kept_blocks",
                                      fixed=True, enable_gqa=gqa)
