@@ -512,6 +512,51 @@ def test_flex_training_graph_is_traced_with_its_backward(monkeypatch):
     assert "flex_attention_backward" in code["bw"] and "_tensor_constant" not in code["fw"] + code["bw"]
 
 
+def test_flex_training_graph_with_a_padding_mask_is_traced_at_dynamic_lengths(monkeypatch):
+    """The CUDA training graph of attention reading a padding mask, under ``dynamic=True`` (batch
+    and length symbolic, the length then guarded per layout): AOTAutograd traces the FlexAttention
+    forward and backward on CPU, and each length trains like SDPA with its layout and the mask."""
+    import torch.nn.attention.flex_attention as flex_module
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from sparse_compiler.kernels import attention as kernels
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)  # its CPU backward check
+    monkeypatch.setattr(kernels, "_CPU_FLEX_TRAINING", True)
+    record, code = [], []
+
+    def backend(gm, example_inputs):
+        decisions = plan_attention(analyze_attention(gm, example_inputs), ATTN, min_seq_len=0)
+        decisions = [dataclasses.replace(d, lowering="flex") for d in decisions]
+        record.extend(decisions)
+        gm = rewrite_attention(gm, example_inputs, decisions)
+
+        def compiler(g, _inputs):
+            code.append(g.code)
+            return g.forward
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=compiler)
+
+    model = PaddedAttention(d=32, heads=2)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for n in (96, 128):
+        x, padding = torch.randn(2, n, 32), torch.ones(2, n, dtype=torch.bool)
+        padding[1, n - 10 :] = False
+        got = compiled(x, padding)
+        d = record[-1]
+        assert d.sparse and d.candidate.symbolic and d.specialize and d.layout.params["seq_len_q"] == n
+        params = list(model.parameters())
+        grads = torch.autograd.grad(got.square().sum(), params)
+        with monkeypatch.context() as m:
+            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+            want = model(x, padding)
+            want_grads = torch.autograd.grad(want.square().sum(), params)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any("flex_attention_backward" in c for c in code)
+
+
 # ---------------------------------------------------------------------------------------------- analysis and plan
 def test_sdpa_is_found_with_its_shapes():
     record = []
