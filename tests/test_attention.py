@@ -1082,7 +1082,7 @@ def test_gpu_backend_path_trains_a_block(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_dynamic_lengths_train_with_a_layout_per_length():
     """The specialised dynamic-length path on CUDA: FlexAttention kernels forward and backward,
-    each length with its own layout and the block test left to the index tables."""
+    each length with its own layout."""
     record = []
     model = Block(d=256, heads=4).cuda()
     options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
@@ -1120,3 +1120,28 @@ def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
         allowed = attention_mask_at_end(fitted, 1, lk, device=dev)
         want = _SDPA(q.float(), k.float(), v.float(), attn_mask=allowed if pad is None else allowed & pad, enable_gqa=True)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_padding_mask_at_dynamic_lengths_trains_through_flex_attention(monkeypatch):
+    """A padding mask read by the FlexAttention kernels under ``dynamic=True``, forward and backward,
+    each length with its own layout."""
+    record = []
+    model = PaddedAttention(d=256, heads=4).cuda()
+    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
+    compiled = torch.compile(model, backend=_backend(options=options, record=record, compiled=True), dynamic=True)
+    for n in (512, 896):
+        x, padding = torch.randn(2, n, 256, device="cuda"), torch.ones(2, n, dtype=torch.bool, device="cuda")
+        padding[1, n - 100 :] = False
+        got = compiled(x, padding)
+        d = record[-1]
+        assert d.specialize and d.sparse and d.lowering == "flex" and d.candidate.mask_mode == "keep"
+        params = list(model.parameters())
+        grads = torch.autograd.grad(got.square().sum(), params)
+        with monkeypatch.context() as m:
+            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
+            want = model(x, padding)
+            want_grads = torch.autograd.grad(want.square().sum(), params)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
