@@ -4,12 +4,16 @@
     python examples/train_gpt.py --backend inductor   # the dense baseline, compiled the same way
     python examples/train_gpt.py --backend eager      # no compilation at all
     python examples/train_gpt.py --sparse-attention --seq 1024 --batch 2   # block-sparse attention too
+    python examples/train_gpt.py --sparse-attention --seq 512 --sample 256  # then generate with a KV cache
 
 The corpus is every ``.py`` file of the running interpreter's standard library, read as bytes, so it
 exists offline on every machine. The only line that differs from a dense training loop is the
 ``torch.compile(model, backend=..., options=...)`` call; the optimizer, the loss and the checkpoint
 (``--save``) are ordinary PyTorch. With ``sparsify`` the report of what was made sparse is printed
-after the first step (when compilation happens), then the loss and the throughput.
+after the first step (when compilation happens), then the loss and the throughput. ``--sample N``
+then continues a validation prompt by N bytes, one compiled step per byte with a key/value cache;
+with sparse attention each step attends through the same fixed pattern as training did, reading only
+the kept blocks of the cache.
 """
 
 from __future__ import annotations
@@ -65,13 +69,17 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(d, 4 * d)
         self.fc2 = nn.Linear(4 * d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The block's output and its keys and values; with ``cache``, ``x`` holds the positions that
+        follow the cached ones (generation, one position at a time)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)))), (k, v)
 
 
 class GPT(nn.Module):
@@ -95,9 +103,32 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos[:, : idx.shape[1]]
         for block in self.blocks:
-            x = block(x)
+            x, _ = block(x)
         logits = self.head(self.ln(x))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def next_logits(self, idx: torch.Tensor, caches: list | None = None) -> tuple[torch.Tensor, list]:
+        """Logits of the byte after ``idx`` and every block's keys and values; with ``caches`` (from
+        the previous call), ``idx`` holds only the new positions."""
+        start = caches[0][0].shape[2] if caches else 0
+        x = self.tok(idx) + self.pos[:, start : start + idx.shape[1]]
+        new = []
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x, kv = block(x, cache)
+            new.append(kv)
+        return self.head(self.ln(x[:, -1])), new
+
+
+def sample(step, prompt: torch.Tensor, n: int, max_len: int, generator: torch.Generator) -> bytes:
+    """``n`` bytes after ``prompt`` (1-D), drawn at temperature 0.8 from ``step`` (``next_logits``,
+    compiled or not), one position per call with the key/value cache."""
+    logits, caches = step(prompt[None])
+    out = []
+    for _ in range(min(n, max_len - prompt.numel())):
+        byte = torch.multinomial(torch.softmax(logits[0] / 0.8, -1), 1, generator=generator)
+        out.append(int(byte))
+        logits, caches = step(byte[None], caches)
+    return bytes(out)
 
 
 def model_and_inputs(batch: int = 16, seq: int = 128) -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
@@ -127,6 +158,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=str, default=None, help="write a checkpoint (state_dict) here at the end")
     p.add_argument("--json", type=str, default=None, help="write the loss curve and throughput here")
+    p.add_argument("--sample", type=int, default=0, help="then generate this many bytes after a validation prompt")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -195,6 +227,22 @@ def main() -> None:
         f"({val_loss / math.log(2):.2f} bits/byte), {tokens_per_s:,.0f} tokens/s after the first step, "
         f"{time.perf_counter() - start_all:.0f} s in all"
     )
+    if args.sample:
+        prompt = val[: args.seq // 2]
+        step = torch.compile(model.next_logits, backend="sparsify", options=options) if args.backend == "sparsify" else (
+            torch.compile(model.next_logits) if args.backend == "inductor" else model.next_logits)  # fmt: skip
+        start = time.perf_counter()
+        with torch.no_grad():
+            text = sample(step, prompt, args.sample, args.seq, torch.Generator().manual_seed(args.seed))
+        print(f"sample ({len(text)} bytes in {time.perf_counter() - start:.1f} s, compilation included), after "
+              f"{prompt.numel()} bytes of prompt:\n{text.decode('utf-8', 'replace')}")
+        if args.backend == "sparsify" and args.sparse_attention:
+            import sparse_compiler
+
+            rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+            for phase, steps in (("prompt", False), ("one byte per step", True)):
+                how = sorted({r["lowering"] or "dense" for r in rows if (r["seq_len_q_hint"] == 1) == steps})
+                print(f"attention of the {phase}: {', '.join(how)}")
     if args.save:
         torch.save(model.state_dict(), args.save)
         print(f"checkpoint written to {args.save}")

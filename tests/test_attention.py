@@ -721,6 +721,29 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     assert not top_left.sparse and "top-left" in top_left.reason
 
 
+def test_a_length_whose_layout_keeps_every_block_stays_dense_only_until_one_that_drops_a_block():
+    """A dynamic length whose layout keeps every block is dense, and its graph is guarded below the
+    first length whose layout drops one, so that longer lengths (a growing cache) become sparse."""
+    record = []
+    torch.compile(Block(d=64, heads=4), backend=_backend(record=record))(torch.randn(2, 512, 64))
+    options = Options(targets=("attention",), attention_block_size=16, attention_density=0.3, attention_seq_len=256,
+                      attention_min_seq_len=10_000)  # fmt: skip
+    c = dataclasses.replace(_at_length(record[0].candidate, 48), seq_len_q="s0", seq_len_k="s0")
+    dense = plan_attention([c], options)[0]
+    assert not dense.sparse and "keeps every block" in dense.reason
+    dim, bound = dense.short_of
+    assert dim == "q" and "below" in dense.reason
+    first = attention_layout_at(attention_layout("butterfly+local+global", 256, 256, 16, density=0.3, causal=True),
+                                bound, bound)  # fmt: skip
+    before = attention_layout_at(first, bound - 1, bound - 1)
+    assert first.params["density"] < 1 and before.params["density"] == 1
+    step = dataclasses.replace(c, seq_len_q=1, seq_len_q_hint=1, seq_len_k="s0 + 1", seq_len_k_hint=48,
+                               causal=False, kv_cache_step=True)  # fmt: skip
+    cached = plan_attention([step], options)[0]
+    assert not cached.sparse and cached.short_of == ("k", bound)
+    assert plan_attention([dataclasses.replace(step, seq_len_k_hint=bound)], options)[0].sparse
+
+
 def _at_length(c, n):
     return dataclasses.replace(c, seq_len_q=n, seq_len_k=n, seq_len_q_hint=n, seq_len_k_hint=n)
 

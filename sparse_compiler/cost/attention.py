@@ -387,7 +387,8 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     except ValueError as exc:
         return _dense(c, f"no attention layout: {exc}")
     if layout.params["density"] >= 1.0:
-        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lq}x{lk} (blocks of {b}): nothing to skip")
+        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lq}x{lk} (blocks of {b}): nothing to skip",
+                      short_of=_first_skipping_length(o, _pattern_causal(c, o), min(lq, lk), shorter))
     prof = profile if profile is not None else profile_for(c.device)
     training = c.requires_grad
     est = _estimate(c, layout, prof, training)
@@ -431,6 +432,22 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
                              fixed_pattern=fixed is not None and lowering == "sdpa", short_of=short_of)
 
 
+def _first_skipping_length(o: Options, causal: bool, length: int, dim: str, look_ahead: int = 32) -> tuple[str, int] | None:
+    """Where a layout that keeps every block at ``length`` tokens (along ``dim``, "q" or "k") stops
+    doing so: ``(dim, the shortest length whose self-attention layout drops a block)``, looking up to
+    ``look_ahead`` blocks further; ``None`` if none does (the dense graph then serves every length)."""
+    b = o.attention_block_size
+    n = -(-length // b)
+    for m in range(n + 1, n + look_ahead + 1):
+        try:
+            layout = attention_layout_from_options(o, m * b, m * b, causal)
+        except ValueError:
+            return None
+        if layout.params["density"] < 1.0:
+            return dim, (m - 1) * b + 1
+    return None
+
+
 def _describe(layout: Layout) -> str:
     p = layout.params
     what = p["pattern"]
@@ -457,7 +474,7 @@ def _cache_step(c: AttentionCandidate, o: Options) -> AttentionDecision:
         return _dense(c, f"no attention layout: {exc}")
     if layout.params["density"] >= 1.0:
         return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lk}x{lk} (blocks of "
-                         f"{o.attention_block_size}): nothing to skip")
+                         f"{o.attention_block_size}): nothing to skip", short_of=_first_skipping_length(o, causal, lk, "k"))
     why = (f"key/value cache step: the {lq} queries are the last of {lk} keys and take the bottom rows of "
            f"{'the causal' if causal else 'the'} fixed pattern ({_describe(layout)} at {lk}x{lk}, fitted at "
            f"attention_seq_len={fixed}), so cached decoding computes what the uncached forward does")
