@@ -17,9 +17,10 @@ pattern fixed at the context length as ``attention_seq_len`` would fix it):
 
 Each timed call reads another "layer"'s cache, cycling through enough of them that together they
 are several times the last-level cache: a step finds its cache in memory, as a model's layers do.
-Medians over repeats; the speed-up is ``dense / kept_blocks`` and ``read`` the fraction of the cache
-the query's row keeps. Every ``kept_blocks`` result is checked against ``masked``. Writes JSON with
-the machine named. A benchmark, not a test: nothing here asserts a speed.
+Medians over repeats; the speed-up is ``dense / kept_blocks``, beside the one the planner's time model
+predicts (``cost/attention.py``, ``estimate_cache_step_time``), and ``read`` is the fraction of the
+cache the query's row keeps. Every ``kept_blocks`` result is checked against ``masked``. Writes JSON
+with the machine named. A benchmark, not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_cpu_linear import machine  # noqa: E402
 
+from sparse_compiler.cost.attention import estimate_cache_step_time, profile_for  # noqa: E402
 from sparse_compiler.kernels.attention import block_sparse_attention  # noqa: E402
 from sparse_compiler.layouts.attention import attention_key_runs, attention_layout, attention_mask_at_end  # noqa: E402
 
@@ -113,23 +115,28 @@ def main() -> None:
                 err = (kept(q, k, v).float() - masked(q, k, v).float()).abs().max().item()
                 t_dense, t_masked, t_kept = per_call_seconds([dense, masked, kept], layers, args.repeat, device)
             runs = attention_key_runs(layout, 1, context)
+            read = sum(e - s for s, e in runs) / context
+            shape = dict(batch=batch, kv_heads=hk, seq_len_k=context, head_dim=dim, value_dim=dim, dtype=dtype)
+            predicted = estimate_cache_step_time(profile_for(device), **shape) / estimate_cache_step_time(
+                profile_for(device), **shape, read=read, runs=len(runs))  # fmt: skip
             row = {
                 "context": context,
                 "target_density": density,
                 "layout_density": layout.params["density"],
-                "read": sum(e - s for s, e in runs) / context,
+                "read": read,
                 "runs": len(runs),
                 "layers": n_layers,
                 "dense_ms": t_dense * 1e3,
                 "masked_ms": t_masked * 1e3,
                 "kept_blocks_ms": t_kept * 1e3,
                 "speedup": t_dense / t_kept,
+                "predicted_speedup": predicted,
                 "max_abs_diff_vs_masked": err,
             }
             rows.append(row)
             print(f"context {context:6d}  d={density:.3f}  read {row['read']:.3f} ({len(runs)} runs)  dense "
                   f"{row['dense_ms']:.3f} ms  masked {row['masked_ms']:.3f} ms  kept_blocks {row['kept_blocks_ms']:.3f} ms"
-                  f"  -> {row['speedup']:.2f}x  (|diff| {err:.1e})", flush=True)  # fmt: skip
+                  f"  -> {row['speedup']:.2f}x (predicted {predicted:.2f}x, |diff| {err:.1e})", flush=True)  # fmt: skip
     info = machine()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -19,6 +19,7 @@ from sparse_compiler.cost.attention import (
     CUDA_PROFILE,
     AttentionDecision,
     estimate_attention_time,
+    estimate_cache_step_time,
     plan_attention,
 )
 from sparse_compiler.kernels.attention import block_sparse_attention, block_tables
@@ -708,10 +709,24 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     step = plan_attention([cross], fixed, profile=CUDA_PROFILE)[0]
     assert not step.sparse and "cache" in step.reason and "cannot be placed" in step.reason
     # ... unless the keys are a cache ending with the queries' own: the causal pattern's bottom rows
-    cached = dataclasses.replace(cross, kv_cache_step=True, requires_grad=False)
+    # (a decoding batch whose cache is large enough for the time model to read only the kept blocks)
+    cached = dataclasses.replace(cross, kv_cache_step=True, requires_grad=False, batch=8, batch_hint=8, heads=32,
+                                 kv_heads=8, head_dim=128, value_dim=128, dtype=torch.bfloat16, seq_len_k=32768,
+                                 seq_len_k_hint=32768)  # fmt: skip
     step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
     assert step.sparse and step.lowering == "kept_blocks" and step.fixed_pattern and "bottom rows" in step.reason
-    assert step.layout is attention_layout_at(fitted, 4096, 4096) and "reads only the kept" in step.reason
+    assert step.layout is attention_layout_at(fitted, 32768, 32768) and "reads only the kept" in step.reason
+    assert step.estimate.speedup > 1 and f"estimated {step.estimate.speedup:.2f}x the dense step" in step.reason
+    # a small cache: the pattern through SDPA, until the length from which the kept blocks pay
+    small = dataclasses.replace(cached, batch=1, batch_hint=1, seq_len_k=2048, seq_len_k_hint=2048)
+    slow = plan_attention([small], fixed, profile=CUDA_PROFILE)[0]
+    assert slow.sparse and slow.lowering == "sdpa" and slow.estimate.speedup < 1 and "does not pay" in slow.reason
+    dim, bound = slow.short_of
+    assert dim == "k" and f"below {bound} keys" in slow.reason
+    at_bound = dataclasses.replace(small, seq_len_k=bound, seq_len_k_hint=bound)
+    assert plan_attention([at_bound], fixed, profile=CUDA_PROFILE)[0].lowering == "kept_blocks"
+    forced = plan_attention([small], fixed, profile=CUDA_PROFILE, min_seq_len=2048)[0]
+    assert forced.lowering == "kept_blocks"
     with_grad = plan_attention([dataclasses.replace(cached, requires_grad=True)], fixed, profile=CUDA_PROFILE)[0]
     assert with_grad.sparse and with_grad.lowering == "sdpa" and "gradients" in with_grad.reason
     non_causal = plan_attention([cached], dataclasses.replace(fixed, attention_causal=False), profile=CUDA_PROFILE)[0]
@@ -746,6 +761,27 @@ def test_a_length_whose_layout_keeps_every_block_stays_dense_only_until_one_that
 
 def _at_length(c, n):
     return dataclasses.replace(c, seq_len_q=n, seq_len_k=n, seq_len_q_hint=n, seq_len_k_hint=n)
+
+
+def test_time_model_of_a_cache_step_is_bound_by_reading_the_cache():
+    """Dense: the cache's bytes over the bandwidth (linear in the keys and the element size); kept
+    blocks: the fraction read at a lower speed plus a cost per run, so they pay more with the
+    context and less with more runs."""
+    shape = dict(batch=1, kv_heads=8, head_dim=64, value_dim=64)
+    dense = [estimate_cache_step_time(CUDA_PROFILE, **shape, seq_len_k=n, dtype=torch.bfloat16) for n in (8192, 16384)]
+    bytes_8k = 8 * 8192 * 128 * 2
+    assert dense[0] == pytest.approx(bytes_8k / CUDA_PROFILE.memory_bandwidth + CUDA_PROFILE.launch_s)
+    assert dense[1] - CUDA_PROFILE.launch_s == pytest.approx(2 * (dense[0] - CUDA_PROFILE.launch_s))
+    fp32 = estimate_cache_step_time(CUDA_PROFILE, **shape, seq_len_k=8192, dtype=torch.float32)
+    assert fp32 - CUDA_PROFILE.launch_s == pytest.approx(2 * (dense[0] - CUDA_PROFILE.launch_s))
+
+    def speedup(n, runs):
+        common = dict(shape, seq_len_k=n, dtype=torch.bfloat16)
+        return estimate_cache_step_time(CUDA_PROFILE, **common) / estimate_cache_step_time(
+            CUDA_PROFILE, **common, read=0.25, runs=runs)  # fmt: skip
+
+    assert speedup(4096, 3) < speedup(65536, 3) < 4 * CUDA_PROFILE.kept_read_efficiency + 1e-9
+    assert speedup(65536, 10) < speedup(65536, 3)
 
 
 def test_time_model_sparse_pays_more_with_length():
@@ -944,7 +980,8 @@ def test_cached_decoding_with_a_fixed_pattern_computes_what_the_uncached_forward
     model = CachedSelfAttention(explicit=explicit).eval()
     fixed = dataclasses.replace(ATTN, attention_seq_len=128)
     record = []
-    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=10_000))
+    # the kernels from 65 keys on: the 64-token prompt through SDPA, every cache step reading the kept blocks
+    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=65))
     x = torch.randn(2, 112, 32)
     with torch.no_grad():
         _, k, v = compiled(x[:, :64], mask=torch.ones(64, 64, dtype=torch.bool).tril() if explicit else None)

@@ -29,7 +29,9 @@ as long as the queries: ``kv_cache_step``): the queries are the last keys, so th
 rows of the self-attention layout, and cached decoding computes what the uncached forward does.
 Otherwise (cross-attention) they stay dense: where the queries lie among the keys is not known.
 Without gradients a cache step is lowered to ``"kept_blocks"`` (``kernels/cache_step.py``), which
-reads only the kept key/value blocks of the queries' rows: decoding is bound by reading the cache.
+reads only the kept key/value blocks of the queries' rows (decoding is bound by reading the cache),
+from the key length at which the time model says that pays (or ``attention_min_seq_len``); below it,
+and with gradients, through SDPA with the element mask.
 The pattern is causal where the node is (``is_causal``, a causal mask buffer) or, at a cache step,
 always, unless ``attention_causal`` says otherwise for every node.
 
@@ -43,7 +45,11 @@ replaced by measured profiles (``cost/hardware.py``): with ``F = 2·B·H·(D + D
   ``pairs = Lq·Lk``, or the causal lower triangle (the kernel skips the rest);
 - block-sparse kernel (FlexAttention): ``F · kept·b² / (peak · sparse_efficiency) + launch +
   sparse_overhead + per_block · B·H · kept``;
-- training multiplies the work by ``1 + backward_factor`` (the backward is about 2.5 forwards).
+- training multiplies the work by ``1 + backward_factor`` (the backward is about 2.5 forwards);
+- a key/value cache step (:func:`estimate_cache_step_time`) is bound by reading the cache instead:
+  ``B·Hkv·Lk·(D + Dv)`` elements at ``memory_bandwidth`` for the dense step, the fraction the
+  queries' rows keep at ``kept_read_efficiency`` of that speed plus a cost per run of adjacent kept
+  blocks for ``"kept_blocks"``.
 
 Every input is explicit: the profile is any object with the fields of :class:`AttentionProfile`.
 The numbers of the two built-in profiles are rough public figures, not measurements: a generic
@@ -75,6 +81,7 @@ __all__ = [
     "AttentionEstimate",
     "AttentionProfile",
     "estimate_attention_time",
+    "estimate_cache_step_time",
     "pays_from_seq_len",
     "plan_attention",
     "profile_for",
@@ -96,6 +103,9 @@ class AttentionProfile:
     sparse_overhead_s: float  # extra fixed cost of the block-sparse call (tables, BlockMask)
     per_block_s: float  # cost of visiting one kept block of one (batch, head): index loads, loop
     backward_factor: float = 2.5  # backward work / forward work
+    memory_bandwidth: float = 25e9  # bytes/s at which dense attention reads a key/value cache (decoding)
+    kept_read_efficiency: float = 0.85  # the kept_blocks lowering's reading speed, fraction of the dense one's
+    per_run_s: float = 8e-5  # the kept_blocks lowering's cost per run of adjacent kept blocks (two matmuls)
 
     def peak(self, dtype: torch.dtype | None) -> float:
         return float(self.peak_flops.get(dtype, min(self.peak_flops.values())))
@@ -109,10 +119,15 @@ CUDA_PROFILE = AttentionProfile(
     launch_s=10e-6,
     sparse_overhead_s=15e-6,
     per_block_s=2e-9,
+    memory_bandwidth=2.5e12,
+    kept_read_efficiency=0.7,
+    per_run_s=3e-5,
 )
 
 # Calibrated roughly on a 2-core AVX-512 machine (fp32, 4 heads of 64, 4096 tokens: SDPA 106 ms;
-# compiled FlexAttention 51 ms at density 1/4 and 27 ms at 0.15; the model says 2.4x and 4.0x).
+# compiled FlexAttention 51 ms at density 1/4 and 27 ms at 0.15; the model says 2.4x and 4.0x). The
+# decoding figures too (benchmarks/bench_decode.py: a dense step reads its cache at about 25 GB/s;
+# the kept_blocks lowering at 0.85 of that, plus about 80 us per run of kept blocks).
 CPU_PROFILE = AttentionProfile(
     name="cpu-generic",
     peak_flops={torch.float32: 320e9, torch.bfloat16: 320e9, torch.float16: 160e9},
@@ -156,6 +171,29 @@ def estimate_attention_time(
     assert block_size is not None
     compute = per_pair * kept_blocks * block_size * block_size * work / (peak * profile.sparse_efficiency)
     return compute + profile.launch_s + profile.sparse_overhead_s + profile.per_block_s * batch_heads * kept_blocks * work
+
+
+def estimate_cache_step_time(
+    profile: Any,
+    *,
+    batch: int,
+    kv_heads: int,
+    seq_len_k: int,
+    head_dim: int,
+    value_dim: int,
+    dtype: torch.dtype | None,
+    read: float | None = None,
+    runs: int = 0,
+) -> float:
+    """Estimated seconds of one key/value cache step, which reading the cache bounds: its
+    ``B·Hkv·Lk·(D + Dv)`` elements at ``memory_bandwidth`` (dense, ``read=None``), or the fraction
+    ``read`` of them at ``kept_read_efficiency`` of that speed plus ``sparse_overhead + per_run · runs``
+    (the ``kept_blocks`` lowering, ``runs`` runs of adjacent kept blocks)."""
+    itemsize = dtype.itemsize if dtype is not None else 4
+    seconds = batch * kv_heads * seq_len_k * (head_dim + value_dim) * itemsize / profile.memory_bandwidth
+    if read is None:
+        return seconds + profile.launch_s
+    return seconds * read / profile.kept_read_efficiency + profile.sparse_overhead_s + profile.per_run_s * runs
 
 
 @dataclass(frozen=True)
@@ -374,7 +412,7 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     shorter = "q" if lq <= lk else "k"
     fixed = o.attention_seq_len
     if fixed is not None and lq != lk:
-        return _cache_step(c, o)
+        return _cache_step(c, o, profile, min_seq_len)
     if -(-lq // b) < 2 or -(-lk // b) < 2:
         exact = "; one block, which every pattern keeps" if fixed is not None else ""
         return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way{exact}",
@@ -456,9 +494,11 @@ def _describe(layout: Layout) -> str:
     return f"{what} at density {p['density']:.3f}, blocks of {layout.block_size}"
 
 
-def _cache_step(c: AttentionCandidate, o: Options) -> AttentionDecision:
+def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
     """Fewer queries than keys under a fixed pattern: a key/value cache step takes the bottom rows of
-    the self-attention layout at the key length (module docstring); anything else stays dense."""
+    the self-attention layout at the key length (module docstring), through ``"kept_blocks"`` where
+    the time model (or ``attention_min_seq_len``, on the key length) says it pays, else through SDPA
+    with the element mask; anything else stays dense."""
     lq, lk, fixed = c.seq_len_q_hint, c.seq_len_k_hint, o.attention_seq_len
     if not c.kv_cache_step:
         return _dense(c, f"{lq} queries x {lk} keys with a fixed pattern (attention_seq_len={fixed}), and the keys "
@@ -481,11 +521,53 @@ def _cache_step(c: AttentionCandidate, o: Options) -> AttentionDecision:
     if c.requires_grad:
         return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
                                  lowering="sdpa", fixed_pattern=True)
+    prof = profile if profile is not None else profile_for(c.device)
+    est = _cache_step_estimate(c, layout, prof, lk)
+    threshold = min_seq_len if min_seq_len is not None else o.attention_min_seq_len
+    if threshold is not None:
+        pays, bound = lk >= threshold, threshold
+    else:
+        pays = est.sparse_s < est.dense_s
+        bound = None if pays else _cache_step_pays_from(c, layout, prof, lk)
+    read, runs = _read(layout, lq, lk)
+    cost = f"{read:.0%} of the cache here in {runs} runs; estimated {est.speedup:.2f}x the dense step on {est.profile}"
+    if pays:
+        why += (f"; reads only the kept key/value blocks of the queries' rows ({cost}), or SDPA with the element "
+                "mask where they are more than half of it")
+        return AttentionDecision(c, layout, why, lowering="kept_blocks", estimate=est, fixed_pattern=True)
+    why += (f"; reading only the kept key/value blocks does not pay at this key length ({cost}"
+            + (f"; attention_min_seq_len={threshold}" if threshold is not None else "")
+            + f"), so SDPA with the element mask (no speed-up)"
+            + (f" below {bound} keys" if bound is not None else ""))
+    return AttentionDecision(c, layout, why, lowering="sdpa", estimate=est, fixed_pattern=True,
+                             short_of=("k", bound) if bound is not None else None)
+
+
+def _read(layout: Layout, lq: int, lk: int) -> tuple[float, int]:
+    """(fraction of the keys, number of runs) that the last ``lq`` of ``lk`` positions read."""
     runs = attention_key_runs(layout, lq, lk)
-    read = sum(e - s for s, e in runs) / lk
-    why += (f"; reads only the kept key/value blocks of the queries' rows ({read:.0%} of the cache here, "
-            f"{len(runs)} runs), or SDPA with the element mask where they are more than half of it")
-    return AttentionDecision(c, layout, why, lowering="kept_blocks", fixed_pattern=True)
+    return sum(e - s for s, e in runs) / lk, len(runs)
+
+
+def _cache_step_estimate(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> AttentionEstimate:
+    read, runs = _read(layout, c.seq_len_q_hint, lk)
+    shape = dict(batch=max(c.batch_hint, 1), kv_heads=max(c.kv_heads, 1), seq_len_k=lk, head_dim=c.head_dim,
+                 value_dim=c.value_dim, dtype=c.dtype)  # fmt: skip
+    return AttentionEstimate(estimate_cache_step_time(profile, **shape),
+                             estimate_cache_step_time(profile, **shape, read=read, runs=runs),
+                             getattr(profile, "name", "custom"))  # fmt: skip
+
+
+def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> int | None:
+    """The shortest key length, ``lk`` times a power of 2 (up to ``MAX_LADDER_BLOCKS`` blocks), at
+    which the ``"kept_blocks"`` estimate beats the dense step; ``None`` if none does."""
+    length = 2 * lk
+    while length <= MAX_LADDER_BLOCKS * layout.block_size:
+        est = _cache_step_estimate(c, layout, profile, length)
+        if est.sparse_s < est.dense_s:
+            return length
+        length *= 2
+    return None
 
 
 def plan_attention(
