@@ -767,7 +767,7 @@ def test_time_model_of_a_cache_step_is_bound_by_reading_the_cache():
     """Dense: the cache's bytes over the bandwidth (linear in the keys and the element size); kept
     blocks: the fraction read at a lower speed plus a cost per run, so they pay more with the
     context and less with more runs."""
-    shape = dict(batch=1, kv_heads=8, head_dim=64, value_dim=64)
+    shape = {"batch": 1, "kv_heads": 8, "head_dim": 64, "value_dim": 64}
     dense = [estimate_cache_step_time(CUDA_PROFILE, **shape, seq_len_k=n, dtype=torch.bfloat16) for n in (8192, 16384)]
     bytes_8k = 8 * 8192 * 128 * 2
     assert dense[0] == pytest.approx(bytes_8k / CUDA_PROFILE.memory_bandwidth + CUDA_PROFILE.launch_s)

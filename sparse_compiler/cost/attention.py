@@ -537,7 +537,7 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_
         return AttentionDecision(c, layout, why, lowering="kept_blocks", estimate=est, fixed_pattern=True)
     why += (f"; reading only the kept key/value blocks does not pay at this key length ({cost}"
             + (f"; attention_min_seq_len={threshold}" if threshold is not None else "")
-            + f"), so SDPA with the element mask (no speed-up)"
+            + "), so SDPA with the element mask (no speed-up)"
             + (f" below {bound} keys" if bound is not None else ""))
     return AttentionDecision(c, layout, why, lowering="sdpa", estimate=est, fixed_pattern=True,
                              short_of=("k", bound) if bound is not None else None)
@@ -551,8 +551,8 @@ def _read(layout: Layout, lq: int, lk: int) -> tuple[float, int]:
 
 def _cache_step_estimate(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> AttentionEstimate:
     read, runs = _read(layout, c.seq_len_q_hint, lk)
-    shape = dict(batch=max(c.batch_hint, 1), kv_heads=max(c.kv_heads, 1), seq_len_k=lk, head_dim=c.head_dim,
-                 value_dim=c.value_dim, dtype=c.dtype)  # fmt: skip
+    shape = {"batch": max(c.batch_hint, 1), "kv_heads": max(c.kv_heads, 1), "seq_len_k": lk, "head_dim": c.head_dim,
+             "value_dim": c.value_dim, "dtype": c.dtype}  # fmt: skip
     return AttentionEstimate(estimate_cache_step_time(profile, **shape),
                              estimate_cache_step_time(profile, **shape, read=read, runs=runs),
                              getattr(profile, "name", "custom"))  # fmt: skip
