@@ -87,11 +87,12 @@ class Options:
             element mask (no speed-up), and so do key/value cache steps, whose queries take the
             bottom rows of the layout at the key length.
         attention_causal: ``None``: an attention node gets the causal pattern when it is causal
-            itself (``is_causal``, a causal mask buffer) or is a key/value cache step. ``True`` or
-            ``False`` choose for every node: ``True`` for a decoder whose causality arrives in a
-            mask tensor (Hugging Face models given a padding mask), so that padded and unpadded
-            calls, cached or not, share one pattern. The model's own mask and causality are applied
-            either way; this only chooses the pattern's blocks and how they were fitted.
+            itself (``is_causal``, a causal mask buffer, a model mask that allows no later key on
+            the example inputs) or is a key/value cache step. ``True`` or ``False`` choose for
+            every node, e.g. ``True`` for a decoder whose mask arrives from outside the graph, so
+            that padded and unpadded calls, cached or not, share one pattern. The model's own mask
+            and causality are applied either way; this only chooses the pattern's blocks and how
+            they were fitted.
     """
 
     enabled: bool = True

@@ -625,6 +625,47 @@ def test_hand_written_attention_with_padding_mask_trains_through_the_fallback():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["decoder", "encoder", "decoder_additive"])
+def test_a_model_mask_built_in_the_graph_is_seen_to_be_causal_or_not(kind):
+    """A decoder's mask (its causality and the padding, built from an input as Hugging Face builds
+    it) gives the causal pattern, as ``is_causal`` would; an encoder's padding mask does not."""
+
+    def attend(q, k, v, padding):
+        n = q.shape[-2]
+        pos = torch.arange(n)
+        allowed = padding[:, None, None, :].bool()
+        if kind != "encoder":
+            allowed = allowed & (pos[None, :] <= pos[:, None])
+        if kind == "decoder_additive":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(allowed.shape).masked_fill(~allowed, -1e9))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    record = []
+    q, k, v = (torch.randn(2, 2, 64, 8) for _ in range(3))
+    padding = torch.ones(2, 64)
+    padding[1, 50:] = 0
+    options = dataclasses.replace(ATTN, attention_seq_len=64)
+    got = torch.compile(attend, backend=_backend(options=options, record=record))(q, k, v, padding)
+    (d,) = record
+    assert d.candidate.mask_causal == (kind != "encoder") and not d.candidate.causal
+    assert d.sparse and d.layout.params["causal"] == (kind != "encoder")
+    torch.testing.assert_close(got, _masked_sdpa(d.layout)(q, k, v, attn_mask=_dense_mask(attend, q, k, v, padding)))
+
+
+def _dense_mask(attend, q, k, v, padding):
+    """The mask ``attend`` hands to SDPA."""
+    seen = []
+
+    def capture(q, k, v, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return _SDPA(q, k, v, attn_mask=attn_mask)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(F, "scaled_dot_product_attention", capture)
+        attend(q, k, v, padding)
+    return seen[0]
+
+
 def test_blockers_keep_nodes_dense_with_a_reason():
     record = []
     model = HandAttention(causal_buffer=True, p_drop=0.1).train()

@@ -141,6 +141,9 @@ def test_gpt2_with_a_fixed_pattern_gives_a_sequence_the_same_logits_alone_and_ri
         rows += [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
         dense = model(input_ids=ids[:1, :128]).logits
     assert len(rows) == 4 and all(r["decision"] == "sparse" for r in rows), [r["reason"] for r in rows]
+    # the padded batch's mask, built in the graph, is seen to be causal: the same (causal) pattern
+    assert len({r["layout"].replace("lq=192,lk=192", "lq=128,lk=128") for r in rows}) == 1
+    assert all(",causal=1," in r["layout"] for r in rows)
     torch.testing.assert_close(alone[0], batch[0, :128], rtol=1e-4, atol=1e-4)
     assert (alone - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 

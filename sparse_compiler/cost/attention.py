@@ -32,8 +32,9 @@ Without gradients a cache step is lowered to ``"kept_blocks"`` (``kernels/cache_
 reads only the kept key/value blocks of the queries' rows (decoding is bound by reading the cache),
 from the key length at which the time model says that pays (or ``attention_min_seq_len``); below it,
 and with gradients, through SDPA with the element mask.
-The pattern is causal where the node is (``is_causal``, a causal mask buffer) or, at a cache step,
-always, unless ``attention_causal`` says otherwise for every node.
+The pattern is causal where the node is (``is_causal``, a causal mask buffer, a model mask that
+allows no later key: ``mask_causal``) or, at a cache step, always, unless ``attention_causal`` says
+otherwise for every node.
 
 Lengths that are not a multiple of the block size are handled (the last block is partial).
 
@@ -262,7 +263,7 @@ def _pattern_causal(c: AttentionCandidate, o: Options) -> bool:
     """Whether ``c`` gets the causal pattern (``attention_causal``; module docstring)."""
     if o.attention_causal is not None:
         return o.attention_causal
-    return c.causal or (c.kv_cache_step and c.seq_len_q_hint < c.seq_len_k_hint)
+    return c.causal or c.mask_causal or (c.kv_cache_step and c.seq_len_q_hint < c.seq_len_k_hint)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

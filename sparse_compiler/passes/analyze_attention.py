@@ -31,6 +31,11 @@ queries are the last ``Lq`` of the ``Lk`` keys (``kv_cache_step``), which is how
 ``DynamicCache`` and hand-written caches grow. A preallocated cache written in place (a static
 cache) is not recognised: its keys are a whole buffer whose valid part only the mask knows.
 
+A model mask computed in the graph (from the inputs, as Hugging Face models build theirs from the
+padding) is evaluated on the example inputs too, up to ``MAX_EVALUATED_MASK`` elements: when it allows
+no key after its query, the model is a decoder (``mask_causal``), and its pattern is the causal one,
+as for ``is_causal``.
+
 A boolean mask computed only from module buffers (nanoGPT's ``bias[:, :, :T, :T] == 0``) is evaluated
 on the example inputs; when it is exactly the causal mask, the candidate is marked causal and the mask
 dropped (``mask_origin="causal buffer"``): such buffers are assumed constant, as Dynamo itself assumes
@@ -104,6 +109,7 @@ class AttentionCandidate:
     requires_grad: bool  # q, k or v requires grad (a training graph)
     blocker: str | None
     kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
+    mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
 
     @property
     def symbolic(self) -> bool:
@@ -403,8 +409,11 @@ class _Inputs:
         return cls(values, graphargs)
 
 
-def _static_value(node: fx.Node, gm: fx.GraphModule, inputs: _Inputs) -> torch.Tensor | None:
-    """Evaluate ``node`` on the example inputs when it depends only on module buffers, else None."""
+def _static_value(
+    node: fx.Node, gm: fx.GraphModule, inputs: _Inputs, buffers_only: bool = True
+) -> torch.Tensor | None:
+    """Evaluate ``node`` on the example inputs when it depends only on module buffers (or, with
+    ``buffers_only=False``, on any example inputs), else None."""
     needed: list[fx.Node] = []
     seen: set[fx.Node] = set()
     stack = [node]
@@ -418,13 +427,16 @@ def _static_value(node: fx.Node, gm: fx.GraphModule, inputs: _Inputs) -> torch.T
             name = getattr(source, "name", "") if source is not None else ""
             name = name() if callable(name) else str(name)  # a method in older torch, a property now
             value = inputs.values.get(n)
-            if "_buffers" not in name or not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+            if buffers_only and ("_buffers" not in name or isinstance(value, torch.nn.Parameter)):
+                return None
+            if not isinstance(value, (torch.Tensor, int)) or _is_fake(value):
                 return None
         elif n.op not in ("call_function", "call_method"):
             return None
         else:
             name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            if name.endswith("_") and not name.endswith("__"):  # in place: evaluating it would mutate
+            in_place = name.endswith("_") and not name.endswith("__") and n.target not in (operator.and_, operator.or_)
+            if in_place:  # evaluating it would mutate
                 return None
         needed.append(n)
         stack.extend(n.all_input_nodes)
@@ -445,6 +457,24 @@ def _static_value(node: fx.Node, gm: fx.GraphModule, inputs: _Inputs) -> torch.T
         return None
     value = env.get(node)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_fake(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, torch.nn.Parameter)
+
+
+# a model mask is evaluated on the example inputs to see whether it is a decoder's (causal) mask;
+# not beyond this many elements (it would cost the memory of a second mask)
+MAX_EVALUATED_MASK = 1 << 26
+
+
+def _blocks_later_keys(allowed: torch.Tensor, lq: int, lk: int) -> bool:
+    """Whether ``allowed`` (bool, broadcastable to ``(…, lq, lk)``) allows no key after its query,
+    the queries being the last ``lq`` of ``lk`` positions: a decoder's mask, causal and more."""
+    if allowed.dim() < 2 or allowed.shape[-2] != lq and lq > 1 or allowed.shape[-1] not in (1, lk):
+        return False
+    later = torch.ones(lq, lk, dtype=torch.bool, device=allowed.device).triu(lk - lq + 1)
+    return not bool((allowed & later).any())
 
 
 def _is_causal_mask(allowed: torch.Tensor, lq: int, lk: int) -> bool:
@@ -513,6 +543,10 @@ def _candidate(
                     allowed = allowed.reshape(allowed.shape[-2:])
                 if _is_causal_mask(allowed, lq, lk):
                     causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
+    mask_causal = (
+        mask is not None and not causal and blocker is None and isinstance(mask, fx.Node)
+        and _is_decoder_mask(mask, mask_mode, gm, inputs, info.get("seq_len_q_hint", 0), info.get("seq_len_k_hint", 0))
+    )  # fmt: skip
     caller, module_type = calling_module(out)
     kv_cache_step = bool(info) and isinstance(k, fx.Node) and _appends_to_cache(k, _meta(q).shape[-2], _meta(k).shape[-2])
     return AttentionCandidate(
@@ -536,8 +570,21 @@ def _candidate(
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
         kv_cache_step=kv_cache_step,
+        mask_causal=mask_causal,
         **info,
     )
+
+
+def _is_decoder_mask(mask: fx.Node, mode: str, gm: fx.GraphModule, inputs: _Inputs, lq: int, lk: int) -> bool:
+    """Whether the model's mask, evaluated on the example inputs, allows no key after its query."""
+    m = _meta(mask)
+    if not isinstance(m, torch.Tensor) or math.prod(int(_dim_expr(d)[1]) for d in m.shape) > MAX_EVALUATED_MASK:
+        return False
+    value = _static_value(mask, gm, inputs, buffers_only=False)
+    if value is None:
+        return False
+    allowed = value if mode == "keep" else ~value if mode == "drop" else value > -1e4  # "add": not masked
+    return _blocks_later_keys(allowed, lq, lk)
 
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
