@@ -468,6 +468,12 @@ def test_a_cache_step_reading_only_the_kept_blocks_equals_sdpa_with_the_element_
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     read = [sum(e - s for s, e in attention_key_runs(fitted, lq, lk)) / lk for lq, lk in ((1, 1000), (1, 40))]
     assert read[0] < 0.2 and read[1] > 0.5  # the kept blocks, and the fallback
+    if mode in ("keep", "drop"):  # a query that may see no key: zeros, as from SDPA (and its fallback)
+        q1, k1, v1 = torch.randn(1, hq, 1, 8), torch.randn(1, hk, 1000, 8), torch.randn(1, hk, 1000, 8)
+        nothing = torch.zeros(1, 1, 1, 1000, dtype=torch.bool) if mode == "keep" else torch.ones(1, 1, 1, 1000, dtype=torch.bool)
+        got = block_sparse_attention(q1, k1, v1, nothing, layout=fitted.key, mask_mode=mode, lowering="kept_blocks",
+                                     fixed=True, enable_gqa=gqa)  # fmt: skip
+        torch.testing.assert_close(got, _SDPA(q1, k1, v1, attn_mask=torch.zeros(1, 1, 1, 1000, dtype=torch.bool), enable_gqa=gqa))
     q.requires_grad_(True)
     got = block_sparse_attention(q, k, v, mask, layout=fitted.key, mask_mode=mode, lowering="kept_blocks",
                                  fixed=True, enable_gqa=gqa)
@@ -652,6 +658,31 @@ def test_a_model_mask_built_in_the_graph_is_seen_to_be_causal_or_not(kind):
     torch.testing.assert_close(got, _masked_sdpa(d.layout)(q, k, v, attn_mask=_dense_mask(attend, q, k, v, padding)))
 
 
+def test_evaluating_a_model_mask_mutates_nothing_and_sees_item_assignments():
+    """The mask is evaluated on the example inputs only when that cannot write into a tensor: an
+    in-place update of an input, or an item assignment into the mask after it is built, leaves it
+    unevaluated (the caller's tensors untouched, the mask not taken for a causal one)."""
+    record = []
+    options = dataclasses.replace(ATTN, attention_seq_len=64)
+
+    def with_bias(q, k, v, bias, alibi):
+        bias += alibi
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    def prefix_lm(q, k, v, padding):
+        n = q.shape[-2]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril() & padding[:, None, None, :].bool()
+        allowed[..., :16] = True  # the prefix attends both ways
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    bias, alibi = torch.zeros(64, 64), torch.randn(64, 64)
+    torch.compile(with_bias, backend=_backend(options=options, record=record))(q, k, v, bias, alibi)
+    torch.testing.assert_close(bias, alibi)  # added once, by the model
+    torch.compile(prefix_lm, backend=_backend(options=options, record=record))(q, k, v, torch.ones(1, 64))
+    assert not record[-1].candidate.mask_causal and record[-1].layout.params["causal"] is False
+
+
 def _dense_mask(attend, q, k, v, padding):
     """The mask ``attend`` hands to SDPA."""
     seen = []
@@ -772,6 +803,9 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     assert with_grad.sparse and with_grad.lowering == "sdpa" and "gradients" in with_grad.reason
     non_causal = plan_attention([cached], dataclasses.replace(fixed, attention_causal=False), profile=CUDA_PROFILE)[0]
     assert non_causal.layout.params["causal"] is False and "bottom rows of the fixed" in non_causal.reason
+    # a pattern fitted at each length has no rows for a cache step to take: dense
+    unfixed = plan_attention([cached], dataclasses.replace(fixed, attention_seq_len=None), profile=CUDA_PROFILE)[0]
+    assert not unfixed.sparse and "attention_seq_len" in unfixed.reason
     # SDPA's is_causal with fewer queries than keys aligns top-left: not a cache step's causality
     top_left = plan_attention([dataclasses.replace(cached, causal=True)], fixed, profile=CUDA_PROFILE)[0]
     assert not top_left.sparse and "top-left" in top_left.reason
@@ -798,6 +832,13 @@ def test_a_length_whose_layout_keeps_every_block_stays_dense_only_until_one_that
     cached = plan_attention([step], options)[0]
     assert not cached.sparse and cached.short_of == ("k", bound)
     assert plan_attention([dataclasses.replace(step, seq_len_k_hint=bound)], options)[0].sparse
+    # a window wider than the look-ahead: the graph is still bounded, where the decision is made again
+    wide = plan_attention([c], dataclasses.replace(options, attention_pattern="local", attention_window=40))[0]
+    assert not wide.sparse and wide.short_of == ("q", (3 + 32) * 16 + 1)
+    # queries and keys of different dynamic lengths: a bound on one says nothing of the other
+    cross = dataclasses.replace(c, seq_len_k="s1", seq_len_k_hint=64, causal=False)
+    both = plan_attention([cross], dataclasses.replace(options, attention_seq_len=None))[0]
+    assert not both.sparse and both.specialize and both.short_of is None and "only" in both.reason
 
 
 def _at_length(c, n):

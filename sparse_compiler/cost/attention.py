@@ -397,6 +397,10 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
                 "length compiles its own graph (a static layout is made for one length)")
         return replace(decision, reason=decision.reason + note, specialize=True)
+    if decision.short_of is not None and c.seq_len_q_hint != c.seq_len_k_hint and not c.kv_cache_step:
+        # a bound on the shorter length says nothing of the longer one, whose growth may change the decision
+        note = f"; dynamic lengths ({dynamic}) of queries and keys differ: this dense graph serves {c.seq_len_q_hint}x{c.seq_len_k_hint} only"
+        return replace(decision, reason=decision.reason + note, specialize=True, short_of=None)
     if decision.short_of is not None:
         dim, bound = decision.short_of
         note = f"; dynamic length ({dynamic}): this dense graph serves every {'query' if dim == 'q' else 'key'} length below {bound}"
@@ -412,6 +416,9 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
     shorter = "q" if lq <= lk else "k"
     fixed = o.attention_seq_len
+    if lq != lk and c.kv_cache_step and fixed is None:
+        return _dense(c, f"key/value cache step ({lq} queries, the last of {lk} keys) with a pattern fitted at each "
+                         "length: set attention_seq_len to give cached steps the uncached forward's pattern; dense")
     if fixed is not None and lq != lk:
         return _cache_step(c, o, profile, min_seq_len)
     if -(-lq // b) < 2 or -(-lk // b) < 2:
@@ -471,20 +478,23 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
                              fixed_pattern=fixed is not None and lowering == "sdpa", short_of=short_of)
 
 
-def _first_skipping_length(o: Options, causal: bool, length: int, dim: str, look_ahead: int = 32) -> tuple[str, int] | None:
+def _first_skipping_length(o: Options, causal: bool, length: int, dim: str, look_ahead: int = 32) -> tuple[str, int]:
     """Where a layout that keeps every block at ``length`` tokens (along ``dim``, "q" or "k") stops
     doing so: ``(dim, the shortest length whose self-attention layout drops a block)``, looking up to
-    ``look_ahead`` blocks further; ``None`` if none does (the dense graph then serves every length)."""
+    ``look_ahead`` blocks further; past them (or at a length without a layout), the length at which
+    the decision is made again."""
     b = o.attention_block_size
     n = -(-length // b)
     for m in range(n + 1, n + look_ahead + 1):
         try:
             layout = attention_layout_from_options(o, m * b, m * b, causal)
         except ValueError:
-            return None
+            break
         if layout.params["density"] < 1.0:
-            return dim, (m - 1) * b + 1
-    return None
+            break
+    else:  # every length up to m blocks keeps every block
+        return dim, m * b + 1
+    return dim, (m - 1) * b + 1
 
 
 def _describe(layout: Layout) -> str:
@@ -559,16 +569,17 @@ def _cache_step_estimate(c: AttentionCandidate, layout: Layout, profile: Any, lk
                              getattr(profile, "name", "custom"))  # fmt: skip
 
 
-def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> int | None:
+def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> int:
     """The shortest key length, ``lk`` times a power of 2 (up to ``MAX_LADDER_BLOCKS`` blocks), at
-    which the ``"kept_blocks"`` estimate beats the dense step; ``None`` if none does."""
+    which the ``"kept_blocks"`` estimate beats the dense step; past them, the length at which the
+    decision is made again."""
     length = 2 * lk
     while length <= MAX_LADDER_BLOCKS * layout.block_size:
         est = _cache_step_estimate(c, layout, profile, length)
         if est.sparse_s < est.dense_s:
-            return length
+            break
         length *= 2
-    return None
+    return length
 
 
 def plan_attention(

@@ -13,14 +13,15 @@ lowering reads nothing else: with the kept key blocks of ``R`` merged into maxim
     out = Σ_r P[:, run r] · v[s_r:e_r]
 
 which equals SDPA over all ``Lk`` keys with the pattern's element mask: a key outside the runs has
-weight ``exp(-inf) = 0`` there. Grouped-query heads (``enable_gqa``) fold each key head's query
+weight ``exp(-inf) = 0`` there (and a query that may see no key at all gets zeros, as from SDPA). Grouped-query heads (``enable_gqa``) fold each key head's query
 heads into its rows, so the keys are not repeated either.
 
 ``torch.ops.sparse_compiler.attention_kept_blocks`` is an opaque op: its runs depend on the key
 length, which a graph may hold symbolically, so they are found at run time, on the host, from the
 pattern's cached block mask. It has no backward (decoding is inference): the lowering takes the
-differentiable masked SDPA when gradients are wanted. When the runs hold more than half the keys,
-it runs that masked SDPA too (a dense fused kernel then does better than a few matmuls).
+differentiable masked SDPA when gradients are wanted. When the runs hold more than half the keys, or
+the queries are more than a block (a long chunk, whose float scores would outweigh the cache), it
+runs that masked SDPA too (a dense fused kernel then does better than a few matmuls).
 """
 
 from __future__ import annotations
@@ -55,15 +56,15 @@ def attention_kept_blocks(
     lq, lk = q.shape[-2], k.shape[-2]
     runs = attention_key_runs(lay, lq, lk)
     kept = torch.cat([torch.arange(s, e, device=q.device) for s, e in runs])
-    if 2 * kept.numel() > lk:
+    if 2 * kept.numel() > lk or lq > lay.block_size:  # (a long chunk: its float scores would outweigh the cache)
         allowed = attention_mask_at_end(lay, lq, lk, causal, q.device)
         return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     allowed = attention_mask_at_end(lay, lq, lk, causal, q.device, keys=kept)
     b, hq, _, _ = q.shape
     hk = k.shape[1]
     group = hq // hk  # 1 unless enable_gqa
-    qg = q.reshape(b, hk, group * lq, q.shape[-1])  # query heads h = kv_head·group + g
-    scores = torch.cat([qg @ k[:, :, s:e].transpose(-1, -2) for s, e in runs], dim=-1).float() * scale
+    qg = q.reshape(b, hk, group * lq, q.shape[-1]) * scale  # query heads h = kv_head·group + g; scaled first, as
+    scores = torch.cat([qg @ k[:, :, s:e].transpose(-1, -2) for s, e in runs], dim=-1).float()  # SDPA does
     allowed = allowed.repeat(group, 1)
     if mask is not None:
         m = mask.index_select(-1, kept) if mask.shape[-1] == lk else mask
@@ -73,10 +74,12 @@ def attention_kept_blocks(
             scores = scores + m.float()
         else:
             allowed = allowed & (m if mask_mode == "keep" else ~m)
-    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    seen = (scores > float("-inf")).any(-1, keepdim=True)
+    p = scores.softmax(-1).masked_fill(~seen, 0.0).to(v.dtype)  # a query that may see nothing gets 0, as in SDPA
     out, start = None, 0
     for s, e in runs:
-        part = p[..., start : start + e - s] @ v[:, :, s:e]
+        part = (p[..., start : start + e - s] @ v[:, :, s:e]).float()
         out = part if out is None else out + part
         start += e - s
     return out.reshape(b, hq, lq, v.shape[-1]).to(q.dtype)

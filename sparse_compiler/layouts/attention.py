@@ -499,7 +499,7 @@ def attention_key_runs(layout: Layout, seq_len_q: int, seq_len_k: int) -> list[t
     return runs
 
 
-_CAPACITY: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+_CAPACITY: dict[tuple[tuple, int, torch.device], torch.Tensor] = {}
 
 
 def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.Tensor:
@@ -511,7 +511,8 @@ def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.
         length = n_blocks * params["b"]
         return _build({**params, "lq": length, "lk": length}).to(device)
     capacity = 1 << max(0, n_blocks - 1).bit_length()
-    cache_key = (key, capacity, device)
+    pattern = tuple(params[f] for f in _FIELDS if f not in ("lq", "lk"))  # the same pattern fitted anywhere
+    cache_key = (pattern, capacity, device)
     keep = _CAPACITY.get(cache_key)
     if keep is None:
         length = capacity * params["b"]

@@ -413,7 +413,9 @@ def _static_value(
     node: fx.Node, gm: fx.GraphModule, inputs: _Inputs, buffers_only: bool = True
 ) -> torch.Tensor | None:
     """Evaluate ``node`` on the example inputs when it depends only on module buffers (or, with
-    ``buffers_only=False``, on any example inputs), else None."""
+    ``buffers_only=False``, on any example inputs but parameters), else None. Nothing that mutates
+    a tensor on the way (in-place ops, item assignment) is evaluated, and the random state is
+    restored afterwards."""
     needed: list[fx.Node] = []
     seen: set[fx.Node] = set()
     stack = [node]
@@ -422,41 +424,85 @@ def _static_value(
         if n in seen:
             continue
         seen.add(n)
+        if n.op != "placeholder" and _known(n.meta.get("example_value")) is not _UNKNOWN:
+            continue  # a size, dtype or device that the trace already knows: nothing to compute for it
         if n.op == "placeholder":
             source = getattr(inputs.graphargs.get(n), "source", None)
             name = getattr(source, "name", "") if source is not None else ""
             name = name() if callable(name) else str(name)  # a method in older torch, a property now
             value = inputs.values.get(n)
-            if buffers_only and ("_buffers" not in name or isinstance(value, torch.nn.Parameter)):
+            if buffers_only and "_buffers" not in name or isinstance(value, torch.nn.Parameter):
                 return None
             if not isinstance(value, (torch.Tensor, int)) or _is_fake(value):
                 return None
-        elif n.op not in ("call_function", "call_method"):
+        elif n.op not in ("call_function", "call_method") or _mutates(n):
             return None
-        else:
-            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            in_place = name.endswith("_") and not name.endswith("__") and n.target not in (operator.and_, operator.or_)
-            if in_place:  # evaluating it would mutate
-                return None
+        if any(_mutates(user) for user in n.users):  # e.g. ``mask[..., :k] = …`` after it was read
+            return None
         needed.append(n)
         stack.extend(n.all_input_nodes)
     env: dict[fx.Node, Any] = {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     try:
-        for n in sorted(needed, key=order.__getitem__):
-            if n.op == "placeholder":
-                env[n] = inputs.values[n]
-                continue
-            args = fx.node.map_arg(n.args, env.__getitem__)
-            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
-            if n.op == "call_function":
-                env[n] = n.target(*args, **kwargs)
-            else:
-                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            _evaluate(sorted(needed, key=order.__getitem__), env, inputs)
     except Exception:  # anything unexpected: not statically known
         return None
     value = env.get(node)
     return value if isinstance(value, torch.Tensor) else None
+
+
+_MUTATING_OPERATORS = {
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift, operator.imatmul,
+}  # fmt: skip
+
+
+def _mutates(n: fx.Node) -> bool:
+    """Whether the call may write into a tensor: an in-place method or function (``add_``,
+    ``torch.relu_``), an augmented assignment or item assignment."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if n.op == "call_function" and n.target in _MUTATING_OPERATORS:
+        return True
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and n.target not in (operator.and_, operator.or_)
+
+
+_UNKNOWN = object()
+
+
+def _known(value: Any) -> Any:
+    """A traced non-tensor value as a plain constant (a size, at its value for the example inputs
+    when symbolic; a dtype, a device), or ``_UNKNOWN``."""
+    if isinstance(value, (bool, int, float, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return int(hint) if hint is not None else _UNKNOWN
+    if isinstance(value, (tuple, torch.Size)):
+        items = [_known(v) for v in value]
+        return _UNKNOWN if any(v is _UNKNOWN or isinstance(v, (torch.dtype, torch.device)) for v in items) else tuple(items)
+    return _UNKNOWN
+
+
+def _evaluate(nodes: list[fx.Node], env: dict, inputs: _Inputs) -> None:
+    """Run ``nodes`` (in graph order) on the example inputs into ``env``; an input not among them
+    is a constant the trace recorded."""
+    for n in nodes:
+        if n.op == "placeholder":
+            env[n] = inputs.values[n]
+            continue
+        def value(x: fx.Node) -> Any:
+            return env[x] if x in env else _known(x.meta["example_value"])
+
+        args = fx.node.map_arg(n.args, value)
+        kwargs = fx.node.map_arg(n.kwargs, value)
+        if n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        else:
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
 
 
 def _is_fake(value: Any) -> bool:
