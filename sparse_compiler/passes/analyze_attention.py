@@ -397,6 +397,7 @@ class _Inputs:
 
     values: dict
     graphargs: dict
+    decoder_masks: dict = dataclasses.field(default_factory=dict)  # (mask node, mode, lq, lk) -> bool
 
     @classmethod
     def of(cls, region: Region, top_placeholders: Sequence[fx.Node], example_inputs: Sequence[Any]) -> _Inputs:
@@ -622,15 +623,20 @@ def _candidate(
 
 
 def _is_decoder_mask(mask: fx.Node, mode: str, gm: fx.GraphModule, inputs: _Inputs, lq: int, lk: int) -> bool:
-    """Whether the model's mask, evaluated on the example inputs, allows no key after its query."""
-    m = _meta(mask)
-    if not isinstance(m, torch.Tensor) or math.prod(int(_dim_expr(d)[1]) for d in m.shape) > MAX_EVALUATED_MASK:
-        return False
-    value = _static_value(mask, gm, inputs, buffers_only=False)
-    if value is None:
-        return False
-    allowed = value if mode == "keep" else ~value if mode == "drop" else value > -1e4  # "add": not masked
-    return _blocks_later_keys(allowed, lq, lk)
+    """Whether the model's mask, evaluated on the example inputs, allows no key after its query
+    (evaluated once per mask: every layer of a model usually reads the same one)."""
+    key = (mask, mode, lq, lk)
+    if key not in inputs.decoder_masks:
+        m = _meta(mask)
+        value = None
+        if isinstance(m, torch.Tensor) and math.prod(int(_dim_expr(d)[1]) for d in m.shape) <= MAX_EVALUATED_MASK:
+            value = _static_value(mask, gm, inputs, buffers_only=False)
+        if value is None:
+            inputs.decoder_masks[key] = False
+        else:
+            allowed = value if mode == "keep" else ~value if mode == "drop" else value > -1e4  # "add": not masked
+            inputs.decoder_masks[key] = _blocks_later_keys(allowed, lq, lk)
+    return inputs.decoder_masks[key]
 
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
