@@ -63,8 +63,9 @@ def attention_kept_blocks(
     b, hq, _, _ = q.shape
     hk = k.shape[1]
     group = hq // hk  # 1 unless enable_gqa
-    qg = q.reshape(b, hk, group * lq, q.shape[-1]) * scale  # query heads h = kv_head·group + g; scaled first, as
-    scores = torch.cat([qg @ k[:, :, s:e].transpose(-1, -2) for s, e in runs], dim=-1).float()  # SDPA does
+    # query heads h = kv_head·group + g folded into rows; scaled before the matmul, as SDPA does (fp16 range)
+    qg = q.reshape(b, hk, group * lq, q.shape[-1]) * scale
+    scores = torch.cat([qg @ k[:, :, s:e].transpose(-1, -2) for s, e in runs], dim=-1).float()
     allowed = allowed.repeat(group, 1)
     if mask is not None:
         m = mask.index_select(-1, kept) if mask.shape[-1] == lk else mask
