@@ -169,6 +169,7 @@ def main() -> None:
 
     model = GPT(d=args.d_model, layers=args.layers, seq=args.seq)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, backend {args.backend}")
+    options = {}
     if args.backend == "sparsify":
         # the planned training tokens let the cost model weigh faster steps against a smaller model
         options = {"tokens": args.steps * args.batch * args.seq}
@@ -179,11 +180,14 @@ def main() -> None:
             # the pattern fitted at the training length and fixed, so shorter sequences see its corner
             options.update(targets=("linear", "attention"), attention_density=args.attention_density,
                            attention_min_seq_len=256, attention_seq_len=args.seq)
-        step_fn = torch.compile(model, backend="sparsify", options=options)
-    elif args.backend == "inductor":
-        step_fn = torch.compile(model)
-    else:
-        step_fn = model
+
+    def compiled(fn):
+        """``fn`` as the chosen backend runs it (the one line a training loop changes)."""
+        if args.backend == "sparsify":
+            return torch.compile(fn, backend="sparsify", options=options)
+        return torch.compile(fn) if args.backend == "inductor" else fn
+
+    step_fn = compiled(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
@@ -229,11 +233,9 @@ def main() -> None:
     )
     if args.sample:
         prompt = val[: args.seq // 2]
-        step = torch.compile(model.next_logits, backend="sparsify", options=options) if args.backend == "sparsify" else (
-            torch.compile(model.next_logits) if args.backend == "inductor" else model.next_logits)  # fmt: skip
         start = time.perf_counter()
         with torch.no_grad():
-            text = sample(step, prompt, args.sample, args.seq, torch.Generator().manual_seed(args.seed))
+            text = sample(compiled(model.next_logits), prompt, args.sample, args.seq, torch.Generator().manual_seed(args.seed))
         print(f"sample ({len(text)} bytes in {time.perf_counter() - start:.1f} s, compilation included), after "
               f"{prompt.numel()} bytes of prompt:\n{text.decode('utf-8', 'replace')}")
         if args.backend == "sparsify" and args.sparse_attention:

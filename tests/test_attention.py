@@ -98,13 +98,14 @@ def _masked_sdpa(layout):
 
 
 def _assert_trains_like_masked_sdpa(model, x, got, layout, tol, grad_tol):
-    """``got = compiled(x)``: its output and the parameters' gradients of ``got.square().sum()``
-    equal the eager model's whose SDPA keeps only ``layout``'s pairs."""
+    """``got = compiled(x)`` (``compiled(*x)`` for a tuple): its output and the parameters'
+    gradients of ``got.square().sum()`` equal the eager model's whose SDPA keeps only ``layout``'s
+    pairs."""
     params = list(model.parameters())
     grads = torch.autograd.grad(got.square().sum(), params)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layout))
-        want = model(x)
+        want = model(*x) if isinstance(x, tuple) else model(x)
         want_grads = torch.autograd.grad(want.square().sum(), params)
     torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
     for a, b in zip(grads, want_grads):
@@ -552,15 +553,7 @@ def test_flex_training_graph_with_a_padding_mask_is_traced_at_dynamic_lengths(mo
         got = compiled(x, padding)
         d = record[-1]
         assert d.sparse and d.candidate.symbolic and d.specialize and d.layout.params["seq_len_q"] == n
-        params = list(model.parameters())
-        grads = torch.autograd.grad(got.square().sum(), params)
-        with monkeypatch.context() as m:
-            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
-            want = model(x, padding)
-            want_grads = torch.autograd.grad(want.square().sum(), params)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for a, b in zip(grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        _assert_trains_like_masked_sdpa(model, (x, padding), got, d.layout, (1e-5, 1e-5), (1e-4, 1e-5))
     assert any("flex_attention_backward" in c for c in code)
 
 
@@ -1265,7 +1258,7 @@ def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
 
 
 @pytest.mark.gpu
-def test_gpu_padding_mask_at_dynamic_lengths_trains_through_flex_attention(monkeypatch):
+def test_gpu_padding_mask_at_dynamic_lengths_trains_through_flex_attention():
     """A padding mask read by the FlexAttention kernels under ``dynamic=True``, forward and backward,
     each length with its own layout."""
     record = []
@@ -1278,12 +1271,4 @@ def test_gpu_padding_mask_at_dynamic_lengths_trains_through_flex_attention(monke
         got = compiled(x, padding)
         d = record[-1]
         assert d.specialize and d.sparse and d.lowering == "flex" and d.candidate.mask_mode == "keep"
-        params = list(model.parameters())
-        grads = torch.autograd.grad(got.square().sum(), params)
-        with monkeypatch.context() as m:
-            m.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
-            want = model(x, padding)
-            want_grads = torch.autograd.grad(want.square().sum(), params)
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-        for a, b in zip(grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+        _assert_trains_like_masked_sdpa(model, (x, padding), got, d.layout, (1e-3, 1e-3), (1e-2, 1e-2))

@@ -381,17 +381,14 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         return _dense(c, f"not matched by include={list(o.include)}")
     if _matches(name, o.exclude):
         return _dense(c, f"excluded by exclude={list(o.exclude)}")
-    decision = _decide_length(c, o, profile, min_seq_len)
+    threshold = min_seq_len if min_seq_len is not None else o.attention_min_seq_len
+    decision = _decide_length(c, o, profile, threshold)
     dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
     if not dynamic:
         return decision  # static lengths: nothing to guard
     if decision.fixed_pattern:
-        note = f"; dynamic length ({dynamic}): the pattern's mask is built at each call's lengths"
-        if decision.short_of is not None:
-            dim, bound = decision.short_of
-            note += f", so this graph serves every {'query' if dim == 'q' else 'key'} length below {bound}"
-        else:
-            note += ", so this graph serves every length"
+        serves = _serves(decision.short_of) if decision.short_of is not None else "every length"
+        note = f"; dynamic length ({dynamic}): the pattern's mask is built at each call's lengths, so this graph serves {serves}"
         return replace(decision, reason=decision.reason + note)
     if decision.sparse:
         note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: each new "
@@ -402,16 +399,20 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         note = f"; dynamic lengths ({dynamic}) of queries and keys differ: this dense graph serves {c.seq_len_q_hint}x{c.seq_len_k_hint} only"
         return replace(decision, reason=decision.reason + note, specialize=True, short_of=None)
     if decision.short_of is not None:
-        dim, bound = decision.short_of
-        note = f"; dynamic length ({dynamic}): this dense graph serves every {'query' if dim == 'q' else 'key'} length below {bound}"
-        return replace(decision, reason=decision.reason + note)
+        return replace(decision, reason=decision.reason + f"; dynamic length ({dynamic}): this dense graph serves {_serves(decision.short_of)}")
     return decision  # dense at every length: one graph serves them all
 
 
-def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
-    """Rules 6 and 7, at the candidate's lengths (their current values when symbolic). With a fixed
-    pattern (``attention_seq_len``), a length at which block-sparse kernels do not pay applies the
-    pattern through SDPA with its element mask instead of attending densely."""
+def _serves(short_of: tuple[str, int]) -> str:
+    dim, bound = short_of
+    return f"every {'query' if dim == 'q' else 'key'} length below {bound}"
+
+
+def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, threshold: int | None) -> AttentionDecision:
+    """Rules 6 and 7, at the candidate's lengths (their current values when symbolic); ``threshold``:
+    the length from which attention is sparse regardless of the time model (``attention_min_seq_len``).
+    With a fixed pattern (``attention_seq_len``), a length at which block-sparse kernels do not pay
+    applies the pattern through SDPA with its element mask instead of attending densely."""
     b = o.attention_block_size
     lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
     shorter = "q" if lq <= lk else "k"
@@ -420,7 +421,7 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
         return _dense(c, f"key/value cache step ({lq} queries, the last of {lk} keys) with a pattern fitted at each "
                          "length: set attention_seq_len to give cached steps the uncached forward's pattern; dense")
     if fixed is not None and lq != lk:
-        return _cache_step(c, o, profile, min_seq_len)
+        return _cache_step(c, o, profile, threshold)
     if -(-lq // b) < 2 or -(-lk // b) < 2:
         exact = "; one block, which every pattern keeps" if fixed is not None else ""
         return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way{exact}",
@@ -428,18 +429,18 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, min_s
     if c.device == "cuda" and b % 128:
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
                          "(up to 128) must divide the block size")
+    causal = _pattern_causal(c, o)
     try:
-        layout = attention_layout_from_options(o, lq, lk, _pattern_causal(c, o))
+        layout = attention_layout_from_options(o, lq, lk, causal)
     except ValueError as exc:
         return _dense(c, f"no attention layout: {exc}")
     if layout.params["density"] >= 1.0:
         return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lq}x{lk} (blocks of {b}): nothing to skip",
-                      short_of=_first_skipping_length(o, _pattern_causal(c, o), min(lq, lk), shorter))
+                      short_of=_first_skipping_length(o, causal, min(lq, lk), shorter))
     prof = profile if profile is not None else profile_for(c.device)
     training = c.requires_grad
     est = _estimate(c, layout, prof, training)
     pays = pays_from_seq_len(c, o, prof, training)
-    threshold = min_seq_len if min_seq_len is not None else getattr(o, "attention_min_seq_len", None)
     pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
     slow, short_of, force = None, None, ""
     if c.device == "cpu" and training and threshold is None and not o.eager:
@@ -505,7 +506,7 @@ def _describe(layout: Layout) -> str:
     return f"{what} at density {p['density']:.3f}, blocks of {layout.block_size}"
 
 
-def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len: int | None) -> AttentionDecision:
+def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshold: int | None) -> AttentionDecision:
     """Fewer queries than keys under a fixed pattern: a key/value cache step takes the bottom rows of
     the self-attention layout at the key length (module docstring), through ``"kept_blocks"`` where
     the time model (or ``attention_min_seq_len``, on the key length) says it pays, else through SDPA
@@ -533,14 +534,13 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_
         return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
                                  lowering="sdpa", fixed_pattern=True)
     prof = profile if profile is not None else profile_for(c.device)
-    est = _cache_step_estimate(c, layout, prof, lk)
-    threshold = min_seq_len if min_seq_len is not None else o.attention_min_seq_len
+    read, runs = _read(layout, lq, lk)
+    est = _cache_step_estimate(c, prof, lk, read, runs)
     if threshold is not None:
         pays, bound = lk >= threshold, threshold
     else:
         pays = est.sparse_s < est.dense_s
         bound = None if pays else _cache_step_pays_from(c, layout, prof, lk)
-    read, runs = _read(layout, lq, lk)
     cost = f"{read:.0%} of the cache here in {runs} runs; estimated {est.speedup:.2f}x the dense step on {est.profile}"
     if pays:
         why += (f"; reads only the kept key/value blocks of the queries' rows ({cost}), or SDPA with the element "
@@ -560,8 +560,8 @@ def _read(layout: Layout, lq: int, lk: int) -> tuple[float, int]:
     return sum(e - s for s, e in runs) / lk, len(runs)
 
 
-def _cache_step_estimate(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> AttentionEstimate:
-    read, runs = _read(layout, c.seq_len_q_hint, lk)
+def _cache_step_estimate(c: AttentionCandidate, profile: Any, lk: int, read: float, runs: int) -> AttentionEstimate:
+    """Dense against ``"kept_blocks"`` at ``lk`` keys, reading the fraction ``read`` in ``runs`` runs."""
     shape = {"batch": max(c.batch_hint, 1), "kv_heads": max(c.kv_heads, 1), "seq_len_k": lk, "head_dim": c.head_dim,
              "value_dim": c.value_dim, "dtype": c.dtype}  # fmt: skip
     return AttentionEstimate(estimate_cache_step_time(profile, **shape),
@@ -575,7 +575,7 @@ def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, l
     decision is made again."""
     length = 2 * lk
     while length <= MAX_LADDER_BLOCKS * layout.block_size:
-        est = _cache_step_estimate(c, layout, profile, length)
+        est = _cache_step_estimate(c, profile, length, *_read(layout, c.seq_len_q_hint, length))
         if est.sparse_s < est.dense_s:
             break
         length *= 2

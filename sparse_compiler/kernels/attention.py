@@ -288,13 +288,7 @@ def _index_fn(mask: Tensor, lq: int, lk: int):
     return read
 
 
-def _mask_mod(
-    keep: Tensor,
-    block: int,
-    causal: bool,
-    user: Optional[Tensor],
-    lengths: Optional[tuple[int, int]],
-):
+def _mask_mod(keep: Tensor, block: int, causal: bool, user: Optional[Tensor], lengths: Optional[tuple[int, int]]):
     """``mask_mod(b, h, q, k)``: the pair is in a kept block, causal, and allowed by the model's mask."""
     n_q, n_k = keep.shape
     read_user = _index_fn(user, *lengths) if user is not None else None
@@ -393,25 +387,24 @@ def block_sparse_attention(
                          "('kept_blocks' with fixed=True)")
     if (mask is None) != (mask_mode == "none"):
         raise ValueError("block_sparse_attention: pass a mask exactly when mask_mode is not 'none'")
-    if fixed:
-        if lowering == "flex":
-            raise ValueError("block_sparse_attention: fixed=True needs lowering='sdpa' or 'kept_blocks'")
-        if lowering == "kept_blocks" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-            from sparse_compiler.kernels import cache_step  # noqa: F401  (registers the op)
-
-            q4, k4, v4, m4 = _to_4d(q, k, v, mask)
-            scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-            out = torch.ops.sparse_compiler.attention_kept_blocks(q4, k4, v4, m4, layout, causal, scale, enable_gqa, mask_mode)
-            return _from_4d(out, q.dim())
-        allowed = torch.ops.sparse_compiler.attention_pattern_mask(layout, q.shape[-2], k.shape[-2], causal, q.device)
-        return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
-    nd = q.dim()
-    lq, lk = int(q.shape[-2]), int(k.shape[-2])
-    lay = get_attention_layout(layout)
-    b = lay.block_size
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    nd = q.dim()
+    if fixed:
+        if lowering == "flex":
+            raise ValueError("block_sparse_attention: fixed=True needs lowering='sdpa' or 'kept_blocks'")
+        if lowering == "kept_blocks" and not wants_grad:
+            from sparse_compiler.kernels import cache_step  # noqa: F401  (registers the op)
+
+            q4, k4, v4, m4 = _to_4d(q, k, v, mask)
+            out = torch.ops.sparse_compiler.attention_kept_blocks(q4, k4, v4, m4, layout, causal, scale, enable_gqa, mask_mode)
+            return _from_4d(out, nd)
+        allowed = torch.ops.sparse_compiler.attention_pattern_mask(layout, q.shape[-2], k.shape[-2], causal, q.device)
+        return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
+    lq, lk = int(q.shape[-2]), int(k.shape[-2])
+    lay = get_attention_layout(layout)
+    b = lay.block_size
     if lowering == "flex" and (q.device.type == "cpu" and wants_grad and not _CPU_FLEX_TRAINING or not flex_available()):
         lowering = "sdpa"  # FlexAttention has no CPU backward: same result through SDPA
     split_full = mask_mode in ("none", "add")

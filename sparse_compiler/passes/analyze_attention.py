@@ -63,7 +63,7 @@ from torch import fx
 
 from sparse_compiler.passes.analyze import _dim_expr, _meta
 from sparse_compiler.passes.naming import calling_module
-from sparse_compiler.passes.regions import Region, regions
+from sparse_compiler.passes.regions import Region, mutates, regions
 
 __all__ = ["AttentionCandidate", "analyze_attention"]
 
@@ -436,9 +436,9 @@ def _static_value(
                 return None
             if not isinstance(value, (torch.Tensor, int)) or _is_fake(value):
                 return None
-        elif n.op not in ("call_function", "call_method") or _mutates(n):
+        elif n.op not in ("call_function", "call_method") or mutates(n):
             return None
-        if any(_mutates(user) for user in n.users):  # e.g. ``mask[..., :k] = …`` after it was read
+        if any(mutates(user) for user in n.users):  # e.g. ``mask[..., :k] = …`` after it was read
             return None
         needed.append(n)
         stack.extend(n.all_input_nodes)
@@ -451,24 +451,6 @@ def _static_value(
         return None
     value = env.get(node)
     return value if isinstance(value, torch.Tensor) else None
-
-
-_MUTATING_OPERATORS = {
-    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-    operator.ilshift, operator.irshift, operator.imatmul,
-}  # fmt: skip
-
-
-def _mutates(n: fx.Node) -> bool:
-    """Whether the call may write into a tensor: an in-place method or function (``add_``,
-    ``torch.relu_``), an augmented assignment or item assignment."""
-    if n.op not in ("call_function", "call_method"):
-        return False
-    if n.op == "call_function" and n.target in _MUTATING_OPERATORS:
-        return True
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__") and n.target not in (operator.and_, operator.or_)
 
 
 _UNKNOWN = object()
@@ -491,13 +473,14 @@ def _known(value: Any) -> Any:
 def _evaluate(nodes: list[fx.Node], env: dict, inputs: _Inputs) -> None:
     """Run ``nodes`` (in graph order) on the example inputs into ``env``; an input not among them
     is a constant the trace recorded."""
+
+    def value(x: fx.Node) -> Any:
+        return env[x] if x in env else _known(x.meta["example_value"])
+
     for n in nodes:
         if n.op == "placeholder":
             env[n] = inputs.values[n]
             continue
-        def value(x: fx.Node) -> Any:
-            return env[x] if x in env else _known(x.meta["example_value"])
-
         args = fx.node.map_arg(n.args, value)
         kwargs = fx.node.map_arg(n.kwargs, value)
         if n.op == "call_function":
@@ -592,7 +575,8 @@ def _candidate(
                     causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
     mask_causal = (
         mask is not None and not causal and blocker is None and isinstance(mask, fx.Node)
-        and _is_decoder_mask(mask, mask_mode, gm, inputs, info.get("seq_len_q_hint", 0), info.get("seq_len_k_hint", 0))
+        and _is_decoder_mask(mask, mask_mode, mask_shape, gm, inputs, info.get("seq_len_q_hint", 0),
+                             info.get("seq_len_k_hint", 0))
     )  # fmt: skip
     caller, module_type = calling_module(out)
     kv_cache_step = bool(info) and isinstance(k, fx.Node) and _appends_to_cache(k, _meta(q).shape[-2], _meta(k).shape[-2])
@@ -622,14 +606,16 @@ def _candidate(
     )
 
 
-def _is_decoder_mask(mask: fx.Node, mode: str, gm: fx.GraphModule, inputs: _Inputs, lq: int, lk: int) -> bool:
-    """Whether the model's mask, evaluated on the example inputs, allows no key after its query
-    (evaluated once per mask: every layer of a model usually reads the same one)."""
+def _is_decoder_mask(
+    mask: fx.Node, mode: str, shape: tuple[int, ...] | None, gm: fx.GraphModule, inputs: _Inputs, lq: int, lk: int
+) -> bool:
+    """Whether the model's mask (``shape``: its size for the example inputs), evaluated on the
+    example inputs, allows no key after its query (evaluated once per mask: every layer of a model
+    usually reads the same one)."""
     key = (mask, mode, lq, lk)
     if key not in inputs.decoder_masks:
-        m = _meta(mask)
         value = None
-        if isinstance(m, torch.Tensor) and math.prod(int(_dim_expr(d)[1]) for d in m.shape) <= MAX_EVALUATED_MASK:
+        if shape is not None and math.prod(shape) <= MAX_EVALUATED_MASK:
             value = _static_value(mask, gm, inputs, buffers_only=False)
         if value is None:
             inputs.decoder_masks[key] = False

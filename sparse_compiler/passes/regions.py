@@ -13,6 +13,7 @@ the top graph: ``Region.origin`` maps each placeholder of a region to that top-l
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -93,6 +94,25 @@ def node_index(gm: fx.GraphModule) -> dict[str, tuple[Region, fx.Node]]:
     """Every node of the graph and of its bodies by qualified name (``"linear"``,
     ``"wrap_body_0.linear"``), with its region: built once per pass, looked up per candidate."""
     return {r.qualified(n): (r, n) for r in regions(gm) for n in r.gm.graph.nodes}
+
+
+_MUTATING_OPERATORS = {
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift, operator.imatmul,
+}  # fmt: skip
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether the call may write into a tensor: an in-place method or function (``add_``,
+    ``torch.relu_``), an augmented assignment or an item assignment. Such a node is neither
+    evaluated ahead of time nor erased when its result goes unused."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.op == "call_function" and node.target in _MUTATING_OPERATORS:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and node.target not in (operator.and_, operator.or_)
 
 
 def find_node(gm: fx.GraphModule, qualified: str) -> tuple[Region, fx.Node]:

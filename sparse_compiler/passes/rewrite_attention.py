@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import guard_bool, guard_int
 
 from sparse_compiler.cost.attention import AttentionDecision
 from sparse_compiler.kernels.attention import block_sparse_attention
-from sparse_compiler.passes.regions import node_index
+from sparse_compiler.passes.regions import mutates, node_index
 
 __all__ = ["rewrite_attention"]
 
@@ -110,11 +110,8 @@ def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node]) -> None
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in erased or n.users or n.op not in ("call_function", "call_method"):
-            continue
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):  # in-place: its effect may matter
-            continue
+        if n in erased or n.users or n.op not in ("call_function", "call_method") or mutates(n):
+            continue  # (an in-place call's effect may matter)
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)
         erased.add(n)
