@@ -6,7 +6,7 @@
 # Steps (each runs even if an earlier one failed; the exit status is non-zero if any failed):
 #   1. pip install --no-deps --no-build-isolation -e .   (quiet)
 #   2. nvidia-smi summary
-#   3. the kernels' GPU tests (test_triton_kernels.py, test_triton_visible.py)  -> $OUT/pytest_gpu_kernels.log
+#   3. the kernels' GPU tests (test_triton_kernels, _visible, _cache_step) -> $OUT/pytest_gpu_kernels.log
 #   4. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json (+ .log)
 #   5. python benchmarks/bench_attention.py, if present  -> $OUT/bench_attention.json (+ .log)
 #   6. python benchmarks/bench_decode.py (a cache step)  -> $OUT/bench_decode.json (+ .log)
@@ -54,7 +54,7 @@ else
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee "$OUT/versions.txt"
 
-KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_triton_visible.py)
+KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_triton_visible.py tests/test_triton_cache_step.py)
 step pytest_gpu_kernels 120 "$PY" -m pytest -q -m gpu --durations=10 "${KERNEL_TESTS[@]}"
 step bench_kernels 240 "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
 if [ -f benchmarks/bench_attention.py ]; then
@@ -63,7 +63,7 @@ fi
 step bench_decode 60 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
     --out "$OUT/bench_decode.json"
 step pytest_gpu_backend 200 "$PY" -m pytest -q -m gpu --durations=10 tests \
-    --ignore "${KERNEL_TESTS[0]}" --ignore "${KERNEL_TESTS[1]}"
+    --ignore "${KERNEL_TESTS[0]}" --ignore "${KERNEL_TESTS[1]}" --ignore "${KERNEL_TESTS[2]}"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "FAILED steps: ${failed[*]}"

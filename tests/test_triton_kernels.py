@@ -277,7 +277,8 @@ def test_argument_checks():
 def test_kernels_compile_for_sm90_without_gpu():
     """Compile the launch variants for sm_90 (no GPU needed) and read their cubins: the compiler
     type-checks what the interpreter does not, and the SASS must use Hopper warpgroup MMAs without
-    spilling. bf16 with the fallback configs of blocks 32 and 128."""
+    spilling. bf16 with the fallback configs of blocks 32 and 128, and the cache-step kernels
+    (``cache_step_kernels.py``) at blocks of 128."""
     from sparse_compiler.kernels.triton import aot_check
     from sparse_compiler.kernels.triton import linear as T
 

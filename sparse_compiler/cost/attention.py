@@ -49,8 +49,9 @@ replaced by measured profiles (``cost/hardware.py``): with ``F = 2·B·H·(D + D
 - training multiplies the work by ``1 + backward_factor`` (the backward is about 2.5 forwards);
 - a key/value cache step (:func:`estimate_cache_step_time`) is bound by reading the cache instead:
   ``B·Hkv·Lk·(D + Dv)`` elements at ``memory_bandwidth`` for the dense step, the fraction the
-  queries' rows keep at ``kept_read_efficiency`` of that speed plus a cost per run of adjacent kept
-  blocks for ``"kept_blocks"``.
+  queries' rows keep at ``kept_read_efficiency`` of that speed plus ``sparse_overhead`` and a cost
+  per run of adjacent kept blocks for ``"kept_blocks"`` (two matmuls a run on the CPU; none on
+  CUDA, where one split-K Triton kernel reads every run).
 
 Every input is explicit: the profile is any object with the fields of :class:`AttentionProfile`.
 The numbers of the two built-in profiles are rough public figures, not measurements: a generic
@@ -106,7 +107,7 @@ class AttentionProfile:
     backward_factor: float = 2.5  # backward work / forward work
     memory_bandwidth: float = 25e9  # bytes/s at which dense attention reads a key/value cache (decoding)
     kept_read_efficiency: float = 0.85  # the kept_blocks lowering's reading speed, fraction of the dense one's
-    per_run_s: float = 8e-5  # the kept_blocks lowering's cost per run of adjacent kept blocks (two matmuls)
+    per_run_s: float = 8e-5  # the kept_blocks lowering's cost per run of adjacent kept blocks (0: one kernel)
 
     def peak(self, dtype: torch.dtype | None) -> float:
         return float(self.peak_flops.get(dtype, min(self.peak_flops.values())))
@@ -122,7 +123,7 @@ CUDA_PROFILE = AttentionProfile(
     per_block_s=2e-9,
     memory_bandwidth=2.5e12,
     kept_read_efficiency=0.7,
-    per_run_s=3e-5,
+    per_run_s=0.0,  # one split-K kernel and a merge read every run (kernels/triton/cache_step.py)
 )
 
 # Calibrated roughly on a 2-core AVX-512 machine (fp32, 4 heads of 64, 4096 tokens: SDPA 106 ms;
@@ -543,8 +544,9 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
         bound = None if pays else _cache_step_pays_from(c, layout, prof, lk)
     cost = f"{read:.0%} of the cache here in {runs} runs; estimated {est.speedup:.2f}x the dense step on {est.profile}"
     if pays:
-        why += (f"; reads only the kept key/value blocks of the queries' rows ({cost}), or SDPA with the element "
-                "mask where they are more than half of it")
+        how = ("one split-K Triton kernel and a merge" if c.device == "cuda" else
+               "two matmuls per run, or SDPA with the element mask where the runs hold more than half of it")
+        why += f"; reads only the kept key/value blocks of the queries' rows ({cost}; {how})"
         return AttentionDecision(c, layout, why, lowering="kept_blocks", estimate=est, fixed_pattern=True)
     why += (f"; reading only the kept key/value blocks does not pay at this key length ({cost}"
             + (f"; attention_min_seq_len={threshold}" if threshold is not None else "")

@@ -19,9 +19,14 @@ heads into its rows, so the keys are not repeated either.
 ``torch.ops.sparse_compiler.attention_kept_blocks`` is an opaque op: its runs depend on the key
 length, which a graph may hold symbolically, so they are found at run time, on the host, from the
 pattern's cached block mask. It has no backward (decoding is inference): the lowering takes the
-differentiable masked SDPA when gradients are wanted. When the runs hold more than half the keys, or
-the queries are more than a block (a long chunk, whose float scores would outweigh the cache), it
-runs that masked SDPA too (a dense fused kernel then does better than a few matmuls).
+differentiable masked SDPA when gradients are wanted.
+
+On CUDA (with Triton) the step is one split-K kernel over the kept blocks and a merge
+(``kernels/triton/cache_step.py``): two launches whatever the number of runs. Elsewhere, or for a
+dtype the kernels do not take, it is the few matmuls above, one pair per run; when the runs hold
+more than half the keys there, it runs the masked SDPA instead (a dense fused kernel then does
+better than a few matmuls). On either path the queries must be at most a block: a longer chunk,
+whose float scores would outweigh the cache, runs the masked SDPA.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import torch
 from torch import Tensor
 
 from sparse_compiler.kernels.attention import MASK_MODES, masked_sdpa
+from sparse_compiler.kernels.triton import cache_step as triton_cache_step
 from sparse_compiler.layouts.attention import attention_key_runs, attention_mask_at_end, get_attention_layout
+from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["attention_kept_blocks"]
+__all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
 
 
 @torch.library.custom_op("sparse_compiler::attention_kept_blocks", mutates_args=())
@@ -52,14 +59,27 @@ def attention_kept_blocks(
     to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``)."""
     if mask_mode not in MASK_MODES or (mask is None) != (mask_mode == "none"):
         raise ValueError(f"attention_kept_blocks: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}")
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"attention_kept_blocks: {q.shape[1]} query heads and {k.shape[1]} key heads need enable_gqa")
     lay = get_attention_layout(layout)
+    if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
+        return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
+    return kept_blocks_by_runs(q, k, v, mask, mask_mode, lay, causal, scale, enable_gqa)
+
+
+def kept_blocks_by_runs(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_mode: str, layout: Layout, causal: bool, scale: float,
+    enable_gqa: bool,
+) -> Tensor:  # fmt: skip
+    """The op's path without Triton: two matmuls per run of kept blocks (module docstring), or the
+    masked SDPA where that does better."""
     lq, lk = q.shape[-2], k.shape[-2]
-    runs = attention_key_runs(lay, lq, lk)
+    runs = attention_key_runs(layout, lq, lk)
     kept = torch.cat([torch.arange(s, e, device=q.device) for s, e in runs])
-    if 2 * kept.numel() > lk or lq > lay.block_size:  # (a long chunk: its float scores would outweigh the cache)
-        allowed = attention_mask_at_end(lay, lq, lk, causal, q.device)
+    if 2 * kept.numel() > lk or lq > layout.block_size:  # (a long chunk: its float scores would outweigh the cache)
+        allowed = attention_mask_at_end(layout, lq, lk, causal, q.device)
         return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
-    allowed = attention_mask_at_end(lay, lq, lk, causal, q.device, keys=kept)
+    allowed = attention_mask_at_end(layout, lq, lk, causal, q.device, keys=kept)
     b, hq, _, _ = q.shape
     hk = k.shape[1]
     group = hq // hk  # 1 unless enable_gqa

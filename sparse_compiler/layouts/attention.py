@@ -46,6 +46,7 @@ meaningful wherever they are cached.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import random
@@ -66,6 +67,7 @@ __all__ = [
     "attention_layout_at",
     "attention_layout_from_options",
     "attention_mask_at_end",
+    "attention_row_block_lists",
     "bigbird_blocks",
     "butterfly_blocks",
     "causal_blocks",
@@ -499,27 +501,78 @@ def attention_key_runs(layout: Layout, seq_len_q: int, seq_len_k: int) -> list[t
     return runs
 
 
-_CAPACITY: dict[tuple[tuple, int, torch.device], torch.Tensor] = {}
+_CAPACITY: dict[tuple[tuple, torch.device], torch.Tensor] = {}
+_ROW_LISTS: dict[tuple[tuple, torch.device], _RowLists] = {}
+
+
+def _capacity(key: str, n_blocks: int) -> tuple[tuple | None, dict[str, Any], int]:
+    """(cache key or None, parameters, number of blocks) of the square layout that serves ``n_blocks``
+    blocks of the pattern ``key``: ``2^ceil(log2(n_blocks))`` blocks, shared by every layout fitted
+    with the same parameters (None and ``n_blocks`` when the pattern depends on the length)."""
+    params = _parse_key(key)
+    if params["pattern"] == "bigbird" and params["random"] and not params["causal"]:
+        return None, params, n_blocks  # a new layout at each length: not worth keeping
+    capacity = 1 << max(0, n_blocks - 1).bit_length()
+    pattern = tuple(params[f] for f in _FIELDS if f not in ("lq", "lk"))  # the same pattern fitted anywhere
+    return (pattern, capacity), params, capacity
 
 
 def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.Tensor:
     """The square block mask of the pattern ``key`` at ``2^ceil(log2(n_blocks))`` blocks (at
     ``n_blocks`` when the pattern depends on the length), cached."""
-    params = _parse_key(key)
-    position_only = not (params["pattern"] == "bigbird" and params["random"] and not params["causal"])
-    if not position_only:  # a new layout at each length: not worth keeping
-        length = n_blocks * params["b"]
-        return _build({**params, "lq": length, "lk": length}).to(device)
-    capacity = 1 << max(0, n_blocks - 1).bit_length()
-    pattern = tuple(params[f] for f in _FIELDS if f not in ("lq", "lk"))  # the same pattern fitted anywhere
-    cache_key = (pattern, capacity, device)
-    keep = _CAPACITY.get(cache_key)
+    shared, params, n = _capacity(key, n_blocks)
+    cache_key = None if shared is None else (shared, device)
+    keep = _CAPACITY.get(cache_key) if cache_key else None
     if keep is None:
-        length = capacity * params["b"]
+        length = n * params["b"]
         keep = _build({**params, "lq": length, "lk": length}).to(device)
-        with _LOCK:
-            keep = _CAPACITY.setdefault(cache_key, keep)
+        if cache_key:
+            with _LOCK:
+                keep = _CAPACITY.setdefault(cache_key, keep)
     return keep
+
+
+class _RowLists:
+    """Every block row's kept key blocks of a square block mask, ascending, row after row: ``cols``
+    on the device, and a host copy with the row offsets to slice it without reading the device."""
+
+    def __init__(self, keep: torch.Tensor, device: torch.device):
+        ids = keep.cpu().nonzero()
+        self.cols_host: list[int] = ids[:, 1].tolist()
+        counts = torch.bincount(ids[:, 0], minlength=keep.shape[0])
+        self.row_ptr: list[int] = [0, *torch.cumsum(counts, 0).tolist()]
+        self.cols = torch.tensor(self.cols_host, dtype=torch.int32, device=device)
+
+
+def attention_row_block_lists(
+    layout: Layout, seq_len_q: int, seq_len_k: int, device: torch.device | str
+) -> tuple[torch.Tensor, int, list[tuple[int, int]]]:
+    """The kept key blocks of each block row that the last ``seq_len_q`` of ``seq_len_k`` positions
+    lie in, for a kernel that walks them: ``(cols, first_row, [(start, count), …])`` where row
+    ``first_row + r`` keeps the key blocks ``cols[start_r : start_r + count_r]`` (ascending, int32 on
+    ``device``, cropped to the ``ceil(seq_len_k / b)`` key blocks). ``cols`` is built once per pattern,
+    capacity and device (as :func:`attention_mask_at_end`'s blocks), so a decoding step only slices it."""
+    _check_int("seq_len_q", seq_len_q, 1)
+    _check_int("seq_len_k", seq_len_k, 1)
+    if seq_len_q > seq_len_k:
+        _fail("seq_len_q", seq_len_q, f"more queries than keys ({seq_len_k}): they cannot be the last keys")
+    device = torch.device(device)
+    b = layout.block_size
+    n_k = _n_blocks(seq_len_k, b)
+    shared, _, _ = _capacity(layout.key, n_k)
+    cache_key = None if shared is None else (shared, device)
+    lists = _ROW_LISTS.get(cache_key) if cache_key else None
+    if lists is None:
+        lists = _RowLists(_blocks_at_capacity(layout.key, n_k, torch.device("cpu")), device)
+        if cache_key:
+            with _LOCK:
+                lists = _ROW_LISTS.setdefault(cache_key, lists)
+    first, last = (seq_len_k - seq_len_q) // b, (seq_len_k - 1) // b
+    spans = []
+    for row in range(first, last + 1):
+        start, end = lists.row_ptr[row], lists.row_ptr[row + 1]
+        spans.append((start, bisect.bisect_left(lists.cols_host, n_k, start, end) - start))
+    return lists.cols, first, spans
 
 
 # ---------------------------------------------------------------------------------------------- keys

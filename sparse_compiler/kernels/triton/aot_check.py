@@ -112,6 +112,29 @@ def variants(dtypes=("bfloat16",), blocks=(64, 128), full: bool = False) -> Iter
                 consts = dict(B=b, DENSE_OUT=dense, USE_IDS=ids, BLOCK_R=min(b, 32), stride_o1=1)
                 label = f"finish {dt} b={b} dense={dense} ids={ids}"
                 yield (label, K.finish_kernel, types, consts, ["ws_ptr", "out_ptr", "stride_o0"], 4, 3, {})
+            if b >= 64:  # (attention blocks: FlexAttention's tiles want 128)
+                yield from _cache_step_variants(dt, b)
+
+
+def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
+    """The cache-step kernels (``cache_step.py``) as a decoding step launches them: 64-dim heads, one
+    query, 4 query heads per key head (16 rows), contiguous head dims; with and without the model's
+    mask, with one slice (``FINAL``) and several, then the merge."""
+    from sparse_compiler.kernels.triton import cache_step_kernels as C
+
+    ptr = _TYPES[dt]
+    for mode, mask_type in ((0, ptr), (2, "*u8"), (1, ptr)):
+        for final in (True, False):
+            types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr=mask_type, cols_ptr="*i32",
+                         out_ptr=ptr if final else "*fp32", m_ptr="*fp32", l_ptr="*fp32", qk_scale="fp32")  # fmt: skip
+            consts = dict(B=b, CAUSAL=True, MASK_MODE=mode, FINAL=final, PRECISION="tf32", BLOCK_M=16,
+                          BLOCK_N=min(b, 64), BLOCK_D=64, BLOCK_DV=64, stride_qd=1, stride_kd=1, stride_vd=1)  # fmt: skip
+            div = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "cols_ptr", "out_ptr", "m_ptr", "l_ptr", "stride_kn", "stride_vn"]
+            label = f"cache-step {dt} b={b} mask={mode} {'final' if final else 'split'}"
+            yield (label, C.partial_kernel, types, consts, div, 4, 2, {})
+    types = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", out_ptr=ptr)
+    yield (f"cache-merge {dt}", C.combine_kernel, types, dict(BLOCK_S=16, BLOCK_DV=64, stride_od=1),
+           ["acc_ptr", "m_ptr", "l_ptr", "out_ptr"], 4, 1, {})  # fmt: skip
 
 
 def run(dtypes=("bfloat16",), blocks=(64, 128), full: bool = False, arch: int = 90, verbose: bool = False) -> list[dict]:

@@ -1,0 +1,155 @@
+"""A key/value cache step in two Triton launches that read only the kept key blocks.
+
+``cache_step_attention(q, k, v, mask, mask_mode, layout, causal, scale)`` computes what
+``sparse_compiler.kernels.cache_step`` does with a few matmuls per run of kept blocks: the attention of
+the last ``Lq <= b`` of ``Lk`` positions under a fixed pattern, ``softmax(q·kᵀ·scale + bias)·v`` over
+the key blocks that the queries' block rows keep (and the pattern's causality and the model's mask
+allow), equal to SDPA with the pattern's element mask. Here it is split-K decoding
+(``cache_step_kernels.py``): the kept blocks (``layouts.attention.attention_row_block_lists``, built
+once per pattern and device) are shared among ``splits`` programs per (batch, key head), each
+folding the query heads of its key head into rows, and a second launch merges their partial
+softmaxes. So the cost is the kept bytes at memory speed plus two launches, whatever the number of
+runs, which is what makes reading only the kept blocks pay on a GPU at moderate cache lengths.
+
+Layouts with blocks of any size, head dims of any size, float16 / bfloat16 / float32 (float32 products
+in TF32 only where torch allows it for matmuls). ``q``, ``k``, ``v`` are read through their strides.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from sparse_compiler.kernels import SUPPORTED_DTYPES
+from sparse_compiler.kernels.triton import linear as _linear
+from sparse_compiler.layouts.attention import attention_row_block_lists
+from sparse_compiler.layouts.layout import Layout
+
+__all__ = ["cache_step_attention", "default_splits", "supports"]
+
+_MASK_MODES = {"none": 0, "add": 1, "keep": 2, "drop": 3}
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        _linear._kernels()  # raises the import error when Triton is missing
+        from sparse_compiler.kernels.triton import cache_step_kernels
+
+        _KERNELS = cache_step_kernels
+    return _KERNELS
+
+
+def supports(q: Tensor, k: Tensor, layout: Layout) -> bool:
+    """Whether this path runs the step: Triton can launch on ``q``'s device (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``), a supported dtype, and at most a block of queries."""
+    if not _linear.available() or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        return False
+    if q.device.type != "cuda" and not _kernels().INTERPRETED:
+        return False
+    return q.shape[-2] <= layout.block_size
+
+
+def default_splits(programs: int, blocks: int, device: torch.device) -> int:
+    """How many slices of the kept blocks to spread over, given ``programs`` (batch · key heads · row
+    tiles) without splitting: enough for about two programs per streaming multiprocessor, at least
+    two blocks a slice, at most 64 slices."""
+    units = 4
+    if device.type == "cuda":
+        units = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(math.ceil(2 * units / programs), blocks // 2, 64))
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cache_step_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    mask_mode: str,
+    layout: Layout,
+    causal: bool,
+    scale: float,
+    splits: int | None = None,
+) -> Tensor:
+    """Attention of the last ``Lq`` of ``Lk`` positions under the fixed pattern ``layout`` (module
+    docstring). ``q``: ``(batch, heads, Lq, D)``; ``k``, ``v``: ``(batch, kv_heads, Lk, D | Dv)`` with
+    ``kv_heads`` dividing ``heads`` (grouped-query heads share their key head); ``mask``: broadcastable
+    to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``). ``splits``:
+    slices of the kept blocks (default :func:`default_splits`)."""
+    K = _kernels()
+    if mask_mode not in _MASK_MODES or (mask is None) != (mask_mode == "none"):
+        raise ValueError(
+            f"cache_step_attention: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}"
+        )
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"cache_step_attention: q, k, v must be 4-D, got {q.dim()}, {k.dim()}, {v.dim()}")
+    batch, heads, lq, d = q.shape
+    kv_heads, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if heads % kv_heads or k.shape[0] != batch or tuple(v.shape[:3]) != (batch, kv_heads, lk) or k.shape[-1] != d:
+        raise ValueError(f"cache_step_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if lq > layout.block_size:
+        raise ValueError(f"cache_step_attention: {lq} queries are more than a block ({layout.block_size})")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"cache_step_attention: dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    if not K.INTERPRETED and q.device.type != "cuda":
+        raise RuntimeError(f"cache_step_attention: needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    group = heads // kv_heads
+    rows = group * lq
+    cols, first_row, spans = attention_row_block_lists(layout, lq, lk, q.device)
+    (start0, count0), (start1, count1) = spans[0], (spans[1] if len(spans) > 1 else (0, 0))
+    total = count0 + count1
+    block_m = min(64, max(16, _next_pow2(rows)))
+    row_tiles = math.ceil(rows / block_m)
+    if splits is None:
+        splits = default_splits(batch * kv_heads * row_tiles, total, q.device)
+    per_split = max(1, math.ceil(total / max(1, splits)))
+    splits = max(1, math.ceil(total / per_split))
+
+    if mask is None:
+        m4 = q.new_zeros(())  # never read
+        m_strides = (0, 0, 0, 0)
+    else:
+        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, heads, lq, lk)
+        if m4.dtype == torch.bool:
+            m4 = m4.view(torch.uint8)
+        m_strides = m4.stride()
+    out = torch.empty((batch, heads, lq, dv), dtype=q.dtype, device=q.device)
+    final = splits == 1
+    if final:
+        acc = m_run = l_run = out  # unused
+    else:
+        acc = torch.empty((batch * kv_heads, splits, rows, dv), dtype=torch.float32, device=q.device)
+        m_run = torch.empty((batch * kv_heads, splits, rows), dtype=torch.float32, device=q.device)
+        l_run = torch.empty_like(m_run)
+    block_n = min(64, max(16, _next_pow2(layout.block_size)))
+    with _linear._on_device(q.device):
+        K.partial_kernel[(batch * kv_heads, splits, row_tiles)](
+            q, k, v, m4, cols, out if final else acc, m_run, l_run,
+            rows, lq, lk, kv_heads, group, d, dv,
+            start0, count0, start1, count1, first_row, per_split, splits,
+            scale * math.log2(math.e),
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            B=layout.block_size, CAUSAL=causal, MASK_MODE=_MASK_MODES[mask_mode], FINAL=final,
+            PRECISION=_linear._precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=max(16, _next_pow2(d)), BLOCK_DV=max(16, _next_pow2(dv)),
+            num_warps=4, num_stages=2,
+        )  # fmt: skip
+        if not final:
+            K.combine_kernel[(batch * kv_heads, rows)](
+                acc, m_run, l_run, out, rows, lq, kv_heads, group, dv, splits, *out.stride(),
+                BLOCK_S=max(2, _next_pow2(splits)), BLOCK_DV=max(16, _next_pow2(dv)), num_warps=4,
+            )  # fmt: skip
+    return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
