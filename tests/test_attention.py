@@ -807,6 +807,9 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     step = plan_attention([cached], fixed, profile=CUDA_PROFILE)[0]
     assert step.sparse and step.lowering == "kept_blocks" and step.fixed_pattern and "bottom rows" in step.reason
     assert step.layout is attention_layout_at(fitted, 32768, 32768) and "reads only the kept" in step.reason
+    assert "split-K Triton kernel" in step.reason  # on CUDA; two matmuls per run on the CPU:
+    on_cpu = plan_attention([dataclasses.replace(cached, device="cpu", dtype=torch.float32)], fixed)[0]
+    assert on_cpu.lowering == "kept_blocks" and "two matmuls per run" in on_cpu.reason
     assert step.estimate.speedup > 1 and f"estimated {step.estimate.speedup:.2f}x the dense step" in step.reason
     # a small cache: the pattern through SDPA, until the length from which the kept blocks pay
     small = dataclasses.replace(cached, batch=1, batch_hint=1, seq_len_k=2048, seq_len_k_hint=2048)
