@@ -30,6 +30,7 @@ from sparse_compiler.layouts.attention import (
     attention_layout,
     attention_layout_at,
     attention_mask_at_end,
+    attention_mask_at_positions,
     attention_row_block_lists,
     causal_blocks,
     get_attention_layout,
@@ -1120,6 +1121,88 @@ def test_cached_decoding_with_a_fixed_pattern_computes_what_the_uncached_forward
         want = reference()
     torch.testing.assert_close(steps, want, rtol=1e-5, atol=1e-5)
     assert (steps - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+
+
+@pytest.mark.parametrize("lowering", ["kept_blocks", "sdpa"])
+def test_queries_at_given_positions_take_those_rows_of_the_pattern(lowering):
+    """``positions=``: consecutive positions are the step of a cache cut after the last one (the
+    slots after it are never read); other positions get the pattern's rows at each one; malformed
+    positions, or positions without a fixed pattern, are refused."""
+    fitted = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=True)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 1024, 8), torch.randn(2, 2, 1024, 8)
+    k[:, :, 900:] = v[:, :, 900:] = 1e4  # slots not yet written: never weighted
+    kw = {"layout": fitted.key, "lowering": lowering, "fixed": True, "enable_gqa": True, "causal": True}
+    for pos in (torch.arange(700, 703), torch.tensor([5, 300, 899])):
+        with torch.no_grad():
+            got = block_sparse_attention(q, k, v, positions=pos, **kw)
+        allowed = attention_mask_at_positions(fitted, pos, 900, causal=True)
+        want = _SDPA(q, k[:, :, :900], v[:, :, :900], attn_mask=allowed, enable_gqa=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(attention_mask_at_positions(fitted, torch.arange(700, 703), 1024, True)[:, :703],
+                       attention_mask_at_end(fitted, 3, 703, True))  # fmt: skip
+    with pytest.raises(ValueError, match="positions"), torch.no_grad():
+        block_sparse_attention(q, k, v, positions=torch.arange(4), **kw)
+    with pytest.raises(ValueError, match="fixed"):
+        block_sparse_attention(q, k, v, layout=fitted.key, lowering="sdpa", positions=torch.arange(3))
+
+
+class StaticCachedSelfAttention(nn.Module):
+    """Self-attention over a preallocated key/value cache written in place at the queries'
+    positions (as Hugging Face's ``StaticCache``), attending to the whole buffer under a mask that
+    hides the slots after each query's position."""
+
+    def __init__(self, d=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, k_cache, v_cache, positions):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
+        k_cache.index_copy_(2, positions, k)
+        v_cache.index_copy_(2, positions, v)
+        mask = torch.arange(k_cache.shape[-2]) <= positions[:, None]
+        a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        return self.proj(a.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("lowering", ["kept_blocks", "sdpa"])
+def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forward(lowering, monkeypatch):
+    """Steps over a preallocated cache (one query; a chunk of three across a block boundary) take
+    the rows of the fixed pattern at the positions the graph wrote their keys to, read from that
+    tensor: the outputs equal the uncached forward with the fixed layout applied, through either
+    lowering (``"sdpa"`` builds the mask from the positions on their device). On CUDA the planner
+    keeps such steps on SDPA, which never reads the positions on the host."""
+    torch.manual_seed(0)
+    model = StaticCachedSelfAttention().eval()
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+    min_len = 65 if lowering == "kept_blocks" else 10_000
+    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=min_len))
+    x = torch.randn(2, 112, 32)
+    k_cache, v_cache = torch.zeros(2, 2, 128, 16), torch.zeros(2, 2, 128, 16)
+    with torch.no_grad():
+        model(x[:, :64], k_cache, v_cache, torch.arange(64))  # the prompt, eagerly
+        outs, t = [], 64
+        for chunk in (1, 1, 3, 10, 3, 1):  # positions 64, 65, 66-68, 69-78, 79-81 (across blocks 4|5), 82
+            outs.append(compiled(x[:, t:t + chunk], k_cache, v_cache, torch.arange(t, t + chunk)))
+            t += chunk
+        steps = torch.cat(outs, 1)
+    static = [d for d in record if d.candidate.cache_positions is not None]
+    assert static and all(d.sparse and d.fixed_pattern and "static key/value cache step" in d.reason for d in static)
+    assert {d.lowering for d in static} == {lowering}
+    on_cuda = plan_attention([dataclasses.replace(static[0].candidate, device="cuda")], fixed, min_seq_len=65)[0]
+    assert on_cuda.lowering == "sdpa" and "on the device" in on_cuda.reason
+    unfixed = plan_attention([static[0].candidate], ATTN)[0]
+    assert not unfixed.sparse and "attention_seq_len" in unfixed.reason
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    layout = attention_layout_at(fitted, t, t)
+    with torch.no_grad():
+        dense = model(x[:, :t], torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), torch.arange(t))
+        monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layout))
+        want = model(x[:, :t], torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), torch.arange(t))
+    torch.testing.assert_close(steps, want[:, 64:], rtol=1e-5, atol=1e-5)
+    assert (steps - dense[:, 64:]).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 
 
 def test_cross_attention_of_other_lengths_stays_dense_under_a_fixed_pattern():

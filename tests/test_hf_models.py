@@ -148,11 +148,13 @@ def test_gpt2_with_a_fixed_pattern_gives_a_sequence_the_same_logits_alone_and_ri
     assert (alone - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name, monkeypatch):
-    """Greedy decoding with Hugging Face's key/value cache (GPT-2; Llama: rotary embeddings and
-    grouped-query heads): each step's queries take the bottom rows of the fixed pattern, so every
-    step's logits equal the eager model's on the whole sequence with the fixed layout applied."""
+def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name, cache, monkeypatch):
+    """Greedy decoding with Hugging Face's key/value caches (GPT-2; Llama: rotary embeddings and
+    grouped-query heads), growing (``DynamicCache``) or preallocated and written in place
+    (``StaticCache``): each step's queries take their rows of the fixed pattern, so every step's
+    logits equal the eager model's on the whole sequence with the fixed layout applied."""
     from sparse_compiler.layouts.attention import attention_element_mask, attention_layout_at, get_attention_layout
 
     torch.manual_seed(0)
@@ -163,14 +165,16 @@ def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name,
     compiled = torch.compile(model, backend="sparsify", options=options)
     ids = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(2))
     steps, rows = [], []
+    past = transformers.StaticCache(config=model.config, max_cache_len=128) if cache == "static" else None
     with torch.no_grad():
-        out = compiled(input_ids=ids, use_cache=True)
+        out = compiled(input_ids=ids, past_key_values=past, use_cache=True)
         for _ in range(8):
             ids = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
             out = compiled(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits[:, -1])
             rows += [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
-    assert rows and all(r["decision"] == "sparse" and "key/value cache step" in r["reason"] for r in rows), [r["reason"] for r in rows]
+    step = "static key/value cache step" if cache == "static" else "key/value cache step"
+    assert rows and all(r["decision"] == "sparse" and step in r["reason"] for r in rows), [r["reason"] for r in rows]
     assert {r["lowering"] for r in rows} == {"kept_blocks"}  # reads only the kept key/value blocks
     n = ids.shape[1]
     layout = attention_layout_at(get_attention_layout(rows[0]["layout"]), n, n)

@@ -264,7 +264,8 @@ def _pattern_causal(c: AttentionCandidate, o: Options) -> bool:
     """Whether ``c`` gets the causal pattern (``attention_causal``; module docstring)."""
     if o.attention_causal is not None:
         return o.attention_causal
-    return c.causal or c.mask_causal or (c.kv_cache_step and c.seq_len_q_hint < c.seq_len_k_hint)
+    cache_step = c.kv_cache_step or c.cache_positions is not None
+    return c.causal or c.mask_causal or (cache_step and c.seq_len_q_hint < c.seq_len_k_hint)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -421,6 +422,10 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
     if lq != lk and c.kv_cache_step and fixed is None:
         return _dense(c, f"key/value cache step ({lq} queries, the last of {lk} keys) with a pattern fitted at each "
                          "length: set attention_seq_len to give cached steps the uncached forward's pattern; dense")
+    if lq != lk and c.cache_positions is not None and fixed is None:
+        return _dense(c, f"static key/value cache step ({lq} queries at the positions in {c.cache_positions}, "
+                         f"{lk} slots) with a pattern fitted at each length: set attention_seq_len to give cached "
+                         "steps the uncached forward's pattern; dense")
     if fixed is not None and lq != lk:
         return _cache_step(c, o, profile, threshold)
     if -(-lq // b) < 2 or -(-lk // b) < 2:
@@ -513,7 +518,8 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     the time model (or ``attention_min_seq_len``, on the key length) says it pays, else through SDPA
     with the element mask; anything else stays dense."""
     lq, lk, fixed = c.seq_len_q_hint, c.seq_len_k_hint, o.attention_seq_len
-    if not c.kv_cache_step:
+    static = c.cache_positions is not None
+    if not c.kv_cache_step and not static:
         return _dense(c, f"{lq} queries x {lk} keys with a fixed pattern (attention_seq_len={fixed}), and the keys "
                          "are not a key/value cache ending with the queries' own keys (cross-attention?): where the "
                          "queries lie among the keys is not known, so the pattern cannot be placed; dense")
@@ -528,21 +534,33 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     if layout.params["density"] >= 1.0:
         return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lk}x{lk} (blocks of "
                          f"{o.attention_block_size}): nothing to skip", short_of=_first_skipping_length(o, causal, lk, "k"))
-    why = (f"key/value cache step: the {lq} queries are the last of {lk} keys and take the bottom rows of "
-           f"{'the causal' if causal else 'the'} fixed pattern ({_describe(layout)} at {lk}x{lk}, fitted at "
-           f"attention_seq_len={fixed}), so cached decoding computes what the uncached forward does")
+    pattern = f"{'the causal' if causal else 'the'} fixed pattern ({_describe(layout)} at {lk}x{lk}, fitted at " \
+              f"attention_seq_len={fixed})"  # fmt: skip
+    if static:
+        why = (f"static key/value cache step: the {lq} queries sit at the positions their keys were written to "
+               f"({c.cache_positions}) in a cache of {lk} slots and take those rows of {pattern}, so cached decoding "
+               "computes what the uncached forward does")
+    else:
+        why = (f"key/value cache step: the {lq} queries are the last of {lk} keys and take the bottom rows of "
+               f"{pattern}, so cached decoding computes what the uncached forward does")
     if c.requires_grad:
         return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
                                  lowering="sdpa", fixed_pattern=True)
+    if static and c.device == "cuda":
+        return AttentionDecision(c, layout, why + "; the positions are on the device, and reading only the kept "
+                                 "blocks would read them on the host (a synchronisation, and no CUDA graphs): SDPA "
+                                 "with the element mask built on the device (no speed-up)", lowering="sdpa",
+                                 fixed_pattern=True)  # fmt: skip
     prof = profile if profile is not None else profile_for(c.device)
-    read, runs = _read(layout, lq, lk)
+    read, runs = _read(layout, lq, lk)  # (a static cache: at its last slots, the most a step reads)
     est = _cache_step_estimate(c, prof, lk, read, runs)
     if threshold is not None:
         pays, bound = lk >= threshold, threshold
     else:
         pays = est.sparse_s < est.dense_s
-        bound = None if pays else _cache_step_pays_from(c, layout, prof, lk)
-    cost = f"{read:.0%} of the cache here in {runs} runs; estimated {est.speedup:.2f}x the dense step on {est.profile}"
+        bound = None if pays or static else _cache_step_pays_from(c, layout, prof, lk)
+    here = "at its last slots" if static else "here"
+    cost = f"{read:.0%} of the cache {here} in {runs} runs; estimated {est.speedup:.2f}x the dense step on {est.profile}"
     if pays:
         how = ("one split-K Triton kernel and a merge" if c.device == "cuda" else
                "two matmuls per run, or SDPA with the element mask where the runs hold more than half of it")

@@ -71,7 +71,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_compiler.kernels import SUPPORTED_DTYPES
-from sparse_compiler.layouts.attention import attention_mask_at_end, get_attention_layout, layout_geometry
+from sparse_compiler.layouts.attention import (
+    attention_mask_at_end,
+    attention_mask_at_positions,
+    get_attention_layout,
+    layout_geometry,
+)
 
 __all__ = [
     "LOWERINGS",
@@ -208,6 +213,23 @@ def attention_pattern_mask(layout: str, seq_len_q: int, seq_len_k: int, causal: 
 def _(layout: str, seq_len_q: int, seq_len_k: int, causal: bool, device: torch.device) -> Tensor:
     get_attention_layout(layout)  # a bad key fails while tracing, not at the first call
     return torch.empty((seq_len_q, seq_len_k), dtype=torch.bool, device=device)
+
+
+@torch.library.custom_op("sparse_compiler::attention_pattern_mask_at", mutates_args=())
+def attention_pattern_mask_at(layout: str, positions: Tensor, seq_len_k: int, causal: bool) -> Tensor:
+    """The ``(len(positions), seq_len_k)`` bool element mask of the pattern ``layout`` for queries at
+    ``positions`` in a preallocated cache (``layouts.attention.attention_mask_at_positions``), and no
+    key after the last query's position (slots not yet written, as when the ``"kept_blocks"``
+    lowering cuts the cache there); built on their device without reading them on the host (so a
+    CUDA graph can hold it)."""
+    allowed = attention_mask_at_positions(get_attention_layout(layout), positions, seq_len_k, causal)
+    return allowed & (torch.arange(seq_len_k, device=positions.device) <= positions.max())
+
+
+@attention_pattern_mask_at.register_fake
+def _(layout: str, positions: Tensor, seq_len_k: int, causal: bool) -> Tensor:
+    get_attention_layout(layout)
+    return positions.new_empty((positions.shape[0], seq_len_k), dtype=torch.bool)
 
 
 @torch.library.custom_op("sparse_compiler::attention_barrier", mutates_args=())
@@ -373,12 +395,15 @@ def block_sparse_attention(
     mask_mode: str = "none",
     lowering: str = "flex",
     fixed: bool = False,
+    positions: Optional[Tensor] = None,
 ) -> Tensor:
     """Block-sparse attention (module docstring); q, k, v are ``(..., length, dim)`` with 2 to 4 dims.
 
     The result has the shape and dtype ``scaled_dot_product_attention`` would give.
     ``fixed=True`` (``"sdpa"`` or ``"kept_blocks"``): ``layout`` is a fixed pattern applied at the
-    call's lengths, the queries being the last keys (module docstring).
+    call's lengths, the queries being the last keys (module docstring), or, with ``positions`` (a
+    1-D integer tensor, one per query), at those positions: a preallocated (static) cache written
+    there, whose keys past the queries' are not yet meaningful.
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"block_sparse_attention: mask_mode={mask_mode!r}, expected one of {MASK_MODES}")
@@ -387,6 +412,11 @@ def block_sparse_attention(
                          "('kept_blocks' with fixed=True)")
     if (mask is None) != (mask_mode == "none"):
         raise ValueError("block_sparse_attention: pass a mask exactly when mask_mode is not 'none'")
+    if positions is not None and not fixed:
+        raise ValueError("block_sparse_attention: positions need a fixed pattern (fixed=True)")
+    if positions is not None and (positions.dim() != 1 or positions.shape[0] != q.shape[-2]):
+        raise ValueError(f"block_sparse_attention: positions of shape {tuple(positions.shape)} for "
+                         f"{q.shape[-2]} queries: expected one position per query")  # fmt: skip
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -398,9 +428,13 @@ def block_sparse_attention(
             from sparse_compiler.kernels import cache_step  # noqa: F401  (registers the op)
 
             q4, k4, v4, m4 = _to_4d(q, k, v, mask)
-            out = torch.ops.sparse_compiler.attention_kept_blocks(q4, k4, v4, m4, layout, causal, scale, enable_gqa, mask_mode)
+            out = torch.ops.sparse_compiler.attention_kept_blocks(q4, k4, v4, m4, layout, causal, scale, enable_gqa,
+                                                                  mask_mode, positions)  # fmt: skip
             return _from_4d(out, nd)
-        allowed = torch.ops.sparse_compiler.attention_pattern_mask(layout, q.shape[-2], k.shape[-2], causal, q.device)
+        if positions is not None:
+            allowed = torch.ops.sparse_compiler.attention_pattern_mask_at(layout, positions, k.shape[-2], causal)
+        else:
+            allowed = torch.ops.sparse_compiler.attention_pattern_mask(layout, q.shape[-2], k.shape[-2], causal, q.device)
         return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     lq, lk = int(q.shape[-2]), int(k.shape[-2])
     lay = get_attention_layout(layout)

@@ -27,6 +27,11 @@ dtype the kernels do not take, it is the few matmuls above, one pair per run; wh
 more than half the keys there, it runs the masked SDPA instead (a dense fused kernel then does
 better than a few matmuls). On either path the queries must be at most a block: a longer chunk,
 whose float scores would outweigh the cache, runs the masked SDPA.
+
+A preallocated (static) cache of ``Lk`` slots written at the queries' positions (``positions``, a
+tensor) is the step of a growing cache cut at the last query: its positions are read on the host,
+which costs a synchronisation on CUDA (the planner lowers such steps through SDPA there, with the
+mask built on the device).
 """
 
 from __future__ import annotations
@@ -36,7 +41,12 @@ from torch import Tensor
 
 from sparse_compiler.kernels.attention import MASK_MODES, masked_sdpa
 from sparse_compiler.kernels.triton import cache_step as triton_cache_step
-from sparse_compiler.layouts.attention import attention_key_runs, attention_mask_at_end, get_attention_layout
+from sparse_compiler.layouts.attention import (
+    attention_key_runs,
+    attention_mask_at_end,
+    attention_mask_at_positions,
+    get_attention_layout,
+)
 from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
@@ -53,15 +63,28 @@ def attention_kept_blocks(
     scale: float,
     enable_gqa: bool,
     mask_mode: str,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Attention of the last ``Lq`` of ``Lk`` positions under the fixed pattern ``layout`` (module
     docstring). ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable
-    to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``)."""
+    to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``).
+
+    ``positions``: the queries' positions in a preallocated cache of ``Lk`` keys (consecutive, read
+    on the host): the step is then the one of a growing cache holding the keys up to the last query,
+    ``k[..., :p_last + 1, :]`` (the keys past it, not yet written, are not read)."""
     if mask_mode not in MASK_MODES or (mask is None) != (mask_mode == "none"):
         raise ValueError(f"attention_kept_blocks: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}")
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"attention_kept_blocks: {q.shape[1]} query heads and {k.shape[1]} key heads need enable_gqa")
     lay = get_attention_layout(layout)
+    if positions is not None:  # the slots after the last query's position are not written yet: cut there
+        end, consecutive = _end_of_positions(positions, q.shape[-2], k.shape[-2])
+        k, v = k[:, :, :end], v[:, :, :end]
+        if mask is not None and mask.shape[-1] != 1:
+            mask = mask[..., :end]
+        if not consecutive:  # not a run of positions: the pattern at each one, through SDPA
+            allowed = attention_mask_at_positions(lay, positions, end, causal)
+            return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
         return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
     return kept_blocks_by_runs(q, k, v, mask, mask_mode, lay, causal, scale, enable_gqa)
@@ -106,7 +129,18 @@ def kept_blocks_by_runs(
     return out.reshape(b, hq, lq, v.shape[-1]).to(q.dtype)
 
 
+def _end_of_positions(positions: Tensor, lq: int, lk: int) -> tuple[int, bool]:
+    """(``max(positions) + 1``, whether ``positions`` are the ``lq`` consecutive positions ending
+    there), checking that they are ``lq`` positions within the ``lk`` slots."""
+    values = positions.tolist() if positions.dim() == 1 and positions.shape[0] == lq else None
+    if values is None or not all(0 <= p < lk for p in values):
+        raise ValueError(f"attention_kept_blocks: positions {tuple(positions.shape)} for {lq} queries in {lk} slots: "
+                         "expected one position per query, each below the cache size")  # fmt: skip
+    end = max(values) + 1
+    return end, values == list(range(end - lq, end))
+
+
 @attention_kept_blocks.register_fake
-def _(q, k, v, mask, layout, causal, scale, enable_gqa, mask_mode):
+def _(q, k, v, mask, layout, causal, scale, enable_gqa, mask_mode, positions=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 

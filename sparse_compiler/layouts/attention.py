@@ -67,6 +67,7 @@ __all__ = [
     "attention_layout_at",
     "attention_layout_from_options",
     "attention_mask_at_end",
+    "attention_mask_at_positions",
     "attention_row_block_lists",
     "bigbird_blocks",
     "butterfly_blocks",
@@ -471,10 +472,30 @@ def attention_mask_at_end(
     _check_int("seq_len_k", seq_len_k, 1)
     if seq_len_q > seq_len_k:
         _fail("seq_len_q", seq_len_q, f"more queries than keys ({seq_len_k}): they cannot be the last keys")
+    positions = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=device)
+    return attention_mask_at_positions(layout, positions, seq_len_k, causal, keys)
+
+
+def attention_mask_at_positions(
+    layout: Layout,
+    positions: torch.Tensor,
+    seq_len_k: int,
+    causal: bool = False,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``(len(positions), seq_len_k)`` bool mask of ``layout``'s pattern for queries at the
+    positions ``positions`` (a 1-D integer tensor, each below ``seq_len_k``: a preallocated cache
+    written at those positions), on ``positions``' device; only the columns ``keys`` when given.
+    The pair ``(i, j)`` is allowed when block ``(positions[i] // b, j // b)`` is kept and, when
+    ``causal``, ``j <= positions[i]`` (:func:`attention_mask_at_end` with the positions in a tensor;
+    no value is read on the host)."""
+    _check_int("seq_len_k", seq_len_k, 1)
+    if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        _fail("positions", tuple(positions.shape), "expected a 1-D integer tensor")
     b = layout.block_size
-    keep = _blocks_at_capacity(layout.key, _n_blocks(seq_len_k, b), torch.device(device))
-    offset = seq_len_k - seq_len_q
-    pos_q = torch.arange(offset, seq_len_k, device=device)
+    device = positions.device
+    keep = _blocks_at_capacity(layout.key, _n_blocks(seq_len_k, b), device)
+    pos_q = positions.long()
     pos_k = torch.arange(seq_len_k, device=device) if keys is None else keys
     mask = keep[(pos_q // b)[:, None], (pos_k // b)[None, :]]
     if causal:

@@ -28,8 +28,11 @@ A key/value cache step is recognised by its keys: ``k = cat([cache, new], dim=-2
 views, expands and casts that keep the last two dims, as ``repeat_kv`` does) where ``new`` has as many
 positions as the queries. The new keys are computed from the same tokens as the queries, so the
 queries are the last ``Lq`` of the ``Lk`` keys (``kv_cache_step``), which is how Hugging Face's
-``DynamicCache`` and hand-written caches grow. A preallocated cache written in place (a static
-cache) is not recognised: its keys are a whole buffer whose valid part only the mask knows.
+``DynamicCache`` and hand-written caches grow. A preallocated cache written in place before the
+attention, ``cache.index_copy_(-2, positions, new)`` with ``new`` as long as the queries (Hugging
+Face's ``StaticCache``), places the queries at ``positions``, a tensor of the graph
+(``cache_positions`` names its node); its keys are the whole buffer, of which the positions up to
+the last query's are written.
 
 A model mask computed in the graph (from the inputs, as Hugging Face models build theirs from the
 padding) is evaluated on the example inputs too, up to ``MAX_EVALUATED_MASK`` elements: when it allows
@@ -52,7 +55,7 @@ import itertools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import networkx as nx
 import sympy
@@ -109,6 +112,7 @@ class AttentionCandidate:
     requires_grad: bool  # q, k or v requires grad (a training graph)
     blocker: str | None
     kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
+    cache_positions: str | None = None  # a static cache written at these positions (node) before: the queries' own
     mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
 
     @property
@@ -580,6 +584,9 @@ def _candidate(
     )  # fmt: skip
     caller, module_type = calling_module(out)
     kv_cache_step = bool(info) and isinstance(k, fx.Node) and _appends_to_cache(k, _meta(q).shape[-2], _meta(k).shape[-2])
+    positions = None
+    if bool(info) and isinstance(k, fx.Node) and not kv_cache_step:
+        positions = _static_cache_positions(k, out, _meta(q).shape[-2], _meta(k).shape[-2])
     return AttentionCandidate(
         node=out.name,
         nodes=tuple(n.name for n in nodes),
@@ -601,6 +608,7 @@ def _candidate(
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
         kv_cache_step=kv_cache_step,
+        cache_positions=positions.name if positions is not None else None,
         mask_causal=mask_causal,
         **info,
     )
@@ -628,24 +636,61 @@ def _is_decoder_mask(
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
-def _appends_to_cache(k: fx.Node, lq: Any, lk: Any, max_steps: int = 8) -> bool:
-    """Whether the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the queries
-    (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2."""
+def _keys_behind(k: fx.Node, lk: Any, max_steps: int = 8) -> Iterator[fx.Node]:
+    """``k``, then the nodes it was computed from through single-input ops that keep the key length
+    ``lk`` at dim -2 (views, expands, casts: ``repeat_kv``), nearest first."""
     node = k
     for _ in range(max_steps):
+        yield node
         if node.op != "call_function" and node.op != "call_method":
-            return False
-        if node.target in _CAT:
+            return
+        tensors = [a for a in node.all_input_nodes if isinstance(_meta(a), torch.Tensor)]
+        if len(tensors) != 1 or _meta(tensors[0]).dim() < 2 or not _same_size(_meta(tensors[0]).shape[-2], lk):
+            return
+        node = tensors[0]
+
+
+def _appends_to_cache(k: fx.Node, lq: Any, lk: Any) -> bool:
+    """Whether the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the queries
+    (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2."""
+    for node in _keys_behind(k, lk):
+        if node.op == "call_function" and node.target in _CAT:
             pieces, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
             out = _meta(node)
             if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or not isinstance(dim, int) or out is None:
                 return False
             last = _meta(pieces[-1])
             return dim % out.dim() == out.dim() - 2 and isinstance(last, torch.Tensor) and _same_size(last.shape[-2], lq)
-        tensors = [a for a in node.all_input_nodes if isinstance(_meta(a), torch.Tensor)]
-        if len(tensors) != 1 or _meta(tensors[0]).dim() < 2 or not _same_size(_meta(tensors[0]).shape[-2], lk):
-            return False
-        node = tensors[0]
+    return False
+
+
+def _static_cache_positions(k: fx.Node, attention: fx.Node, lq: Any, lk: Any) -> fx.Node | None:
+    """The positions tensor of ``cache.index_copy_(-2, positions, new)`` run before ``attention`` on
+    the preallocated cache that the keys ``k`` read (through single-input ops that keep the key
+    length ``lk``), with ``new`` as long as the queries (``lq``): a static cache (Hugging Face's
+    ``StaticCache``) written at the queries' own positions. None when there is no such write."""
+    for node in _keys_behind(k, lk):
+        buffer = _meta(node)
+        for user in node.users:
+            if not (user.op == "call_method" and user.target == "index_copy_") or user.args[:1] != (node,):
+                continue
+            dim, index, source = _arg(user, 1, "dim"), _arg(user, 2, "index"), _arg(user, 3, "source")
+            new, positions = _meta(source), _meta(index)
+            if (isinstance(dim, int) and isinstance(buffer, torch.Tensor) and dim % buffer.dim() == buffer.dim() - 2
+                    and isinstance(new, torch.Tensor) and new.dim() >= 2 and _same_size(new.shape[-2], lq)
+                    and isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(index, fx.Node)
+                    and _runs_before(user, attention)):  # fmt: skip
+                return index
+    return None
+
+
+def _runs_before(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node ``a`` comes before node ``b`` in their graph."""
+    node = a.next
+    while node.op != "root":
+        if node is b:
+            return True
+        node = node.next
     return False
 
 

@@ -65,6 +65,8 @@ def rewrite_attention(
         }
         if d.fixed_pattern:
             kwargs["fixed"] = True
+            if c.cache_positions is not None:  # a static cache: the queries sit where their keys were written
+                kwargs["positions"] = nodes[c.cache_positions][1]
         with graph.inserting_before(out):
             new = graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
             if c.output_dtype is not None and c.dtype is not None and c.output_dtype != c.dtype:
@@ -101,7 +103,7 @@ def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
     if d.short_of is not None and d.short_of[0] in lengths:
         dim, bound = d.short_of
         guard_bool(lengths[dim] < bound)
-    if d.fixed_pattern and not c.kv_cache_step and len(lengths) == 2:
+    if d.fixed_pattern and not c.kv_cache_step and c.cache_positions is None and len(lengths) == 2:
         guard_bool(lengths["q"] == lengths["k"])  # self-attention: the layout's rows are the queries
 
 
