@@ -1171,8 +1171,8 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
     """Steps over a preallocated cache (one query; a chunk of three across a block boundary) take
     the rows of the fixed pattern at the positions the graph wrote their keys to, read from that
     tensor: the outputs equal the uncached forward with the fixed layout applied, through either
-    lowering (``"sdpa"`` builds the mask from the positions on their device). On CUDA the planner
-    keeps such steps on SDPA, which never reads the positions on the host."""
+    lowering (``"sdpa"`` builds the mask from the positions on their device). On CUDA nothing reads
+    the positions on the host: the kernel reads one query's, SDPA's mask a chunk's."""
     torch.manual_seed(0)
     model = StaticCachedSelfAttention().eval()
     fixed = dataclasses.replace(ATTN, attention_seq_len=128)
@@ -1191,8 +1191,11 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
     static = [d for d in record if d.candidate.cache_positions is not None]
     assert static and all(d.sparse and d.fixed_pattern and "static key/value cache step" in d.reason for d in static)
     assert {d.lowering for d in static} == {lowering}
-    on_cuda = plan_attention([dataclasses.replace(static[0].candidate, device="cuda")], fixed, min_seq_len=65)[0]
-    assert on_cuda.lowering == "sdpa" and "on the device" in on_cuda.reason
+    # on CUDA one query's position is read by the kernel; a chunk's positions stay on the device, in SDPA
+    one, chunk = (next(d.candidate for d in static if d.candidate.seq_len_q_hint == n) for n in (1, 3))
+    on_cuda = plan_attention([dataclasses.replace(c, device="cuda") for c in (one, chunk)], fixed, min_seq_len=65)
+    assert on_cuda[0].lowering == "kept_blocks" and "read on the device" in on_cuda[0].reason
+    assert on_cuda[1].lowering == "sdpa" and "held on the device" in on_cuda[1].reason
     unfixed = plan_attention([static[0].candidate], ATTN)[0]
     assert not unfixed.sparse and "attention_seq_len" in unfixed.reason
     fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)

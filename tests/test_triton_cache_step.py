@@ -24,25 +24,32 @@ LAYOUTS = {
     "causal16": lambda: attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=True),
     # not causal and 24-blocks (not a power of two): rows keep blocks past the cache's end, cropped
     "bigbird24": lambda: attention_layout("bigbird", 960, 960, 24, density=0.3, causal=False),
+    "local24": lambda: attention_layout("local+global", 960, 960, 24, density=0.3, causal=False),
 }
 
-# id -> (layout, dtype, lq, lk, query heads, key heads, head dim, value dim, mask mode, splits)
+# id -> (layout, dtype, lq, lk, query heads, key heads, head dim, value dim, mask mode, splits, position):
+# with a position, the one query sits there in a static cache of lk slots (the kernel reads it)
 CASES = {
-    "one_query_gqa_split": ("causal16", "float32", 1, 1000, 4, 2, 8, 8, "none", 3),
-    "one_query_one_slice_fp16": ("causal16", "float16", 1, 1000, 2, 2, 16, 16, "none", 1),
-    "chunk_across_two_rows_keep_mask": ("causal16", "float16", 5, 770, 4, 2, 8, 8, "keep", None),
-    "whole_row_drop_mask": ("causal16", "float32", 16, 1024, 2, 1, 8, 8, "drop", 2),
-    "not_causal_block24_additive_mask": ("bigbird24", "float32", 3, 500, 3, 1, 12, 20, "add", 2),
-    "sees_no_key": ("causal16", "float32", 1, 300, 2, 2, 8, 8, "nothing", 2),
+    "one_query_gqa_split": ("causal16", "float32", 1, 1000, 4, 2, 8, 8, "none", 3, None),
+    "one_query_one_slice_fp16": ("causal16", "float16", 1, 1000, 2, 2, 16, 16, "none", 1, None),
+    "chunk_across_two_rows_keep_mask": ("causal16", "float16", 5, 770, 4, 2, 8, 8, "keep", None, None),
+    "whole_row_drop_mask": ("causal16", "float32", 16, 1024, 2, 1, 8, 8, "drop", 2, None),
+    "not_causal_block24_additive_mask": ("bigbird24", "float32", 3, 500, 3, 1, 12, 20, "add", 2, None),
+    "sees_no_key": ("causal16", "float32", 1, 300, 2, 2, 8, 8, "nothing", 2, None),
+    "static_cache_position_gqa": ("causal16", "float32", 1, 500, 4, 2, 8, 8, "none", None, 250),
+    "static_cache_position_keep_mask_fp16": ("causal16", "float16", 1, 300, 2, 2, 16, 16, "keep", 1, 16),
+    "static_cache_not_causal_block24": ("local24", "float32", 1, 500, 2, 1, 12, 12, "add", 3, 100),
 }
 
 
 def _inputs(case: tuple):
-    name, dtype, lq, lk, hq, hk, d, dv, mode, _ = case
+    name, dtype, lq, lk, hq, hk, d, dv, mode, _, position = case
     dtype = getattr(torch, dtype)
     q = torch.randn(2, hq, lq, d).to(dtype)
     k = torch.randn(2, lk, hk, d).to(dtype).transpose(1, 2)  # a cache stored (batch, length, heads, dim)
     v = torch.randn(2, hk, lk, dv).to(dtype)
+    if position is not None:  # static cache slots not yet written: never weighted
+        k[:, :, position + 1 :] = v[:, :, position + 1 :] = 1e4
     mask = {
         "none": None,
         "keep": torch.rand(2, 1, lq, lk) > 0.2,
@@ -73,8 +80,13 @@ def run_case(case: tuple) -> None:
     layout = LAYOUTS[case[0]]()
     causal = bool(layout.params["causal"])
     q, k, v, mask, mode = _inputs(case)
-    got = T.cache_step_attention(q, k, v, mask, mode, layout, causal, q.shape[-1] ** -0.5, splits=case[-1])
+    splits, position = case[-2:]
+    positions = None if position is None else torch.tensor([position])
+    got = T.cache_step_attention(q, k, v, mask, mode, layout, causal, q.shape[-1] ** -0.5, splits, positions)
     assert got.dtype == q.dtype and got.shape == (*q.shape[:-1], v.shape[-1])
+    if position is not None:  # the step of a growing cache of position + 1 keys
+        k, v = k[:, :, : position + 1], v[:, :, : position + 1]
+        mask = mask[..., : position + 1] if mask is not None else None
     want = _reference(layout, causal, q, k, v, mask, mode)
     tol = 1e-5 if q.dtype == torch.float32 else 3e-3
     err = (got.double() - want).abs().max().item()
@@ -105,6 +117,12 @@ def test_argument_checks():
         T.cache_step_attention(q, torch.randn(1, 3, 64, 8), torch.randn(1, 3, 64, 8), None, "none", layout, True, 1.0)
     with pytest.raises(ValueError, match="mask_mode"):
         T.cache_step_attention(q, k, v, None, "keep", layout, True, 1.0)
+    with pytest.raises(ValueError, match="one query"):
+        T.cache_step_attention(torch.randn(1, 2, 2, 8), k, v, None, "none", layout, True, 1.0, positions=torch.tensor([5]))
+    with pytest.raises(ValueError, match="depend on the length"):
+        random = attention_layout("bigbird", 960, 960, 24, density=0.3, causal=False)
+        assert random.params["n_random"] > 0
+        T.cache_step_attention(q, k, v, None, "none", random, False, 1.0, positions=torch.tensor([5]))
     with pytest.raises(TypeError, match="dtypes"):
         T.cache_step_attention(q.double(), k.double(), v.double(), None, "none", layout, True, 1.0)
     if not torch.cuda.is_available():
@@ -161,3 +179,33 @@ if __name__ == "__main__":
         run_worker(sys.argv[2], sys.argv[3:] or list(CASES), CASES, run_case)
     else:
         sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.gpu
+def test_gpu_static_cache_step_replays_in_a_cuda_graph():
+    """One query at a position held on the device: the launch reads nothing on the host, so a CUDA
+    graph captures it once and replays it at other positions, each equal to SDPA over the keys up to
+    the position with the pattern's rows there."""
+    from sparse_compiler.kernels.cache_step import attention_kept_blocks
+
+    layout = attention_layout("butterfly+local+global", 8192, 8192, 128, density=0.125, causal=True)
+    q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 8192, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    position = torch.tensor([100], device="cuda")
+
+    def step():
+        return attention_kept_blocks(q, k, v, None, layout.key, True, 0.125, True, "none", position)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for p in (100, 5000, 8191, 127):
+        position.fill_(p)
+        graph.replay()
+        want = _reference(layout, True, q, k[:, :, : p + 1], v[:, :, : p + 1], None, "none")
+        torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=3e-2)

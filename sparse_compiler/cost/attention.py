@@ -71,7 +71,12 @@ from typing import Any, Mapping
 import torch
 
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
-from sparse_compiler.layouts.attention import attention_key_runs, attention_layout_from_options, causal_blocks
+from sparse_compiler.layouts.attention import (
+    attention_key_runs,
+    attention_layout_from_options,
+    causal_blocks,
+    pattern_depends_on_length,
+)
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze_attention import AttentionCandidate
@@ -546,11 +551,13 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     if c.requires_grad:
         return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
                                  lowering="sdpa", fixed_pattern=True)
-    if static and c.device == "cuda":
-        return AttentionDecision(c, layout, why + "; the positions are on the device, and reading only the kept "
-                                 "blocks would read them on the host (a synchronisation, and no CUDA graphs): SDPA "
-                                 "with the element mask built on the device (no speed-up)", lowering="sdpa",
-                                 fixed_pattern=True)  # fmt: skip
+    if static and pattern_depends_on_length(layout):
+        return _dense(c, f"static key/value cache step with the {o.attention_pattern} pattern, whose blocks depend on "
+                         "the length (non-causal BigBird): the rows of the queries' positions are not known; dense")
+    if static and c.device == "cuda" and lq > 1:
+        return AttentionDecision(c, layout, why + "; a chunk of queries at positions held on the device: SDPA with "
+                                 "the element mask built there (no speed-up; the cache-step kernel reads the "
+                                 "position of one query on the device)", lowering="sdpa", fixed_pattern=True)  # fmt: skip
     prof = profile if profile is not None else profile_for(c.device)
     read, runs = _read(layout, lq, lk)  # (a static cache: at its last slots, the most a step reads)
     est = _cache_step_estimate(c, prof, lk, read, runs)
@@ -564,6 +571,9 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     if pays:
         how = ("one split-K Triton kernel and a merge" if c.device == "cuda" else
                "two matmuls per run, or SDPA with the element mask where the runs hold more than half of it")
+        if static:
+            how += (", the position read on the device, no synchronisation" if c.device == "cuda" else
+                    ", the positions read on the host")
         why += f"; reads only the kept key/value blocks of the queries' rows ({cost}; {how})"
         return AttentionDecision(c, layout, why, lowering="kept_blocks", estimate=est, fixed_pattern=True)
     why += (f"; reading only the kept key/value blocks does not pay at this key length ({cost}"

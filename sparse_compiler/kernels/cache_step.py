@@ -29,9 +29,10 @@ better than a few matmuls). On either path the queries must be at most a block: 
 whose float scores would outweigh the cache, runs the masked SDPA.
 
 A preallocated (static) cache of ``Lk`` slots written at the queries' positions (``positions``, a
-tensor) is the step of a growing cache cut at the last query: its positions are read on the host,
-which costs a synchronisation on CUDA (the planner lowers such steps through SDPA there, with the
-mask built on the device).
+tensor) is the step of a growing cache cut at the last query. On CUDA the kernel reads one query's
+position itself (no synchronisation, so a CUDA graph can hold the step); otherwise the positions
+are read on the host (on CUDA a synchronisation: the planner lowers chunks of queries at positions
+through SDPA there, with the mask built on the device).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from sparse_compiler.layouts.attention import (
     attention_mask_at_end,
     attention_mask_at_positions,
     get_attention_layout,
+    pattern_depends_on_length,
 )
 from sparse_compiler.layouts.layout import Layout
 
@@ -69,14 +71,21 @@ def attention_kept_blocks(
     docstring). ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable
     to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``).
 
-    ``positions``: the queries' positions in a preallocated cache of ``Lk`` keys (consecutive, read
-    on the host): the step is then the one of a growing cache holding the keys up to the last query,
-    ``k[..., :p_last + 1, :]`` (the keys past it, not yet written, are not read)."""
+    ``positions``: the queries' positions in a preallocated cache of ``Lk`` keys: the step is then
+    the one of a growing cache holding the keys up to the last query, ``k[..., :p_last + 1, :]`` (the
+    keys past it, not yet written, are not read). Read on the host, except by the CUDA kernel for one
+    query; positions that are not consecutive take SDPA with the pattern's rows at each."""
     if mask_mode not in MASK_MODES or (mask is None) != (mask_mode == "none"):
         raise ValueError(f"attention_kept_blocks: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}")
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"attention_kept_blocks: {q.shape[1]} query heads and {k.shape[1]} key heads need enable_gqa")
     lay = get_attention_layout(layout)
+    if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
+        if positions is None:
+            return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
+        if q.shape[-2] == 1 and not pattern_depends_on_length(lay):  # the kernel reads the position itself
+            return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale,
+                                                          positions=positions)  # fmt: skip
     if positions is not None:  # the slots after the last query's position are not written yet: cut there
         end, consecutive = _end_of_positions(positions, q.shape[-2], k.shape[-2])
         k, v = k[:, :, :end], v[:, :, :end]
@@ -85,8 +94,8 @@ def attention_kept_blocks(
         if not consecutive:  # not a run of positions: the pattern at each one, through SDPA
             allowed = attention_mask_at_positions(lay, positions, end, causal)
             return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
-    if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
-        return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
+        if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
+            return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
     return kept_blocks_by_runs(q, k, v, mask, mask_mode, lay, causal, scale, enable_gqa)
 
 

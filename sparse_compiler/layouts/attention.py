@@ -69,6 +69,7 @@ __all__ = [
     "attention_mask_at_end",
     "attention_mask_at_positions",
     "attention_row_block_lists",
+    "attention_row_block_table",
     "bigbird_blocks",
     "butterfly_blocks",
     "causal_blocks",
@@ -78,6 +79,7 @@ __all__ = [
     "global_blocks",
     "layout_geometry",
     "local_blocks",
+    "pattern_depends_on_length",
     "strided_blocks",
 ]
 
@@ -538,6 +540,12 @@ def _capacity(key: str, n_blocks: int) -> tuple[tuple | None, dict[str, Any], in
     return (pattern, capacity), params, capacity
 
 
+def pattern_depends_on_length(layout: Layout) -> bool:
+    """Whether the pattern's blocks at a position depend on the sequence length (non-causal BigBird
+    with random blocks), so that no one layout serves every length."""
+    return _capacity(layout.key, 1)[0] is None
+
+
 def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.Tensor:
     """The square block mask of the pattern ``key`` at ``2^ceil(log2(n_blocks))`` blocks (at
     ``n_blocks`` when the pattern depends on the length), cached."""
@@ -555,14 +563,32 @@ def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.
 
 class _RowLists:
     """Every block row's kept key blocks of a square block mask, ascending, row after row: ``cols``
-    on the device, and a host copy with the row offsets to slice it without reading the device."""
+    and the row offsets ``row_ptr`` on the device, and host copies to slice them without reading the
+    device."""
 
     def __init__(self, keep: torch.Tensor, device: torch.device):
         ids = keep.cpu().nonzero()
         self.cols_host: list[int] = ids[:, 1].tolist()
         counts = torch.bincount(ids[:, 0], minlength=keep.shape[0])
-        self.row_ptr: list[int] = [0, *torch.cumsum(counts, 0).tolist()]
+        self.row_ptr_host: list[int] = [0, *torch.cumsum(counts, 0).tolist()]
+        self.max_count = int(counts.max()) if counts.numel() else 0
         self.cols = torch.tensor(self.cols_host, dtype=torch.int32, device=device)
+        self.row_ptr = torch.tensor(self.row_ptr_host, dtype=torch.int32, device=device)
+
+
+def _row_lists(layout: Layout, seq_len_k: int, device: torch.device) -> _RowLists:
+    """The row lists of the pattern's block mask that serves ``seq_len_k`` keys, built once per
+    pattern, capacity and device (as :func:`attention_mask_at_end`'s blocks)."""
+    n_k = _n_blocks(seq_len_k, layout.block_size)
+    shared, _, _ = _capacity(layout.key, n_k)
+    cache_key = None if shared is None else (shared, device)
+    lists = _ROW_LISTS.get(cache_key) if cache_key else None
+    if lists is None:
+        lists = _RowLists(_blocks_at_capacity(layout.key, n_k, torch.device("cpu")), device)
+        if cache_key:
+            with _LOCK:
+                lists = _ROW_LISTS.setdefault(cache_key, lists)
+    return lists
 
 
 def attention_row_block_lists(
@@ -577,23 +603,28 @@ def attention_row_block_lists(
     _check_int("seq_len_k", seq_len_k, 1)
     if seq_len_q > seq_len_k:
         _fail("seq_len_q", seq_len_q, f"more queries than keys ({seq_len_k}): they cannot be the last keys")
-    device = torch.device(device)
     b = layout.block_size
     n_k = _n_blocks(seq_len_k, b)
-    shared, _, _ = _capacity(layout.key, n_k)
-    cache_key = None if shared is None else (shared, device)
-    lists = _ROW_LISTS.get(cache_key) if cache_key else None
-    if lists is None:
-        lists = _RowLists(_blocks_at_capacity(layout.key, n_k, torch.device("cpu")), device)
-        if cache_key:
-            with _LOCK:
-                lists = _ROW_LISTS.setdefault(cache_key, lists)
+    lists = _row_lists(layout, seq_len_k, torch.device(device))
     first, last = (seq_len_k - seq_len_q) // b, (seq_len_k - 1) // b
     spans = []
     for row in range(first, last + 1):
-        start, end = lists.row_ptr[row], lists.row_ptr[row + 1]
+        start, end = lists.row_ptr_host[row], lists.row_ptr_host[row + 1]
         spans.append((start, bisect.bisect_left(lists.cols_host, n_k, start, end) - start))
     return lists.cols, first, spans
+
+
+def attention_row_block_table(
+    layout: Layout, seq_len_k: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every block row's kept key blocks, for a kernel that finds a query's row itself (a position
+    held on the device): ``(cols, row_ptr, max_count)``, row ``r`` keeping the key blocks
+    ``cols[row_ptr[r] : row_ptr[r + 1]]`` (int32 on ``device``; rows and columns up to the capacity
+    that serves ``seq_len_k`` keys, not cropped: a causal pattern's row ``r`` keeps no block after
+    ``r``), and the longest row's count. Shared with :func:`attention_row_block_lists`."""
+    _check_int("seq_len_k", seq_len_k, 1)
+    lists = _row_lists(layout, seq_len_k, torch.device(device))
+    return lists.cols, lists.row_ptr, lists.max_count
 
 
 # ---------------------------------------------------------------------------------------------- keys

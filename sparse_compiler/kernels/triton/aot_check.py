@@ -123,14 +123,17 @@ def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
     from sparse_compiler.kernels.triton import cache_step_kernels as C
 
     ptr = _TYPES[dt]
-    for mode, mask_type in ((0, ptr), (2, "*u8"), (1, ptr)):
+    for mode, mask_type, positions in ((0, ptr, False), (2, "*u8", False), (1, ptr, False), (0, ptr, True)):
         for final in (True, False):
-            types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr=mask_type, cols_ptr="*i32",
-                         out_ptr=ptr if final else "*fp32", m_ptr="*fp32", l_ptr="*fp32", qk_scale="fp32")  # fmt: skip
-            consts = dict(B=b, CAUSAL=True, MASK_MODE=mode, FINAL=final, PRECISION="tf32", BLOCK_M=16,
-                          BLOCK_N=min(b, 64), BLOCK_D=64, BLOCK_DV=64, stride_qd=1, stride_kd=1, stride_vd=1)  # fmt: skip
+            types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr=mask_type, cols_ptr="*i32", pos_ptr="*i64",
+                         row_ptr_ptr="*i32", out_ptr=ptr if final else "*fp32", m_ptr="*fp32", l_ptr="*fp32",
+                         qk_scale="fp32")  # fmt: skip
+            consts = dict(B=b, CAUSAL=True, MASK_MODE=mode, POSITIONS=positions, FINAL=final, PRECISION="tf32",
+                          BLOCK_M=16, BLOCK_N=min(b, 64), BLOCK_D=64, BLOCK_DV=64, stride_qd=1, stride_kd=1,
+                          stride_vd=1)  # fmt: skip
             div = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "cols_ptr", "out_ptr", "m_ptr", "l_ptr", "stride_kn", "stride_vn"]
-            label = f"cache-step {dt} b={b} mask={mode} {'final' if final else 'split'}"
+            where = " at a position" if positions else ""
+            label = f"cache-step {dt} b={b} mask={mode}{where} {'final' if final else 'split'}"
             yield (label, C.partial_kernel, types, consts, div, 4, 2, {})
     types = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", out_ptr=ptr)
     yield (f"cache-merge {dt}", C.combine_kernel, types, dict(BLOCK_S=16, BLOCK_DV=64, stride_od=1),

@@ -25,7 +25,11 @@ from torch import Tensor
 
 from sparse_compiler.kernels import SUPPORTED_DTYPES
 from sparse_compiler.kernels.triton import linear as _linear
-from sparse_compiler.layouts.attention import attention_row_block_lists
+from sparse_compiler.layouts.attention import (
+    attention_row_block_lists,
+    attention_row_block_table,
+    pattern_depends_on_length,
+)
 from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["cache_step_attention", "default_splits", "supports"]
@@ -79,12 +83,17 @@ def cache_step_attention(
     causal: bool,
     scale: float,
     splits: int | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Attention of the last ``Lq`` of ``Lk`` positions under the fixed pattern ``layout`` (module
     docstring). ``q``: ``(batch, heads, Lq, D)``; ``k``, ``v``: ``(batch, kv_heads, Lk, D | Dv)`` with
     ``kv_heads`` dividing ``heads`` (grouped-query heads share their key head); ``mask``: broadcastable
     to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``). ``splits``:
-    slices of the kept blocks (default :func:`default_splits`)."""
+    slices of the kept blocks (default :func:`default_splits`).
+
+    ``positions``: one query, at the position this 1-element integer tensor holds in a static cache
+    of ``Lk`` slots; the kernel reads it on the device and attends to the keys up to it (the slots
+    after it are not yet written), as a growing cache of ``p + 1`` keys would."""
     K = _kernels()
     if mask_mode not in _MASK_MODES or (mask is None) != (mask_mode == "none"):
         raise ValueError(
@@ -100,13 +109,24 @@ def cache_step_attention(
         raise ValueError(f"cache_step_attention: {lq} queries are more than a block ({layout.block_size})")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"cache_step_attention: dtypes {q.dtype}, {k.dtype}, {v.dtype}")
-    if not K.INTERPRETED and q.device.type != "cuda":
-        raise RuntimeError(f"cache_step_attention: needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     group = heads // kv_heads
     rows = group * lq
-    cols, first_row, spans = attention_row_block_lists(layout, lq, lk, q.device)
-    (start0, count0), (start1, count1) = spans[0], (spans[1] if len(spans) > 1 else (0, 0))
-    total = count0 + count1
+    if positions is None:
+        cols, first_row, spans = attention_row_block_lists(layout, lq, lk, q.device)
+        (start0, count0), (start1, count1) = spans[0], (spans[1] if len(spans) > 1 else (0, 0))
+        total = count0 + count1
+        pos = row_ptr = cols  # (not read)
+    else:
+        if lq != 1 or positions.shape != (1,) or positions.dtype.is_floating_point or positions.device != q.device:
+            raise ValueError(f"cache_step_attention: positions {tuple(positions.shape)} {positions.dtype} on "
+                             f"{positions.device} for {lq} queries on {q.device}: one query, one integer position "
+                             "on its device")  # fmt: skip
+        if pattern_depends_on_length(layout):
+            raise ValueError(f"cache_step_attention: positions with {layout.key}, whose blocks depend on the length")
+        cols, row_ptr, total = attention_row_block_table(layout, lk, q.device)  # (total: the longest row)
+        pos, first_row, start0, count0, start1, count1 = positions, 0, 0, 0, 0, 0  # (found by the kernel)
+    if not K.INTERPRETED and q.device.type != "cuda":
+        raise RuntimeError(f"cache_step_attention: needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     block_m = min(64, max(16, _next_pow2(rows)))
     row_tiles = math.ceil(rows / block_m)
     if splits is None:
@@ -133,12 +153,13 @@ def cache_step_attention(
     block_n = min(64, max(16, _next_pow2(layout.block_size)))
     with _linear._on_device(q.device):
         K.partial_kernel[(batch * kv_heads, splits, row_tiles)](
-            q, k, v, m4, cols, out if final else acc, m_run, l_run,
+            q, k, v, m4, cols, pos, row_ptr, out if final else acc, m_run, l_run,
             rows, lq, lk, kv_heads, group, d, dv,
             start0, count0, start1, count1, first_row, per_split, splits,
             scale * math.log2(math.e),
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-            B=layout.block_size, CAUSAL=causal, MASK_MODE=_MASK_MODES[mask_mode], FINAL=final,
+            B=layout.block_size, CAUSAL=causal, MASK_MODE=_MASK_MODES[mask_mode], POSITIONS=positions is not None,
+            FINAL=final,
             PRECISION=_linear._precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_D=max(16, _next_pow2(d)), BLOCK_DV=max(16, _next_pow2(dv)),
             num_warps=4, num_stages=2,

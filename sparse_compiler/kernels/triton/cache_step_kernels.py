@@ -12,6 +12,11 @@ The kept key blocks of the two rows are one virtual list: entries ``[0, COUNT0)`
 the rows of its own block row only, so a block kept by both is read twice, which happens only for a
 chunk of queries that straddles a block boundary (never for one query).
 
+With ``POSITIONS`` there is one query, at the position ``p`` held in a tensor (a static cache written
+there, whose slots after ``p`` are not yet meaningful): the kernel reads ``p`` and the list of its
+block row (``cols[row_ptr[p // b] : row_ptr[p // b + 1]]``) itself and takes ``Lk = p + 1``, so the
+host never reads the position (no synchronisation; a CUDA graph can hold the launch).
+
 ``partial_kernel``: one program per (batch · key head, split, row tile). A split walks a contiguous
 slice of the list with the online softmax (running max ``m``, sum ``l``, accumulator ``acc``, all in
 float32)::
@@ -38,6 +43,7 @@ MASK_NONE, MASK_ADD, MASK_KEEP, MASK_DROP = 0, 1, 2, 3
 @triton.jit(do_not_specialize=["LK", "START0", "COUNT0", "START1", "COUNT1", "ROW0", "PER_SPLIT"])
 def partial_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, cols_ptr,
+    pos_ptr, row_ptr_ptr,  # POSITIONS: the query's position, and each block row's first entry in cols
     out_ptr,  # FINAL: (batch, query heads, Lq, Dv) output; else (BH, SPLITS, R, Dv) float32 accumulators
     m_ptr, l_ptr,  # (BH, SPLITS, R) float32 running max and sum (unused when FINAL)
     R, LQ, LK, KV_HEADS, GROUP, D, DV,
@@ -51,20 +57,29 @@ def partial_kernel(
     B: tl.constexpr,  # the pattern's block size
     CAUSAL: tl.constexpr,
     MASK_MODE: tl.constexpr,
+    POSITIONS: tl.constexpr,
     FINAL: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
+    lk, row0, start0, count0, start1, count1, per_split = LK, ROW0, START0, COUNT0, START1, COUNT1, PER_SPLIT
+    if POSITIONS:  # one query, at the position a static cache wrote it to: its block row's list, read here
+        lk = tl.minimum(tl.maximum(tl.load(pos_ptr).to(tl.int32), 0), LK - 1) + 1  # (within the buffer)
+        row0 = (lk - 1) // B
+        start0 = tl.load(row_ptr_ptr + row0)
+        count0 = tl.load(row_ptr_ptr + row0 + 1) - start0
+        count1 = 0
+        per_split = tl.cdiv(count0, SPLITS)
     batch = pid_bh // KV_HEADS
     kv_head = pid_bh % KV_HEADS
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     head = kv_head * GROUP + rows // LQ
     qi = rows % LQ
-    pos_q = LK - LQ + qi
-    row_block = pos_q // B - ROW0  # 0 or 1: which of the two block rows the row lies in
+    pos_q = lk - LQ + qi
+    row_block = pos_q // B - row0  # 0 or 1: which of the two block rows the row lies in
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
@@ -79,17 +94,17 @@ def partial_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    t_begin = pid_s * PER_SPLIT
-    t_end = tl.minimum(t_begin + PER_SPLIT, COUNT0 + COUNT1)
+    t_begin = pid_s * per_split
+    t_end = tl.minimum(t_begin + per_split, count0 + count1)
     for t in range(t_begin, t_end):
-        second = t >= COUNT0
-        entry = tl.where(second, START1 + t - COUNT0, START0 + t)
+        second = t >= count0
+        entry = tl.where(second, start1 + t - count0, start0 + t)
         block = tl.load(cols_ptr + entry)
         row_keep = row_ok & (row_block == second.to(tl.int32))
         for n0 in tl.static_range(0, B, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keys = block * B + offs_n
-            key_ok = (offs_n < B) & (keys < LK)
+            key_ok = (offs_n < B) & (keys < lk)
             kt = tl.load(
                 k_base + keys[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                 mask=key_ok[None, :] & (offs_d[:, None] < D),
