@@ -39,37 +39,47 @@ CASES = {
     "static_cache_position_gqa": ("causal16", "float32", 1, 500, 4, 2, 8, 8, "none", None, 250),
     "static_cache_position_keep_mask_fp16": ("causal16", "float16", 1, 300, 2, 2, 16, 16, "keep", 1, 16),
     "static_cache_not_causal_block24": ("local24", "float32", 1, 500, 2, 1, 12, 12, "add", 3, 100),
+    # Hugging Face's additive mask: finfo.min where masked; a row masked everywhere as in float32 SDPA
+    "additive_mask_at_finfo_min": ("causal16", "float32", 2, 300, 2, 2, 8, 8, "add_min", 2, None),
+    "empty_batch": ("causal16", "float32", 1, 300, 2, 2, 8, 8, "empty", None, None),
 }
 
 
 def _inputs(case: tuple):
     name, dtype, lq, lk, hq, hk, d, dv, mode, _, position = case
     dtype = getattr(torch, dtype)
-    q = torch.randn(2, hq, lq, d).to(dtype)
-    k = torch.randn(2, lk, hk, d).to(dtype).transpose(1, 2)  # a cache stored (batch, length, heads, dim)
-    v = torch.randn(2, hk, lk, dv).to(dtype)
+    batch = 0 if mode == "empty" else 2
+    q = torch.randn(batch, hq, lq, d).to(dtype)
+    k = torch.randn(batch, lk, hk, d).to(dtype).transpose(1, 2)  # a cache stored (batch, length, heads, dim)
+    v = torch.randn(batch, hk, lk, dv).to(dtype)
     if position is not None:  # static cache slots not yet written: never weighted
         k[:, :, position + 1 :] = v[:, :, position + 1 :] = 1e4
+    finfo_min = torch.zeros(lq, lk)
+    if mode == "add_min":
+        finfo_min[0] = torch.finfo(torch.float32).min
+        finfo_min[1, ::2] = torch.finfo(torch.float32).min
     mask = {
         "none": None,
+        "empty": None,
+        "add_min": finfo_min.to(dtype),
         "keep": torch.rand(2, 1, lq, lk) > 0.2,
         "drop": torch.rand(1, hq, 1, lk) < 0.2,
         "add": torch.randn(lq, lk).to(dtype),
         "nothing": torch.zeros(2, 1, 1, lk, dtype=torch.bool),
     }[mode]
-    return q, k, v, mask, ("keep" if mode == "nothing" else mode)
+    return q, k, v, mask, {"nothing": "keep", "empty": "none", "add_min": "add"}.get(mode, mode)
 
 
-def _reference(layout, causal: bool, q, k, v, mask, mode: str) -> torch.Tensor:
+def _reference(layout, causal: bool, q, k, v, mask, mode: str, dtype=torch.float64) -> torch.Tensor:
     lq, lk = q.shape[-2], k.shape[-2]
     allowed = attention_mask_at_end(layout, lq, lk, causal, q.device)
     if mode == "add":
-        bias = mask.double().masked_fill(~allowed, float("-inf"))
+        bias = mask.to(dtype).masked_fill(~allowed, float("-inf"))
     else:
         bias = allowed if mode == "none" else allowed & (mask if mode == "keep" else ~mask)
     group = q.shape[1] // k.shape[1]
-    k64, v64 = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
-    return F.scaled_dot_product_attention(q.double(), k64, v64, attn_mask=bias)  # (zeros for a query that sees nothing)
+    k64, v64 = (t.to(dtype).repeat_interleave(group, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q.to(dtype), k64, v64, attn_mask=bias)  # (zeros for a query that sees nothing)
 
 
 def run_case(case: tuple) -> None:
@@ -88,8 +98,10 @@ def run_case(case: tuple) -> None:
         k, v = k[:, :, : position + 1], v[:, :, : position + 1]
         mask = mask[..., : position + 1] if mask is not None else None
     want = _reference(layout, causal, q, k, v, mask, mode)
+    if case[8] == "add_min":  # float32 cannot hold a score beside finfo.min: compare with float32 SDPA
+        want = _reference(layout, causal, q, k, v, mask, mode, dtype=torch.float32).double()
     tol = 1e-5 if q.dtype == torch.float32 else 3e-3
-    err = (got.double() - want).abs().max().item()
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
     assert err < tol, f"max abs error {err:.2e} >= {tol:.0e}"
 
 
@@ -123,6 +135,11 @@ def test_argument_checks():
         random = attention_layout("bigbird", 960, 960, 24, density=0.3, causal=False)
         assert random.params["n_random"] > 0
         T.cache_step_attention(q, k, v, None, "none", random, False, 1.0, positions=torch.tensor([5]))
+    with pytest.raises(TypeError, match="mask"):
+        T.cache_step_attention(q, k, v, torch.ones(1, 1, 1, 64), "keep", layout, True, 1.0)
+    with pytest.raises(ValueError, match="head dims"):
+        wide = torch.randn(1, 2, 64, 512)
+        T.cache_step_attention(torch.randn(1, 2, 1, 512), wide, wide, None, "none", layout, True, 1.0)
     with pytest.raises(TypeError, match="dtypes"):
         T.cache_step_attention(q.double(), k.double(), v.double(), None, "none", layout, True, 1.0)
     if not torch.cuda.is_available():
@@ -137,12 +154,15 @@ def test_only_a_triton_device_takes_the_kernels():
 
     layout = LAYOUTS["causal16"]()
     k = torch.randn(1, 2, 64, 8)
-    assert not T.supports(torch.randn(1, 2, 1, 8), k, layout)  # CPU, no interpreter in this process
+    assert not T.supports(torch.randn(1, 2, 1, 8), k, k, layout)  # CPU, no interpreter in this process
     if torch.cuda.is_available() and T._linear.available():
         kc = k.cuda()
-        assert T.supports(torch.randn(1, 2, 1, 8, device="cuda"), kc, layout)
-        assert not T.supports(torch.randn(1, 2, 17, 8, device="cuda"), kc, layout)
-        assert not T.supports(torch.randn(1, 2, 1, 8, device="cuda", dtype=torch.float64), kc.double(), layout)
+        assert T.supports(torch.randn(1, 2, 1, 8, device="cuda"), kc, kc, layout)
+        assert not T.supports(torch.randn(1, 2, 17, 8, device="cuda"), kc, kc, layout)
+        assert not T.supports(torch.randn(1, 2, 1, 8, device="cuda", dtype=torch.float64), kc.double(), kc.double(), layout)
+        assert not T.supports(torch.randn(1, 2, 1, 8, device="cuda"), kc, kc.half(), layout)
+        wide = torch.randn(1, 2, 64, 512, device="cuda")
+        assert not T.supports(torch.randn(1, 2, 1, 512, device="cuda"), wide, wide, layout)
 
 
 @pytest.mark.gpu

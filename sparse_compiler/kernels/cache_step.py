@@ -80,7 +80,7 @@ def attention_kept_blocks(
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"attention_kept_blocks: {q.shape[1]} query heads and {k.shape[1]} key heads need enable_gqa")
     lay = get_attention_layout(layout)
-    if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
+    if q.device.type == "cuda" and triton_cache_step.supports(q, k, v, lay):
         if positions is None:
             return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
         if q.shape[-2] == 1 and not pattern_depends_on_length(lay):  # the kernel reads the position itself
@@ -94,7 +94,7 @@ def attention_kept_blocks(
         if not consecutive:  # not a run of positions: the pattern at each one, through SDPA
             allowed = attention_mask_at_positions(lay, positions, end, causal)
             return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
-        if q.device.type == "cuda" and triton_cache_step.supports(q, k, lay):
+        if q.device.type == "cuda" and triton_cache_step.supports(q, k, v, lay):
             return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
     return kept_blocks_by_runs(q, k, v, mask, mask_mode, lay, causal, scale, enable_gqa)
 

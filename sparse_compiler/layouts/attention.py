@@ -47,6 +47,7 @@ meaningful wherever they are cached.
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import math
 import random
@@ -468,7 +469,8 @@ def attention_mask_at_end(
     holding both: the pattern depends on the block position only) and, when ``causal``, ``j <= p_i``.
     The blocks come from a layout built at a power-of-two number of blocks and kept per device, so a
     decoding loop that grows the keys one at a time rebuilds it only when the length doubles (at
-    ``seq_len_k`` itself for non-causal BigBird, whose random blocks depend on the length).
+    each number of blocks for non-causal BigBird, whose random blocks depend on the length: the
+    last few are kept).
     """
     _check_int("seq_len_q", seq_len_q, 1)
     _check_int("seq_len_k", seq_len_k, 1)
@@ -524,41 +526,56 @@ def attention_key_runs(layout: Layout, seq_len_q: int, seq_len_k: int) -> list[t
     return runs
 
 
-_CAPACITY: dict[tuple[tuple, torch.device], torch.Tensor] = {}
-_ROW_LISTS: dict[tuple[tuple, torch.device], _RowLists] = {}
+_SHARED: dict[tuple, Any] = {}  # per pattern, capacity and device: kept for the process
+_BY_LENGTH: collections.OrderedDict[tuple, Any] = collections.OrderedDict()  # length-dependent patterns
+_BY_LENGTH_KEPT = 8  # (a decoding step's length changes its blocks only every b keys)
 
 
-def _capacity(key: str, n_blocks: int) -> tuple[tuple | None, dict[str, Any], int]:
-    """(cache key or None, parameters, number of blocks) of the square layout that serves ``n_blocks``
-    blocks of the pattern ``key``: ``2^ceil(log2(n_blocks))`` blocks, shared by every layout fitted
-    with the same parameters (None and ``n_blocks`` when the pattern depends on the length)."""
+def _capacity(key: str, n_blocks: int) -> tuple[tuple, bool, dict[str, Any], int]:
+    """(cache key, whether the pattern depends on the length, parameters, number of blocks) of the
+    square layout that serves ``n_blocks`` blocks of the pattern ``key``: ``2^ceil(log2(n_blocks))``
+    blocks, shared by every layout fitted with the same parameters, or ``n_blocks`` itself when the
+    pattern depends on the length (non-causal BigBird's random blocks)."""
     params = _parse_key(key)
-    if params["pattern"] == "bigbird" and params["random"] and not params["causal"]:
-        return None, params, n_blocks  # a new layout at each length: not worth keeping
-    capacity = 1 << max(0, n_blocks - 1).bit_length()
     pattern = tuple(params[f] for f in _FIELDS if f not in ("lq", "lk"))  # the same pattern fitted anywhere
-    return (pattern, capacity), params, capacity
+    if params["pattern"] == "bigbird" and params["random"] and not params["causal"]:
+        return (pattern, n_blocks), True, params, n_blocks
+    capacity = 1 << max(0, n_blocks - 1).bit_length()
+    return (pattern, capacity), False, params, capacity
 
 
 def pattern_depends_on_length(layout: Layout) -> bool:
     """Whether the pattern's blocks at a position depend on the sequence length (non-causal BigBird
     with random blocks), so that no one layout serves every length."""
-    return _capacity(layout.key, 1)[0] is None
+    return _capacity(layout.key, 1)[1]
+
+
+def _memo(kind: str, key: tuple, by_length: bool, build: Any) -> Any:
+    """``build()`` cached under ``(kind, key)``: for the process, or among the last few
+    length-dependent entries."""
+    key = (kind, *key)
+    store = _BY_LENGTH if by_length else _SHARED
+    with _LOCK:
+        value = store.get(key)
+        if value is not None:
+            if by_length:
+                _BY_LENGTH.move_to_end(key)
+            return value
+    value = build()
+    with _LOCK:
+        value = store.setdefault(key, value)
+        while by_length and len(_BY_LENGTH) > _BY_LENGTH_KEPT:
+            _BY_LENGTH.popitem(last=False)
+    return value
 
 
 def _blocks_at_capacity(key: str, n_blocks: int, device: torch.device) -> torch.Tensor:
     """The square block mask of the pattern ``key`` at ``2^ceil(log2(n_blocks))`` blocks (at
     ``n_blocks`` when the pattern depends on the length), cached."""
-    shared, params, n = _capacity(key, n_blocks)
-    cache_key = None if shared is None else (shared, device)
-    keep = _CAPACITY.get(cache_key) if cache_key else None
-    if keep is None:
-        length = n * params["b"]
-        keep = _build({**params, "lq": length, "lk": length}).to(device)
-        if cache_key:
-            with _LOCK:
-                keep = _CAPACITY.setdefault(cache_key, keep)
-    return keep
+    shared, by_length, params, n = _capacity(key, n_blocks)
+    length = n * params["b"]
+    return _memo("blocks", (shared, device), by_length,
+                 lambda: _build({**params, "lq": length, "lk": length}).to(device))  # fmt: skip
 
 
 class _RowLists:
@@ -580,15 +597,9 @@ def _row_lists(layout: Layout, seq_len_k: int, device: torch.device) -> _RowList
     """The row lists of the pattern's block mask that serves ``seq_len_k`` keys, built once per
     pattern, capacity and device (as :func:`attention_mask_at_end`'s blocks)."""
     n_k = _n_blocks(seq_len_k, layout.block_size)
-    shared, _, _ = _capacity(layout.key, n_k)
-    cache_key = None if shared is None else (shared, device)
-    lists = _ROW_LISTS.get(cache_key) if cache_key else None
-    if lists is None:
-        lists = _RowLists(_blocks_at_capacity(layout.key, n_k, torch.device("cpu")), device)
-        if cache_key:
-            with _LOCK:
-                lists = _ROW_LISTS.setdefault(cache_key, lists)
-    return lists
+    shared, by_length, _, _ = _capacity(layout.key, n_k)
+    return _memo("rows", (shared, device), by_length,
+                 lambda: _RowLists(_blocks_at_capacity(layout.key, n_k, torch.device("cpu")), device))  # fmt: skip
 
 
 def attention_row_block_lists(

@@ -9,8 +9,8 @@ whether the SASS holds Hopper warpgroup MMAs (``HGMMA``) or only ``HMMA``.
 
     python -m sparse_compiler.kernels.triton.aot_check [--full] [--arch 90]
 
-Each row: kernel, dtype, block size, variant, config, and ``regs``, ``local`` (spill bytes), ``shared``,
-``hgmma``, ``hmma`` (or ``error``). A developer tool and a CI check (``tests/test_triton_kernels.py``).
+Each row: kernel, dtype, block size, variant, config, and ``regs``, ``stack`` (where ``cuobjdump``
+reports register spills), ``local``, ``shared``, ``hgmma``, ``hmma`` (or ``error``). A developer tool and a CI check (``tests/test_triton_kernels.py``).
 """
 
 from __future__ import annotations
@@ -117,26 +117,32 @@ def variants(dtypes=("bfloat16",), blocks=(64, 128), full: bool = False) -> Iter
 
 
 def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
-    """The cache-step kernels (``cache_step.py``) as a decoding step launches them: 64-dim heads, one
-    query, 4 query heads per key head (16 rows), contiguous head dims; with and without the model's
-    mask, with one slice (``FINAL``) and several, then the merge."""
+    """The cache-step kernels (``cache_step.py``) with the tiles it launches: heads of 128 (and one
+    variant of 64), one query, 4 query heads per key head (16 rows), contiguous head dims; with and
+    without the model's mask, with the query's position read on the device, with one slice
+    (``FINAL``) and several; then the merge."""
+    from sparse_compiler.kernels.triton import cache_step as S
     from sparse_compiler.kernels.triton import cache_step_kernels as C
 
     ptr = _TYPES[dt]
-    for mode, mask_type, positions in ((0, ptr, False), (2, "*u8", False), (1, ptr, False), (0, ptr, True)):
-        for final in (True, False):
-            types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr=mask_type, cols_ptr="*i32", pos_ptr="*i64",
-                         row_ptr_ptr="*i32", out_ptr=ptr if final else "*fp32", m_ptr="*fp32", l_ptr="*fp32",
-                         qk_scale="fp32")  # fmt: skip
-            consts = dict(B=b, CAUSAL=True, MASK_MODE=mode, POSITIONS=positions, FINAL=final, PRECISION="tf32",
-                          BLOCK_M=16, BLOCK_N=min(b, 64), BLOCK_D=64, BLOCK_DV=64, stride_qd=1, stride_kd=1,
-                          stride_vd=1)  # fmt: skip
-            div = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "cols_ptr", "out_ptr", "m_ptr", "l_ptr", "stride_kn", "stride_vn"]
-            where = " at a position" if positions else ""
-            label = f"cache-step {dt} b={b} mask={mode}{where} {'final' if final else 'split'}"
-            yield (label, C.partial_kernel, types, consts, div, 4, 2, {})
+    for dim, mode, mask_type, positions, final in (
+        (64, 0, ptr, False, False),
+        (128, 0, ptr, False, True), (128, 0, ptr, False, False), (128, 2, "*u8", False, True),
+        (128, 2, "*u8", False, False), (128, 1, ptr, False, False), (128, 0, ptr, True, False),
+    ):  # fmt: skip
+        keys, warps, stages = S._tiles(_ELT[dt], dim, b)
+        types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr=mask_type, cols_ptr="*i32", pos_ptr="*i64",
+                     row_ptr_ptr="*i32", out_ptr=ptr if final else "*fp32", m_ptr="*fp32", l_ptr="*fp32",
+                     qk_scale="fp32")  # fmt: skip
+        consts = dict(B=b, CAUSAL=True, MASK_MODE=mode, POSITIONS=positions, FINAL=final, PRECISION="tf32",
+                      BLOCK_M=16, BLOCK_N=keys, BLOCK_D=dim, BLOCK_DV=dim, stride_qd=1, stride_kd=1,
+                      stride_vd=1)  # fmt: skip
+        div = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "cols_ptr", "out_ptr", "m_ptr", "l_ptr", "stride_kn", "stride_vn"]
+        where = " at a position" if positions else ""
+        label = f"cache-step {dt} b={b} d={dim} mask={mode}{where} {'final' if final else 'split'}"
+        yield (label, C.partial_kernel, types, consts, div, warps, stages, {"BLOCK_N": keys})
     types = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", out_ptr=ptr)
-    yield (f"cache-merge {dt}", C.combine_kernel, types, dict(BLOCK_S=16, BLOCK_DV=64, stride_od=1),
+    yield (f"cache-merge {dt}", C.combine_kernel, types, dict(BLOCK_S=16, BLOCK_DV=128, stride_od=1),
            ["acc_ptr", "m_ptr", "l_ptr", "out_ptr"], 4, 1, {})  # fmt: skip
 
 
@@ -160,7 +166,8 @@ def _fmt(row: dict) -> str:
     cfg = ",".join(f"{v}" for v in row["config"].values())
     return (
         f"{row['variant']:<40} [{cfg}] w={row['num_warps']} s={row['num_stages']}: regs {row.get('regs', '?')}, "
-        f"local {row.get('local', '?')} B, shared {row['shared']} B, HGMMA {row.get('hgmma', '?')}, HMMA {row.get('hmma', '?')}"
+        f"stack {row.get('stack', '?')} B, local {row.get('local', '?')} B, shared {row['shared']} B, "
+        f"HGMMA {row.get('hgmma', '?')}, HMMA {row.get('hmma', '?')}"
     )
 
 

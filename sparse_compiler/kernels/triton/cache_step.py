@@ -11,8 +11,10 @@ folding the query heads of its key head into rows, and a second launch merges th
 softmaxes. So the cost is the kept bytes at memory speed plus two launches, whatever the number of
 runs, which is what makes reading only the kept blocks pay on a GPU at moderate cache lengths.
 
-Layouts with blocks of any size, head dims of any size, float16 / bfloat16 / float32 (float32 products
-in TF32 only where torch allows it for matmuls). ``q``, ``k``, ``v`` are read through their strides.
+Layouts with blocks of any size, head dims up to ``MAX_HEAD_DIM``, float16 / bfloat16 / float32
+(float32 products in TF32 only where torch allows it for matmuls). ``q``, ``k``, ``v`` are read
+through their strides. Tiles (``_tiles``) keep the kernel in registers (no spills, checked by
+``aot_check`` for sm_90) at head dims up to 128 in 16-bit types.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from sparse_compiler.layouts.attention import (
 )
 from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["cache_step_attention", "default_splits", "supports"]
+__all__ = ["MAX_HEAD_DIM", "cache_step_attention", "default_splits", "supports"]
 
 _MASK_MODES = {"none": 0, "add": 1, "keep": 2, "drop": 3}
+MAX_HEAD_DIM = 256  # (wider heads: the op's matmul path)
+MAX_SPLITS = 64
 _KERNELS = None
 
 
@@ -48,24 +52,33 @@ def _kernels():
     return _KERNELS
 
 
-def supports(q: Tensor, k: Tensor, layout: Layout) -> bool:
+def supports(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> bool:
     """Whether this path runs the step: Triton can launch on ``q``'s device (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``), a supported dtype, and at most a block of queries."""
-    if not _linear.available() or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+    ``TRITON_INTERPRET=1``), one supported dtype, head dims up to ``MAX_HEAD_DIM``, and at most a
+    block of queries."""
+    if not _linear.available() or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if q.device.type != "cuda" and not _kernels().INTERPRETED:
         return False
-    return q.shape[-2] <= layout.block_size
+    return q.shape[-2] <= layout.block_size and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
 
 
 def default_splits(programs: int, blocks: int, device: torch.device) -> int:
     """How many slices of the kept blocks to spread over, given ``programs`` (batch · key heads · row
     tiles) without splitting: enough for about two programs per streaming multiprocessor, at least
-    two blocks a slice, at most 64 slices."""
+    two blocks a slice, at most ``MAX_SPLITS`` slices."""
     units = 4
     if device.type == "cuda":
         units = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(math.ceil(2 * units / programs), blocks // 2, 64))
+    return max(1, min(math.ceil(2 * units / max(1, programs)), blocks // 2, MAX_SPLITS))
+
+
+def _tiles(itemsize: int, head_dim: int, block_size: int) -> tuple[int, int, int]:
+    """(keys per tile, warps, pipeline stages) for heads padded to ``head_dim``: 8 warps and, in
+    16-bit types, 64 keys a tile (32 past 64 dims), two stages; float32 products run without tensor
+    cores unless TF32 is allowed, so 16 keys a tile and one stage keep them in registers."""
+    keys, stages = (16, 1) if itemsize >= 4 else (64 if head_dim <= 64 else 32, 2)
+    return min(keys, max(16, _next_pow2(block_size))), 8, stages
 
 
 @functools.cache
@@ -109,6 +122,11 @@ def cache_step_attention(
         raise ValueError(f"cache_step_attention: {lq} queries are more than a block ({layout.block_size})")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"cache_step_attention: dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    if max(d, dv) > MAX_HEAD_DIM:
+        raise ValueError(f"cache_step_attention: head dims {d}, {dv} above {MAX_HEAD_DIM}")
+    if mask is not None and ((mask.dtype == torch.bool) != (mask_mode != "add") or mask.device != q.device):
+        raise TypeError(f"cache_step_attention: a {mask.dtype} mask on {mask.device} for mask_mode={mask_mode!r} "
+                        f"on {q.device} (bool to keep or drop pairs, floating to add)")  # fmt: skip
     group = heads // kv_heads
     rows = group * lq
     if positions is None:
@@ -131,18 +149,19 @@ def cache_step_attention(
     row_tiles = math.ceil(rows / block_m)
     if splits is None:
         splits = default_splits(batch * kv_heads * row_tiles, total, q.device)
-    per_split = max(1, math.ceil(total / max(1, splits)))
+    per_split = max(1, math.ceil(total / min(max(1, splits), MAX_SPLITS)))
     splits = max(1, math.ceil(total / per_split))
 
+    out = torch.empty((batch, heads, lq, dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
     if mask is None:
-        m4 = q.new_zeros(())  # never read
-        m_strides = (0, 0, 0, 0)
+        m4, m_strides = q, (0, 0, 0, 0)  # (never read)
     else:
         m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, heads, lq, lk)
         if m4.dtype == torch.bool:
             m4 = m4.view(torch.uint8)
         m_strides = m4.stride()
-    out = torch.empty((batch, heads, lq, dv), dtype=q.dtype, device=q.device)
     final = splits == 1
     if final:
         acc = m_run = l_run = out  # unused
@@ -150,7 +169,8 @@ def cache_step_attention(
         acc = torch.empty((batch * kv_heads, splits, rows, dv), dtype=torch.float32, device=q.device)
         m_run = torch.empty((batch * kv_heads, splits, rows), dtype=torch.float32, device=q.device)
         l_run = torch.empty_like(m_run)
-    block_n = min(64, max(16, _next_pow2(layout.block_size)))
+    block_d, block_dv = max(16, _next_pow2(d)), max(16, _next_pow2(dv))
+    block_n, warps, stages = _tiles(q.dtype.itemsize, max(block_d, block_dv), layout.block_size)
     with _linear._on_device(q.device):
         K.partial_kernel[(batch * kv_heads, splits, row_tiles)](
             q, k, v, m4, cols, pos, row_ptr, out if final else acc, m_run, l_run,
@@ -161,13 +181,12 @@ def cache_step_attention(
             B=layout.block_size, CAUSAL=causal, MASK_MODE=_MASK_MODES[mask_mode], POSITIONS=positions is not None,
             FINAL=final,
             PRECISION=_linear._precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=max(16, _next_pow2(d)), BLOCK_DV=max(16, _next_pow2(dv)),
-            num_warps=4, num_stages=2,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if not final:
             K.combine_kernel[(batch * kv_heads, rows)](
                 acc, m_run, l_run, out, rows, lq, kv_heads, group, dv, splits, *out.stride(),
-                BLOCK_S=max(2, _next_pow2(splits)), BLOCK_DV=max(16, _next_pow2(dv)), num_warps=4,
+                BLOCK_S=max(2, _next_pow2(splits)), BLOCK_DV=block_dv, num_warps=4,
             )  # fmt: skip
     return out
 

@@ -76,7 +76,7 @@ def partial_kernel(
     kv_head = pid_bh % KV_HEADS
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    head = kv_head * GROUP + rows // LQ
+    head = (kv_head * GROUP + rows // LQ).to(tl.int64)
     qi = rows % LQ
     pos_q = lk - LQ + qi
     row_block = pos_q // B - row0  # 0 or 1: which of the two block rows the row lies in
@@ -116,8 +116,10 @@ def partial_kernel(
                 allowed = allowed & (keys[None, :] <= pos_q[:, None])
             if MASK_MODE != 0:
                 mval = tl.load(m_base + keys[None, :].to(tl.int64) * stride_mn, mask=allowed, other=0)
-                if MASK_MODE == 1:  # additive, in natural-log units
-                    s += mval.to(tl.float32) * 1.4426950408889634
+                if MASK_MODE == 1:  # additive, in natural-log units; finite values stay finite in log2 units
+                    bias = mval.to(tl.float32)
+                    allowed = allowed & (bias != float("-inf"))
+                    s += tl.maximum(bias, -1e38) * 1.4426950408889634
                 elif MASK_MODE == 2:
                     allowed = allowed & (mval != 0)
                 else:
