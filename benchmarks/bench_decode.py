@@ -15,7 +15,9 @@ pattern fixed at the context length as ``attention_seq_len`` would fix it):
 - ``kept_blocks``: the backend's cache-step lowering (``kernels/cache_step.py``), which reads only
   the kept key/value blocks of the query's row: on CUDA one split-K Triton kernel and a merge
   (``kernels/triton/cache_step.py``), on the CPU two matmuls per run of kept blocks;
-- ``by_runs`` (CUDA only): the CPU path on the GPU, for comparison (two matmuls per run).
+- ``by_runs`` (CUDA only): the CPU path on the GPU, for comparison (two matmuls per run);
+- ``static`` (CUDA only): the kernel with the query's position in a tensor, read on the device (a
+  static cache's step, here at its last slot: the same blocks as ``kept_blocks``).
 
 Each timed call reads another "layer"'s cache, cycling through enough of them that together they
 are several times the last-level cache: a step finds its cache in memory, as a model's layers do.
@@ -116,11 +118,17 @@ def main() -> None:
             def by_runs(q, k, v, layout=layout, gqa=bool(gqa)):
                 return kept_blocks_by_runs(q, k, v, None, "none", layout, True, dim**-0.5, gqa)
 
-            fns = [dense, masked, kept] + ([by_runs] if device == "cuda" else [])  # on the CPU kept is by_runs
+            last = torch.tensor([context - 1], device=device)
+
+            def static(q, k, v, key=layout.key, gqa=bool(gqa), last=last):  # the position read on the device
+                return block_sparse_attention(q, k, v, layout=key, lowering="kept_blocks", fixed=True, enable_gqa=gqa,
+                                              causal=True, positions=last)  # fmt: skip
+
+            fns = [dense, masked, kept] + ([by_runs, static] if device == "cuda" else [])  # on the CPU kept is by_runs
             with torch.no_grad():
                 q, k, v = layers[0]
                 err = max((fn(q, k, v).float() - masked(q, k, v).float()).abs().max().item() for fn in fns[2:])
-                t_dense, t_masked, t_kept, *t_runs = per_call_seconds(fns, layers, args.repeat, device)
+                t_dense, t_masked, t_kept, *t_cuda = per_call_seconds(fns, layers, args.repeat, device)
             runs = attention_key_runs(layout, 1, context)
             read = sum(e - s for s, e in runs) / context
             shape = dict(batch=batch, kv_heads=hk, seq_len_k=context, head_dim=dim, value_dim=dim, dtype=dtype)
@@ -137,14 +145,15 @@ def main() -> None:
                 "masked_ms": t_masked * 1e3,
                 "kept_blocks_ms": t_kept * 1e3,
                 "speedup": t_dense / t_kept,
-                **({"by_runs_ms": t_runs[0] * 1e3, "by_runs_speedup": t_dense / t_runs[0]} if t_runs else {}),
+                **({"by_runs_ms": t_cuda[0] * 1e3, "by_runs_speedup": t_dense / t_cuda[0],
+                    "static_ms": t_cuda[1] * 1e3} if t_cuda else {}),  # fmt: skip
                 "predicted_speedup": predicted,
                 "max_abs_diff_vs_masked": err,
             }
             rows.append(row)
             print(f"context {context:6d}  d={density:.3f}  read {row['read']:.3f} ({len(runs)} runs)  dense "
                   f"{row['dense_ms']:.3f} ms  masked {row['masked_ms']:.3f} ms  kept_blocks {row['kept_blocks_ms']:.3f} ms"
-                  + (f"  by runs {row['by_runs_ms']:.3f} ms" if t_runs else "")
+                  + (f"  by runs {row['by_runs_ms']:.3f} ms  static {row['static_ms']:.3f} ms" if t_cuda else "")
                   + f"  -> {row['speedup']:.2f}x (predicted {predicted:.2f}x, |diff| {err:.1e})", flush=True)  # fmt: skip
     info = machine()
     if device == "cuda":

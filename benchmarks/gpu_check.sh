@@ -60,7 +60,7 @@ step bench_kernels 240 "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kerne
 if [ -f benchmarks/bench_attention.py ]; then
     step bench_attention 150 "$PY" benchmarks/bench_attention.py --budget-s 120 --out "$OUT/bench_attention.json"
 fi
-step bench_decode 60 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
+step bench_decode 90 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
     --out "$OUT/bench_decode.json"
 step pytest_gpu_backend 200 "$PY" -m pytest -q -m gpu --durations=10 tests \
     --ignore "${KERNEL_TESTS[0]}" --ignore "${KERNEL_TESTS[1]}" --ignore "${KERNEL_TESTS[2]}"
