@@ -1156,13 +1156,16 @@ class StaticCachedSelfAttention(nn.Module):
         self.heads = heads
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
 
-    def forward(self, x, k_cache, v_cache, positions):
+    def forward(self, x, k_cache, v_cache, positions, prefill=False):
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
         k_cache.index_copy_(2, positions, k)
         v_cache.index_copy_(2, positions, v)
-        mask = torch.arange(k_cache.shape[-2]) <= positions[:, None]
-        a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        if prefill:  # positions 0..t-1: SDPA's top-left causal alignment hides the rest of the buffer
+            a = F.scaled_dot_product_attention(q, k_cache, v_cache, is_causal=True)
+        else:
+            mask = torch.arange(k_cache.shape[-2]) <= positions[:, None]
+            a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return self.proj(a.transpose(1, 2).reshape(b, t, d))
 
 
@@ -1172,7 +1175,9 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
     the rows of the fixed pattern at the positions the graph wrote their keys to, read from that
     tensor: the outputs equal the uncached forward with the fixed layout applied, through either
     lowering (``"sdpa"`` builds the mask from the positions on their device). On CUDA nothing reads
-    the positions on the host: the kernel reads one query's, SDPA's mask a chunk's."""
+    the positions on the host: the kernel reads one query's, SDPA's mask a chunk's. The prompt,
+    ``is_causal`` over the whole buffer, sees its own first keys only: cut there, it takes the
+    pattern as self-attention does."""
     torch.manual_seed(0)
     model = StaticCachedSelfAttention().eval()
     fixed = dataclasses.replace(ATTN, attention_seq_len=128)
@@ -1182,13 +1187,13 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
     x = torch.randn(2, 112, 32)
     k_cache, v_cache = torch.zeros(2, 2, 128, 16), torch.zeros(2, 2, 128, 16)
     with torch.no_grad():
-        model(x[:, :64], k_cache, v_cache, torch.arange(64))  # the prompt, eagerly
-        outs, t = [], 64
+        outs, t = [compiled(x[:, :64], k_cache, v_cache, torch.arange(64), prefill=True)], 64
         for chunk in (1, 1, 3, 10, 3, 1):  # positions 64, 65, 66-68, 69-78, 79-81 (across blocks 4|5), 82
             outs.append(compiled(x[:, t:t + chunk], k_cache, v_cache, torch.arange(t, t + chunk)))
             t += chunk
         steps = torch.cat(outs, 1)
-    static = [d for d in record if d.candidate.cache_positions is not None]
+    prompt, *static = [d for d in record if d.candidate.cache_positions is not None]
+    assert prompt.first_keys and prompt.sparse and prompt.fixed_pattern and "first 64 keys" in prompt.reason
     assert static and all(d.sparse and d.fixed_pattern and "static key/value cache step" in d.reason for d in static)
     assert {d.lowering for d in static} == {lowering}
     # on CUDA one query's position is read by the kernel; a chunk's positions stay on the device, in SDPA
@@ -1204,8 +1209,8 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
         dense = model(x[:, :t], torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), torch.arange(t))
         monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(layout))
         want = model(x[:, :t], torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), torch.arange(t))
-    torch.testing.assert_close(steps, want[:, 64:], rtol=1e-5, atol=1e-5)
-    assert (steps - dense[:, 64:]).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+    torch.testing.assert_close(steps, want, rtol=1e-5, atol=1e-5)
+    assert (steps - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 
 
 def test_cross_attention_of_other_lengths_stays_dense_under_a_fixed_pattern():

@@ -290,6 +290,7 @@ class AttentionDecision:
     specialize: bool = False  # symbolic lengths: the rewrite guards the graph on their current values
     fixed_pattern: bool = False  # the lowering builds the fixed pattern's mask at each call's lengths
     short_of: tuple[str, int] | None = None  # too short: ("q" or "k", the length from which it may change)
+    first_keys: bool = False  # is_causal, fewer queries than keys: only the first Lq keys are seen (cut there)
 
     @property
     def sparse(self) -> bool:
@@ -529,8 +530,15 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
                          "are not a key/value cache ending with the queries' own keys (cross-attention?): where the "
                          "queries lie among the keys is not known, so the pattern cannot be placed; dense")
     if c.causal:
-        return _dense(c, f"is_causal with {lq} queries x {lk} keys: SDPA aligns it top-left, unlike a key/value "
-                         "cache step; dense")
+        if lq > lk or c.mask is not None:
+            return _dense(c, f"is_causal with {lq} queries x {lk} keys: SDPA aligns it top-left, unlike a key/value "
+                             "cache step; dense")
+        # query i sees the keys up to i: the first lq keys, as at the prefill of a preallocated cache
+        first = replace(c, seq_len_k=c.seq_len_q, seq_len_k_hint=lq, kv_cache_step=False, cache_positions=None)
+        inner = _decide_length(first, o, profile, threshold)
+        note = (f"; is_causal with {lq} queries x {lk} keys sees only the first {lq} keys (SDPA aligns it top-left, "
+                "as at the prefill of a preallocated cache), so the keys are cut there")
+        return replace(inner, candidate=c, reason=inner.reason + note, first_keys=True)
     causal = _pattern_causal(c, o)
     try:
         layout = attention_layout_from_options(o, lk, lk, causal)

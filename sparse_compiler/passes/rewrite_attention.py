@@ -41,7 +41,7 @@ def rewrite_attention(
     """Apply the sparse ``decisions`` to ``gm`` in place and return it (module docstring)."""
     nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
     for d in decisions:
-        if d.candidate.symbolic and (d.specialize or d.short_of is not None or d.fixed_pattern):
+        if d.candidate.symbolic and (d.specialize or d.short_of is not None or d.fixed_pattern or d.first_keys):
             _guard_lengths(nodes, d)
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
@@ -55,6 +55,10 @@ def rewrite_attention(
         touched[id(region.gm)] = region.gm
         q, k, v = (nodes[name][1] for name in (c.query, c.key, c.value))
         mask = nodes[c.mask][1] if c.mask is not None else None
+        if d.first_keys:  # is_causal over more keys than queries sees the first Lq keys only
+            with graph.inserting_before(out):
+                lq = graph.call_method("size", (q, -2))
+                k, v = (graph.call_method("narrow", (t, -2, 0, lq)) for t in (k, v))
         kwargs = {
             "layout": d.layout.key,
             "causal": c.causal,
@@ -96,6 +100,9 @@ def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
         val = nodes[name][1].meta.get("val", nodes[name][1].meta.get("example_value"))
         if isinstance(val, torch.Tensor) and val.dim() >= 2:
             lengths[dim] = val.shape[-2]
+    if d.first_keys and len(lengths) == 2:  # the keys are cut at the queries' length
+        guard_bool(lengths["q"] <= lengths["k"])
+        lengths["k"] = lengths["q"]
     if d.specialize:
         for length in lengths.values():
             guard_int(length)
