@@ -1146,6 +1146,20 @@ def test_queries_at_given_positions_take_those_rows_of_the_pattern(lowering):
         block_sparse_attention(q, k, v, layout=fitted.key, lowering="sdpa", positions=torch.arange(3))
 
 
+def test_the_cache_step_op_returns_what_its_fake_promises_whatever_the_path():
+    """``opcheck`` (schema, fake tensor metadata, AOT dispatch) with queries stored ``(b, l, h, d)``
+    as projections leave them and more than one query: the matmul path, the masked-SDPA fallback
+    (runs over half the keys, and non-consecutive positions) and a static cache's positions."""
+    import sparse_compiler.kernels.cache_step  # noqa: F401  (registers the op)
+
+    layout = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=True)
+    op = torch.ops.sparse_compiler.attention_kept_blocks.default
+    q = torch.randn(2, 4, 2, 8).permute(0, 2, 1, 3)  # (2, 2, 4, 8) with the length outermost but one
+    for lk, positions in ((1000, None), (40, None), (128, torch.arange(60, 64)), (128, torch.tensor([3, 9, 60, 61]))):
+        k, v = torch.randn(2, 2, lk, 8), torch.randn(2, 2, lk, 8)
+        torch.library.opcheck(op, (q, k, v, None, layout.key, True, 0.35, False, "none", positions))
+
+
 class StaticCachedSelfAttention(nn.Module):
     """Self-attention over a preallocated key/value cache written in place at the queries'
     positions (as Hugging Face's ``StaticCache``), attending to the whole buffer under a mask that
@@ -1211,6 +1225,114 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
         want = model(x[:, :t], torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), torch.arange(t))
     torch.testing.assert_close(steps, want, rtol=1e-5, atol=1e-5)
     assert (steps - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+
+
+def _pattern_at_positions_sdpa(layout):
+    """SDPA with the pattern's rows at each query's position folded into the model's mask, the
+    position being the last slot the model's (causal) mask allows (the reference of a static cache)."""
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        positions = attn_mask.reshape(-1, attn_mask.shape[-1]).sum(-1) - 1
+        allowed = attention_mask_at_positions(layout, positions[-q.shape[-2]:], k.shape[-2], causal=True)
+        return _SDPA(q, k, v, attn_mask=attn_mask & allowed, scale=scale)
+
+    return sdpa
+
+
+def test_two_static_cache_steps_in_one_graph_each_take_their_own_positions(monkeypatch):
+    """Two decoding steps over one preallocated cache in one graph: each attention reads the buffer
+    after its own write, so it takes that write's positions (the last write before it is read)."""
+    torch.manual_seed(0)
+    model = StaticCachedSelfAttention().eval()
+
+    def two_steps(x1, x2, k_cache, v_cache, p1, p2):
+        return model(x1, k_cache, v_cache, p1), model(x2, k_cache, v_cache, p2)
+
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+    compiled = torch.compile(two_steps, backend=_backend(options=fixed, record=record, min_seq_len=10_000))
+    x = torch.randn(1, 98, 32)
+
+    def run(fn):
+        k_cache, v_cache = torch.zeros(1, 2, 128, 16), torch.zeros(1, 2, 128, 16)
+        with torch.no_grad():
+            model(x[:, :96], k_cache, v_cache, torch.arange(96))
+            return fn(x[:, 96:97], x[:, 97:98], k_cache, v_cache, torch.tensor([96]), torch.tensor([97]))
+
+    got = run(compiled)
+    first, second = record
+    assert first.candidate.cache_positions != second.candidate.cache_positions and first.sparse and second.sparse
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _pattern_at_positions_sdpa(fitted))
+    want = run(two_steps)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_static_cache_in_a_checkpointed_region_and_length_dependent_patterns():
+    """A static cache step inside an activation-checkpointed body (its positions named by the body's
+    path) takes the pattern at its positions; a pattern whose blocks depend on the length
+    (non-causal BigBird) leaves static steps dense, with gradients too."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    inner = StaticCachedSelfAttention()
+
+    class Checkpointed(nn.Module):
+        def forward(self, x, k_cache, v_cache, positions):
+            return checkpoint(inner, x, k_cache, v_cache, positions, use_reentrant=False)
+
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+    compiled = torch.compile(Checkpointed(), backend=_backend(options=fixed, record=record))
+    x, positions = torch.randn(1, 3, 32), torch.tensor([100, 101, 102])
+    k_cache, v_cache = torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
+    got = compiled(x, k_cache.clone(), v_cache.clone(), positions)
+    (d,) = record
+    assert d.sparse and d.lowering == "sdpa" and d.candidate.cache_positions.startswith("wrap_body")
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "scaled_dot_product_attention", _pattern_at_positions_sdpa(fitted))
+        want = inner(x, k_cache.clone(), v_cache.clone(), positions)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bigbird = dataclasses.replace(fixed, attention_pattern="bigbird", attention_causal=False, attention_density=0.6)
+    for grad in (False, True):
+        c = dataclasses.replace(d.candidate, requires_grad=grad)
+        (decision,) = plan_attention([c], bigbird)
+        assert not decision.sparse and "depend on the length" in decision.reason
+
+
+class SlidingWindowCachedAttention(nn.Module):
+    """Attention over a growing cache that keeps only its last ``window - 1`` keys for the next step
+    (as Hugging Face's sliding-window layers do): past the window, its first key is not position 0."""
+
+    def __init__(self, d=32, heads=2, window=48):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x, past_k, past_v):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
+        k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out, k[:, :, -self.window + 1 :, :], v[:, :, -self.window + 1 :, :]
+
+
+def test_a_sliding_window_cache_stays_dense_with_the_reason():
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+    model = SlidingWindowCachedAttention()
+    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=17))
+    past = torch.randn(1, 2, 47, 16)
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        got = compiled(x, past, past)[0]
+        want = model(x, past, past)[0]
+    (d,) = record
+    assert d.candidate.kv_cache_window and not d.candidate.kv_cache_step
+    assert not d.sparse and "sliding window" in d.reason
+    torch.testing.assert_close(got, want)
 
 
 def test_cross_attention_of_other_lengths_stays_dense_under_a_fixed_pattern():

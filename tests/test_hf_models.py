@@ -191,3 +191,23 @@ def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name,
         want = model(input_ids=ids).logits[0, -8:]
     torch.testing.assert_close(torch.cat(steps), want, rtol=1e-4, atol=1e-4)
     assert (want - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
+
+
+def test_a_sliding_window_cache_keeps_cache_steps_dense_with_the_reason():
+    """Mistral's sliding-window cache keeps only its last keys, so its first key is not position 0
+    once the window is full: a fixed pattern cannot place the queries, and the report says so."""
+    config = transformers.MistralConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=32,
+    )  # fmt: skip
+    model = transformers.MistralForCausalLM(config).eval()
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.2,
+               "attention_seq_len": 128, "attention_min_seq_len": 17}  # fmt: skip
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        compiled(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert rows and all(r["decision"] == "dense" and "sliding window" in r["reason"] for r in rows), rows

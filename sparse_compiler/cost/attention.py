@@ -425,6 +425,10 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
     lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
     shorter = "q" if lq <= lk else "k"
     fixed = o.attention_seq_len
+    if lq != lk and c.kv_cache_window:
+        return _dense(c, f"key/value cache step ({lq} queries x {lk} keys) whose cache keeps only its last keys (a "
+                         "sliding window): its first key need not be position 0, so where the queries lie is not "
+                         "known; dense")
     if lq != lk and c.kv_cache_step and fixed is None:
         return _dense(c, f"key/value cache step ({lq} queries, the last of {lk} keys) with a pattern fitted at each "
                          "length: set attention_seq_len to give cached steps the uncached forward's pattern; dense")
@@ -556,12 +560,12 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     else:
         why = (f"key/value cache step: the {lq} queries are the last of {lk} keys and take the bottom rows of "
                f"{pattern}, so cached decoding computes what the uncached forward does")
-    if c.requires_grad:
-        return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
-                                 lowering="sdpa", fixed_pattern=True)
     if static and pattern_depends_on_length(layout):
         return _dense(c, f"static key/value cache step with the {o.attention_pattern} pattern, whose blocks depend on "
                          "the length (non-causal BigBird): the rows of the queries' positions are not known; dense")
+    if c.requires_grad:
+        return AttentionDecision(c, layout, why + "; with gradients: SDPA with the element mask (no speed-up)",
+                                 lowering="sdpa", fixed_pattern=True)
     if static and c.device == "cuda" and lq > 1:
         return AttentionDecision(c, layout, why + "; a chunk of queries at positions held on the device: SDPA with "
                                  "the element mask built there (no speed-up; the cache-step kernel reads the "

@@ -68,13 +68,29 @@ def attention_kept_blocks(
     positions: Tensor | None = None,
 ) -> Tensor:
     """Attention of the last ``Lq`` of ``Lk`` positions under the fixed pattern ``layout`` (module
-    docstring). ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable
-    to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``).
+    docstring), contiguous as its fake promises whatever the path and the queries' memory order.
+    ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable to ``(batch,
+    heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``).
 
     ``positions``: the queries' positions in a preallocated cache of ``Lk`` keys: the step is then
     the one of a growing cache holding the keys up to the last query, ``k[..., :p_last + 1, :]`` (the
     keys past it, not yet written, are not read). Read on the host, except by the CUDA kernel for one
     query; positions that are not consecutive take SDPA with the pattern's rows at each."""
+    return _kept_blocks(q, k, v, mask, layout, causal, scale, enable_gqa, mask_mode, positions).contiguous()
+
+
+def _kept_blocks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    layout: str,
+    causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    mask_mode: str,
+    positions: Tensor | None,
+) -> Tensor:
     if mask_mode not in MASK_MODES or (mask is None) != (mask_mode == "none"):
         raise ValueError(f"attention_kept_blocks: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}")
     if q.shape[1] != k.shape[1] and not enable_gqa:

@@ -28,11 +28,13 @@ A key/value cache step is recognised by its keys: ``k = cat([cache, new], dim=-2
 views, expands and casts that keep the last two dims, as ``repeat_kv`` does) where ``new`` has as many
 positions as the queries. The new keys are computed from the same tokens as the queries, so the
 queries are the last ``Lq`` of the ``Lk`` keys (``kv_cache_step``), which is how Hugging Face's
-``DynamicCache`` and hand-written caches grow. A preallocated cache written in place before the
+``DynamicCache`` and hand-written caches grow; unless the graph also keeps only the last keys of the
+concatenation for the next step (a sliding-window cache, ``kv_cache_window``: its first key need not
+be position 0, so where the queries lie is not known). A preallocated cache written in place before the
 attention, ``cache.index_copy_(-2, positions, new)`` with ``new`` as long as the queries (Hugging
 Face's ``StaticCache``), places the queries at ``positions``, a tensor of the graph
-(``cache_positions`` names its node); its keys are the whole buffer, of which the positions up to
-the last query's are written.
+(``cache_positions`` names its node; the last such write before the keys are read); its keys are the
+whole buffer, of which the positions up to the last query's are written.
 
 A model mask computed in the graph (from the inputs, as Hugging Face models build theirs from the
 padding) is evaluated on the example inputs too, up to ``MAX_EVALUATED_MASK`` elements: when it allows
@@ -113,6 +115,7 @@ class AttentionCandidate:
     blocker: str | None
     kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
     cache_positions: str | None = None  # a static cache written at these positions (node) before: the queries' own
+    kv_cache_window: bool = False  # a growing cache of which the graph keeps only the last keys (a sliding window)
     mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
 
     @property
@@ -583,7 +586,8 @@ def _candidate(
                              info.get("seq_len_k_hint", 0))
     )  # fmt: skip
     caller, module_type = calling_module(out)
-    kv_cache_step = bool(info) and isinstance(k, fx.Node) and _appends_to_cache(k, _meta(q).shape[-2], _meta(k).shape[-2])
+    appended = _appended_cache(k, _meta(q).shape[-2], _meta(k).shape[-2]) if info and isinstance(k, fx.Node) else None
+    kv_cache_step = appended == "grows"
     positions = None
     if bool(info) and isinstance(k, fx.Node) and not kv_cache_step:
         positions = _static_cache_positions(k, out, _meta(q).shape[-2], _meta(k).shape[-2])
@@ -608,6 +612,7 @@ def _candidate(
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
         kv_cache_step=kv_cache_step,
+        kv_cache_window=appended == "window",
         cache_positions=positions.name if positions is not None else None,
         mask_causal=mask_causal,
         **info,
@@ -650,38 +655,68 @@ def _keys_behind(k: fx.Node, lk: Any, max_steps: int = 8) -> Iterator[fx.Node]:
         node = tensors[0]
 
 
-def _appends_to_cache(k: fx.Node, lq: Any, lk: Any) -> bool:
-    """Whether the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the queries
-    (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2."""
+def _appended_cache(k: fx.Node, lq: Any, lk: Any) -> str | None:
+    """``"grows"`` when the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the
+    queries (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2;
+    ``"window"`` when the graph also keeps only the last keys of that concatenation for the next step
+    (``full[..., -w:, :]``: a sliding-window cache, whose first key need not be position 0); else None."""
     for node in _keys_behind(k, lk):
         if node.op == "call_function" and node.target in _CAT:
             pieces, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
             out = _meta(node)
             if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or not isinstance(dim, int) or out is None:
-                return False
+                return None
             last = _meta(pieces[-1])
-            return dim % out.dim() == out.dim() - 2 and isinstance(last, torch.Tensor) and _same_size(last.shape[-2], lq)
-    return False
+            if dim % out.dim() != out.dim() - 2 or not isinstance(last, torch.Tensor) or not _same_size(last.shape[-2], lq):
+                return None
+            return "window" if any(_keeps_last_keys(user, out.dim()) for user in node.users) else "grows"
+    return None
+
+
+def _keeps_last_keys(node: fx.Node, ndim: int) -> bool:
+    """Whether ``node`` is ``x[..., -w:, :]``: the last keys of ``x`` (a slice of dim -2 from a
+    negative start)."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
+        return False
+    index = node.args[1]
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
+    if len(index) != ndim:
+        return False
+    step = index[ndim - 2]
+    return isinstance(step, slice) and isinstance(step.start, int) and step.start < 0
 
 
 def _static_cache_positions(k: fx.Node, attention: fx.Node, lq: Any, lk: Any) -> fx.Node | None:
-    """The positions tensor of ``cache.index_copy_(-2, positions, new)`` run before ``attention`` on
-    the preallocated cache that the keys ``k`` read (through single-input ops that keep the key
-    length ``lk``), with ``new`` as long as the queries (``lq``): a static cache (Hugging Face's
-    ``StaticCache``) written at the queries' own positions. None when there is no such write."""
+    """The positions tensor of ``cache.index_copy_(-2, positions, new)`` on the preallocated cache
+    that the keys ``k`` read (through single-input ops that keep the key length ``lk``), the last write
+    to it before it is read, with ``new`` as long as the queries (``lq``): a static cache (Hugging
+    Face's ``StaticCache``) written at the queries' own positions. None when there is no such write."""
+    reader = attention
     for node in _keys_behind(k, lk):
         buffer = _meta(node)
-        for user in node.users:
-            if not (user.op == "call_method" and user.target == "index_copy_") or user.args[:1] != (node,):
-                continue
-            dim, index, source = _arg(user, 1, "dim"), _arg(user, 2, "index"), _arg(user, 3, "source")
+        writes = [u for u in node.users if u.op == "call_method" and u.target == "index_copy_" and u.args[:1] == (node,)
+                  and _runs_before(u, reader)]  # fmt: skip
+        if writes:
+            last = max(writes, key=_graph_position)
+            dim, index, source = _arg(last, 1, "dim"), _arg(last, 2, "index"), _arg(last, 3, "source")
             new, positions = _meta(source), _meta(index)
             if (isinstance(dim, int) and isinstance(buffer, torch.Tensor) and dim % buffer.dim() == buffer.dim() - 2
                     and isinstance(new, torch.Tensor) and new.dim() >= 2 and _same_size(new.shape[-2], lq)
-                    and isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(index, fx.Node)
-                    and _runs_before(user, attention)):  # fmt: skip
+                    and isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(index, fx.Node)):  # fmt: skip
                 return index
+            return None
+        reader = node
     return None
+
+
+def _graph_position(node: fx.Node) -> int:
+    """How many nodes precede ``node`` in its graph."""
+    count, prev = 0, node.prev
+    while prev.op != "root":
+        count, prev = count + 1, prev.prev
+    return count
 
 
 def _runs_before(a: fx.Node, b: fx.Node) -> bool:
@@ -814,4 +849,5 @@ def _qualified(c: AttentionCandidate, prefix: str) -> AttentionCandidate:
         key=prefix + c.key if c.key else c.key,
         value=prefix + c.value if c.value else c.value,
         mask=prefix + c.mask if c.mask else c.mask,
+        cache_positions=prefix + c.cache_positions if c.cache_positions else c.cache_positions,
     )
