@@ -15,7 +15,9 @@ chunk of queries that straddles a block boundary (never for one query).
 With ``POSITIONS`` there is one query, at the position ``p`` held in a tensor (a static cache written
 there, whose slots after ``p`` are not yet meaningful): the kernel reads ``p`` and the list of its
 block row (``cols[row_ptr[p // b] : row_ptr[p // b + 1]]``) itself and takes ``Lk = p + 1``, so the
-host never reads the position (no synchronisation; a CUDA graph can hold the launch).
+host never reads the position (no synchronisation; a CUDA graph can hold the launch). A position
+outside the buffer is clamped into it rather than read out of bounds (the model's own write at that
+position has failed before).
 
 ``partial_kernel``: one program per (batch · key head, split, row tile). A split walks a contiguous
 slice of the list with the online softmax (running max ``m``, sum ``l``, accumulator ``acc``, all in
