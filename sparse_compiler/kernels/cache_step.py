@@ -37,6 +37,8 @@ through SDPA there, with the mask built on the device).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -54,7 +56,19 @@ from sparse_compiler.layouts.layout import Layout
 __all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
 
 
+def _contiguous(op_impl):
+    """The op returns a contiguous tensor, as its fake says, whatever path computed it (SDPA keeps
+    the queries' memory order, which a projection leaves ``(batch, length, heads, dim)``)."""
+
+    @functools.wraps(op_impl)
+    def impl(*args, **kwargs):
+        return op_impl(*args, **kwargs).contiguous()
+
+    return impl
+
+
 @torch.library.custom_op("sparse_compiler::attention_kept_blocks", mutates_args=())
+@_contiguous
 def attention_kept_blocks(
     q: Tensor,
     k: Tensor,
@@ -68,29 +82,13 @@ def attention_kept_blocks(
     positions: Tensor | None = None,
 ) -> Tensor:
     """Attention of the last ``Lq`` of ``Lk`` positions under the fixed pattern ``layout`` (module
-    docstring), contiguous as its fake promises whatever the path and the queries' memory order.
-    ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable to ``(batch,
-    heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``).
+    docstring). ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``; ``mask``: 4-D, broadcastable
+    to ``(batch, heads, Lq, Lk)``, read as ``mask_mode`` says (``kernels.attention``).
 
     ``positions``: the queries' positions in a preallocated cache of ``Lk`` keys: the step is then
     the one of a growing cache holding the keys up to the last query, ``k[..., :p_last + 1, :]`` (the
     keys past it, not yet written, are not read). Read on the host, except by the CUDA kernel for one
     query; positions that are not consecutive take SDPA with the pattern's rows at each."""
-    return _kept_blocks(q, k, v, mask, layout, causal, scale, enable_gqa, mask_mode, positions).contiguous()
-
-
-def _kept_blocks(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    layout: str,
-    causal: bool,
-    scale: float,
-    enable_gqa: bool,
-    mask_mode: str,
-    positions: Tensor | None,
-) -> Tensor:
     if mask_mode not in MASK_MODES or (mask is None) != (mask_mode == "none"):
         raise ValueError(f"attention_kept_blocks: mask_mode={mask_mode!r} with mask {'absent' if mask is None else 'given'}")
     if q.shape[1] != k.shape[1] and not enable_gqa:
