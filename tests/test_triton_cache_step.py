@@ -165,11 +165,16 @@ def test_only_a_triton_device_takes_the_kernels():
         assert not T.supports(torch.randn(1, 2, 1, 512, device="cuda"), wide, wide, layout)
 
 
+# (queries, keys, query heads, key heads, head dim, mask mode, slices): decoding shapes on 128-blocks
+_GPU_STEPS = ((1, 16000, 32, 8, 128, "none", None), (1, 3000, 8, 8, 80, "keep", 1), (7, 9000, 16, 4, 64, "keep", None))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_cache_step_kernels_match_sdpa(dtype):
-    """Realistic decoding shapes on CUDA (128-blocks, heads of 128 and of 80, grouped-query heads, a
-    padding mask, one slice and many) against float64 SDPA with the pattern's element mask."""
+@pytest.mark.parametrize("dtype,steps", [(torch.bfloat16, (0, 1, 2)), (torch.float16, (0,)), (torch.float32, (1,))])
+def test_gpu_cache_step_kernels_match_sdpa(dtype, steps):
+    """Realistic decoding shapes on CUDA (heads of 128 and of 80, grouped-query heads, a padding
+    mask, one slice and many; every shape in bf16, one in each other dtype to keep compilations few)
+    against float64 SDPA with the pattern's element mask."""
     from sparse_compiler.kernels.triton import cache_step as T
 
     if T._kernels().INTERPRETED:
@@ -178,8 +183,7 @@ def test_gpu_cache_step_kernels_match_sdpa(dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         layout = attention_layout("butterfly+local+global", 16384, 16384, 128, density=0.125, causal=True)
-        for lq, lk, hq, hk, d, mode, splits in ((1, 16000, 32, 8, 128, "none", None), (1, 3000, 8, 8, 80, "keep", 1),
-                                                (7, 9000, 16, 4, 64, "keep", None)):  # fmt: skip
+        for lq, lk, hq, hk, d, mode, splits in (_GPU_STEPS[i] for i in steps):
             q = torch.randn(2, hq, lq, d, device="cuda", dtype=dtype)
             k, v = (torch.randn(2, hk, lk, d, device="cuda", dtype=dtype) for _ in range(2))
             mask = None
