@@ -211,3 +211,41 @@ def test_a_sliding_window_cache_keeps_cache_steps_dense_with_the_reason():
         compiled(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
     assert rows and all(r["decision"] == "dense" and "sliding window" in r["reason"] for r in rows), rows
+
+
+def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_cache():
+    """``model.generate`` as users call it, with the forward compiled: a static and a dynamic cache
+    give the greedy tokens and the logits of the eager model run on the whole sequence at each step
+    with the fixed layout applied."""
+    from sparse_compiler.layouts.attention import attention_element_mask, attention_layout_at, get_attention_layout
+
+    torch.manual_seed(0)
+    model = _llama(positions=256)[0].eval()
+    ids = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(3))
+    eager_forward = model.forward
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.3,
+               "attention_seq_len": 256, "attention_min_seq_len": 64}  # fmt: skip
+    model.forward = torch.compile(model.forward, backend="sparsify", options=options)
+    generated = {cache: model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache,
+                                       output_logits=True, return_dict_in_generate=True)
+                 for cache in ("static", "dynamic")}  # fmt: skip
+    rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert rows and all(r["lowering"] == "kept_blocks" for r in rows)
+    model.forward = eager_forward
+    sdpa, seq, want, dense = torch.nn.functional.scaled_dot_product_attention, ids, [], []
+    for _ in range(6):
+        layout = attention_layout_at(get_attention_layout(rows[0]["layout"]), seq.shape[1], seq.shape[1])
+
+        def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            allowed = attention_element_mask(layout, q.shape[-2], k.shape[-2], True)
+            return sdpa(q, k, v, attn_mask=allowed, scale=scale, **({"enable_gqa": True} if enable_gqa else {}))
+
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            dense.append(model(input_ids=seq).logits[:, -1])
+            mp.setattr(torch.nn.functional, "scaled_dot_product_attention", masked_sdpa)
+            want.append(model(input_ids=seq).logits[:, -1])
+        seq = torch.cat([seq, want[-1].argmax(-1, keepdim=True)], 1)
+    for out in generated.values():
+        assert torch.equal(out.sequences, seq)
+        torch.testing.assert_close(torch.cat(out.logits), torch.cat(want), rtol=1e-4, atol=1e-4)
+    assert (torch.cat(want) - torch.cat(dense)).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
