@@ -1239,6 +1239,32 @@ def _pattern_at_positions_sdpa(layout):
     return sdpa
 
 
+def test_is_causal_over_a_longer_buffer_sees_its_first_keys_wherever_it_wrote(monkeypatch):
+    """``is_causal`` with 64 queries over a 128-slot buffer means, as SDPA aligns it top-left, that
+    query i sees keys 0..i, wherever the chunk was written (here at 60..123): the keys are cut at 64
+    and the pattern applies as in self-attention of 64 tokens, not at the written positions."""
+    torch.manual_seed(0)
+    model = StaticCachedSelfAttention().eval()
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=10_000))
+    x, positions = torch.randn(2, 64, 32), torch.arange(60, 124)
+    k_cache, v_cache = torch.randn(2, 2, 128, 16), torch.randn(2, 2, 128, 16)
+    with torch.no_grad():
+        got = compiled(x, k_cache.clone(), v_cache.clone(), positions, prefill=True)
+    (d,) = record
+    assert d.first_keys and d.sparse and d.lowering == "sdpa"
+    layout = attention_layout_at(attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True), 64, 64)
+
+    def first_keys_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _SDPA(q, k[..., :64, :], v[..., :64, :], attn_mask=attention_element_mask(layout, 64, 64, True))
+
+    with torch.no_grad():
+        monkeypatch.setattr(F, "scaled_dot_product_attention", first_keys_sdpa)
+        want = model(x, k_cache.clone(), v_cache.clone(), positions, prefill=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_two_static_cache_steps_in_one_graph_each_take_their_own_positions(monkeypatch):
     """Two decoding steps over one preallocated cache in one graph: each attention reads the buffer
     after its own write, so it takes that write's positions (the last write before it is read)."""

@@ -69,7 +69,7 @@ def rewrite_attention(
         }
         if d.fixed_pattern:
             kwargs["fixed"] = True
-            if c.cache_positions is not None:  # a static cache: the queries sit where their keys were written
+            if c.cache_positions is not None and not d.first_keys:  # the queries sit where their keys were written
                 kwargs["positions"] = nodes[c.cache_positions][1]
         with graph.inserting_before(out):
             new = graph.call_function(block_sparse_attention, (q, k, v, mask), kwargs)
