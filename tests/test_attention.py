@@ -1227,6 +1227,16 @@ def test_a_static_cache_written_at_the_query_positions_follows_the_uncached_forw
     assert (steps - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 
 
+def _masked_sdpa_at_end(layout):
+    """SDPA with the pattern's bottom rows for queries that are the last keys (the reference of a
+    growing cache's step)."""
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _SDPA(q, k, v, attn_mask=attention_mask_at_end(layout, q.shape[-2], k.shape[-2], True), scale=scale)
+
+    return sdpa
+
+
 def _pattern_at_positions_sdpa(layout):
     """SDPA with the pattern's rows at each query's position folded into the model's mask, the
     position being the last slot the model's (causal) mask allows (the reference of a static cache)."""
@@ -1345,20 +1355,33 @@ class SlidingWindowCachedAttention(nn.Module):
         return out, k[:, :, -self.window + 1 :, :], v[:, :, -self.window + 1 :, :]
 
 
-def test_a_sliding_window_cache_stays_dense_with_the_reason():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_sliding_window_cache_follows_the_pattern_until_it_may_have_dropped_keys(dynamic, monkeypatch):
+    """While the cache holds fewer keys than its window keeps, its first key is position 0 and a step
+    takes the bottom rows of the pattern, as a growing cache's; from then on it may have dropped keys,
+    so the step is dense with the reason (a dynamic graph is guarded on the cache's size)."""
+    torch.manual_seed(0)
     fixed = dataclasses.replace(ATTN, attention_seq_len=128)
     record = []
-    model = SlidingWindowCachedAttention()
-    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=17))
-    past = torch.randn(1, 2, 47, 16)
-    x = torch.randn(1, 1, 32)
-    with torch.no_grad():
-        got = compiled(x, past, past)[0]
-        want = model(x, past, past)[0]
-    (d,) = record
-    assert d.candidate.kv_cache_window and not d.candidate.kv_cache_step
-    assert not d.sparse and "sliding window" in d.reason
-    torch.testing.assert_close(got, want)
+    model = SlidingWindowCachedAttention(window=96).eval()  # keeps 95 keys
+    compiled = torch.compile(model, backend=_backend(options=fixed, record=record, min_seq_len=17), dynamic=dynamic)
+    fitted = attention_layout("butterfly+local+global", 128, 128, 16, density=0.3, causal=True)
+    for cached in (60, 80, 95):
+        past_k, past_v, x = torch.randn(1, 2, cached, 16), torch.randn(1, 2, cached, 16), torch.randn(1, 1, 32)
+        with torch.no_grad():
+            got = compiled(x, past_k, past_v)[0]
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(F, "scaled_dot_product_attention", _masked_sdpa_at_end(fitted))
+                want = model(x, past_k, past_v)[0]
+            dense = model(x, past_k, past_v)[0]
+        d = record[-1]
+        assert d.candidate.kv_cache_step and d.candidate.kv_cache_window == 95
+        if cached < 95:
+            assert d.sparse and d.cache_window == 95 and "sliding window" in d.reason
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert not d.sparse and "may have dropped" in d.reason
+            torch.testing.assert_close(got, dense)
 
 
 def test_cross_attention_of_other_lengths_stays_dense_under_a_fixed_pattern():

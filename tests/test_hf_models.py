@@ -29,6 +29,15 @@ def _llama(positions=64):
     return transformers.LlamaForCausalLM(config), {}
 
 
+def _mistral(positions=64, window=120):
+    """Llama-like, with a sliding-window cache (which keeps its last ``window - 1`` keys)."""
+    config = transformers.MistralConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=positions, sliding_window=window,
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(config), {}
+
+
 def _bert():
     config = transformers.BertConfig(
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -148,17 +157,18 @@ def test_gpt2_with_a_fixed_pattern_gives_a_sequence_the_same_logits_alone_and_ri
     assert (alone - dense).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name,cache", [("gpt2", "dynamic"), ("gpt2", "static"), ("llama", "dynamic"),
+                                        ("llama", "static"), ("mistral", "dynamic")])  # fmt: skip
 def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name, cache, monkeypatch):
     """Greedy decoding with Hugging Face's key/value caches (GPT-2; Llama: rotary embeddings and
-    grouped-query heads), growing (``DynamicCache``) or preallocated and written in place
-    (``StaticCache``): each step's queries take their rows of the fixed pattern, so every step's
-    logits equal the eager model's on the whole sequence with the fixed layout applied."""
+    grouped-query heads; Mistral: a sliding-window cache, here within its window), growing
+    (``DynamicCache``) or preallocated and written in place (``StaticCache``): each step's queries
+    take their rows of the fixed pattern, so every step's logits equal the eager model's on the whole
+    sequence with the fixed layout applied."""
     from sparse_compiler.layouts.attention import attention_element_mask, attention_layout_at, get_attention_layout
 
     torch.manual_seed(0)
-    model = EXPECTED[name][0](positions=128)[0].eval()
+    model = {"gpt2": _gpt2, "llama": _llama, "mistral": _mistral}[name](positions=128)[0].eval()
     # the kernels from 101 keys on: the 100-token prompt through SDPA, every cache step reading the kept blocks
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.2,
                "attention_seq_len": 128, "attention_min_seq_len": 101}
@@ -196,11 +206,7 @@ def test_cached_decoding_with_a_fixed_pattern_follows_the_uncached_forward(name,
 def test_a_sliding_window_cache_keeps_cache_steps_dense_with_the_reason():
     """Mistral's sliding-window cache keeps only its last keys, so its first key is not position 0
     once the window is full: a fixed pattern cannot place the queries, and the report says so."""
-    config = transformers.MistralConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, sliding_window=32,
-    )  # fmt: skip
-    model = transformers.MistralForCausalLM(config).eval()
+    model = _mistral(positions=128, window=32)[0].eval()
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.2,
                "attention_seq_len": 128, "attention_min_seq_len": 17}  # fmt: skip
     compiled = torch.compile(model, backend="sparsify", options=options)

@@ -291,6 +291,7 @@ class AttentionDecision:
     fixed_pattern: bool = False  # the lowering builds the fixed pattern's mask at each call's lengths
     short_of: tuple[str, int] | None = None  # too short: ("q" or "k", the length from which it may change)
     first_keys: bool = False  # is_causal, fewer queries than keys: only the first Lq keys are seen (cut there)
+    cache_window: int | None = None  # a sliding-window cache: valid while it holds fewer keys (Lk - Lq) than this
 
     @property
     def sparse(self) -> bool:
@@ -391,6 +392,9 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
         return _dense(c, f"excluded by exclude={list(o.exclude)}")
     threshold = min_seq_len if min_seq_len is not None else o.attention_min_seq_len
     decision = _decide_length(c, o, profile, threshold)
+    if decision.sparse and c.kv_cache_window is not None and c.seq_len_q_hint != c.seq_len_k_hint:
+        decision = replace(decision, cache_window=c.kv_cache_window, reason=decision.reason + (
+            f"; the cache keeps its last {c.kv_cache_window} keys (a sliding window): this holds while it has fewer"))
     dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
     if not dynamic:
         return decision  # static lengths: nothing to guard
@@ -425,10 +429,10 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
     lq, lk = c.seq_len_q_hint, c.seq_len_k_hint
     shorter = "q" if lq <= lk else "k"
     fixed = o.attention_seq_len
-    if lq != lk and c.kv_cache_window:
-        return _dense(c, f"key/value cache step ({lq} queries x {lk} keys) whose cache keeps only its last keys (a "
-                         "sliding window): its first key need not be position 0, so where the queries lie is not "
-                         "known; dense")
+    if lq != lk and c.kv_cache_window is not None and lk - lq >= c.kv_cache_window:
+        return _dense(c, f"key/value cache step ({lq} queries x {lk} keys) whose cache keeps only its last "
+                         f"{c.kv_cache_window} keys (a sliding window) and holds {lk - lq}: it may have dropped its "
+                         "first keys, so where the queries lie is not known; dense")
     if lq != lk and c.kv_cache_step and fixed is None:
         return _dense(c, f"key/value cache step ({lq} queries, the last of {lk} keys) with a pattern fitted at each "
                          "length: set attention_seq_len to give cached steps the uncached forward's pattern; dense")

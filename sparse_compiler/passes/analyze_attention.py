@@ -28,9 +28,9 @@ A key/value cache step is recognised by its keys: ``k = cat([cache, new], dim=-2
 views, expands and casts that keep the last two dims, as ``repeat_kv`` does) where ``new`` has as many
 positions as the queries. The new keys are computed from the same tokens as the queries, so the
 queries are the last ``Lq`` of the ``Lk`` keys (``kv_cache_step``), which is how Hugging Face's
-``DynamicCache`` and hand-written caches grow; unless the graph also keeps only the last keys of the
-concatenation for the next step (a sliding-window cache, ``kv_cache_window``: its first key need not
-be position 0, so where the queries lie is not known). A preallocated cache written in place before the
+``DynamicCache`` and hand-written caches grow. When the graph also keeps only the last ``w`` keys of
+the concatenation for the next step (a sliding-window cache, ``kv_cache_window = w``), the cache's
+first key is position 0 only while it holds fewer than ``w`` keys: the planner decides on that. A preallocated cache written in place before the
 attention, ``cache.index_copy_(-2, positions, new)`` with ``new`` as long as the queries (Hugging
 Face's ``StaticCache``), places the queries at ``positions``, a tensor of the graph
 (``cache_positions`` names its node; the last such write before the keys are read); its keys are the
@@ -115,7 +115,7 @@ class AttentionCandidate:
     blocker: str | None
     kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
     cache_positions: str | None = None  # a static cache written at these positions (node) before: the queries' own
-    kv_cache_window: bool = False  # a growing cache of which the graph keeps only the last keys (a sliding window)
+    kv_cache_window: int | None = None  # the graph keeps only this many last keys of the cache (a sliding window)
     mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
 
     @property
@@ -586,8 +586,9 @@ def _candidate(
                              info.get("seq_len_k_hint", 0))
     )  # fmt: skip
     caller, module_type = calling_module(out)
-    appended = _appended_cache(k, _meta(q).shape[-2], _meta(k).shape[-2]) if info and isinstance(k, fx.Node) else None
-    kv_cache_step = appended == "grows"
+    kv_cache_step, window = False, None
+    if info and isinstance(k, fx.Node):
+        kv_cache_step, window = _appended_cache(k, _meta(q).shape[-2], _meta(k).shape[-2])
     positions = None
     if bool(info) and isinstance(k, fx.Node) and not kv_cache_step:
         positions = _static_cache_positions(k, out, _meta(q).shape[-2], _meta(k).shape[-2])
@@ -612,7 +613,7 @@ def _candidate(
         output_dtype=getattr(_meta(out), "dtype", None),
         blocker=blocker,
         kv_cache_step=kv_cache_step,
-        kv_cache_window=appended == "window",
+        kv_cache_window=window,
         cache_positions=positions.name if positions is not None else None,
         mask_causal=mask_causal,
         **info,
@@ -655,37 +656,39 @@ def _keys_behind(k: fx.Node, lk: Any, max_steps: int = 8) -> Iterator[fx.Node]:
         node = tensors[0]
 
 
-def _appended_cache(k: fx.Node, lq: Any, lk: Any) -> str | None:
-    """``"grows"`` when the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the
-    queries (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2;
-    ``"window"`` when the graph also keeps only the last keys of that concatenation for the next step
-    (``full[..., -w:, :]``: a sliding-window cache, whose first key need not be position 0); else None."""
+def _appended_cache(k: fx.Node, lq: Any, lk: Any) -> tuple[bool, int | None]:
+    """(whether the keys ``k`` are ``cat([cache, new], dim=-2)`` with ``new`` as long as the queries
+    (``lq``), seen through single-input ops that keep the key length ``lk`` at dim -2; ``w`` when the
+    graph also keeps only the last ``w`` keys of that concatenation for the next step, ``full[...,
+    -w:, :]``: a sliding-window cache, whose first key is position 0 only while it holds fewer than
+    ``w`` keys)."""
     for node in _keys_behind(k, lk):
         if node.op == "call_function" and node.target in _CAT:
             pieces, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
             out = _meta(node)
             if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or not isinstance(dim, int) or out is None:
-                return None
+                return False, None
             last = _meta(pieces[-1])
             if dim % out.dim() != out.dim() - 2 or not isinstance(last, torch.Tensor) or not _same_size(last.shape[-2], lq):
-                return None
-            return "window" if any(_keeps_last_keys(user, out.dim()) for user in node.users) else "grows"
-    return None
+                return False, None
+            windows = [w for w in (_last_keys_kept(user, out.dim()) for user in node.users) if w is not None]
+            return True, min(windows) if windows else None
+    return False, None
 
 
-def _keeps_last_keys(node: fx.Node, ndim: int) -> bool:
-    """Whether ``node`` is ``x[..., -w:, :]``: the last keys of ``x`` (a slice of dim -2 from a
-    negative start)."""
+def _last_keys_kept(node: fx.Node, ndim: int) -> int | None:
+    """``w`` when ``node`` is ``x[..., -w:, :]``, the last ``w`` keys of ``x`` (a slice of dim -2
+    from a negative start), else None."""
     if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
-        return False
+        return None
     index = node.args[1]
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
     if len(index) != ndim:
-        return False
+        return None
     step = index[ndim - 2]
-    return isinstance(step, slice) and isinstance(step.start, int) and step.start < 0
+    return -step.start if isinstance(step, slice) and isinstance(step.start, int) and step.start < 0 else None
 
 
 def _static_cache_positions(k: fx.Node, attention: fx.Node, lq: Any, lk: Any) -> fx.Node | None:

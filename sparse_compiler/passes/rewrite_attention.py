@@ -41,7 +41,8 @@ def rewrite_attention(
     """Apply the sparse ``decisions`` to ``gm`` in place and return it (module docstring)."""
     nodes = node_index(gm)  # a body's nodes are named by their path (passes/regions.py)
     for d in decisions:
-        if d.candidate.symbolic and (d.specialize or d.short_of is not None or d.fixed_pattern or d.first_keys):
+        if d.candidate.symbolic and (d.specialize or d.short_of is not None or d.fixed_pattern or d.first_keys
+                                     or d.cache_window is not None):  # fmt: skip
             _guard_lengths(nodes, d)
     chosen = [d for d in decisions if d.sparse]
     if not chosen:
@@ -100,6 +101,8 @@ def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
         val = nodes[name][1].meta.get("val", nodes[name][1].meta.get("example_value"))
         if isinstance(val, torch.Tensor) and val.dim() >= 2:
             lengths[dim] = val.shape[-2]
+    if d.cache_window is not None and len(lengths) == 2:  # a sliding window that has not dropped a key yet
+        guard_bool(lengths["k"] - lengths["q"] < d.cache_window)
     if d.first_keys and len(lengths) == 2:  # the keys are cut at the queries' length
         guard_bool(lengths["q"] <= lengths["k"])
         lengths["k"] = lengths["q"]
