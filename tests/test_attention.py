@@ -1384,6 +1384,24 @@ def test_a_sliding_window_cache_follows_the_pattern_until_it_may_have_dropped_ke
             torch.testing.assert_close(got, dense)
 
 
+def test_a_full_window_cut_at_its_start_before_the_concatenation_stays_dense():
+    """``cat([cache[..., 1:, :], new])`` (Hugging Face's full static sliding window given a chunk):
+    the cache has dropped its first keys whatever its size, so the step stays dense."""
+    fixed = dataclasses.replace(ATTN, attention_seq_len=128)
+    record = []
+
+    def step(q, k_new, cache):
+        k = torch.cat([cache[:, :, 1:, :], k_new], dim=-2)
+        return F.scaled_dot_product_attention(q, k, k)
+
+    q, cache = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 64, 16)
+    got = torch.compile(step, backend=_backend(options=fixed, record=record, min_seq_len=17))(q, q, cache)
+    (d,) = record
+    assert d.candidate.kv_cache_step and d.candidate.kv_cache_window == 0
+    assert not d.sparse and "may have dropped" in d.reason
+    torch.testing.assert_close(got, step(q, q, cache))
+
+
 def test_cross_attention_of_other_lengths_stays_dense_under_a_fixed_pattern():
     """Keys that are not a cache ending with the queries' own keys: where the queries lie is not
     known, so the pattern is not placed."""

@@ -30,7 +30,9 @@ positions as the queries. The new keys are computed from the same tokens as the 
 queries are the last ``Lq`` of the ``Lk`` keys (``kv_cache_step``), which is how Hugging Face's
 ``DynamicCache`` and hand-written caches grow. When the graph also keeps only the last ``w`` keys of
 the concatenation for the next step (a sliding-window cache, ``kv_cache_window = w``), the cache's
-first key is position 0 only while it holds fewer than ``w`` keys: the planner decides on that. A preallocated cache written in place before the
+first key is position 0 only while it holds fewer than ``w`` keys: the planner decides on that. A
+cache cut at its start before the concatenation (``cat([cache[..., 1:, :], new])``, a full sliding
+window) has dropped keys (``kv_cache_window = 0``). A preallocated cache written in place before the
 attention, ``cache.index_copy_(-2, positions, new)`` with ``new`` as long as the queries (Hugging
 Face's ``StaticCache``), places the queries at ``positions``, a tensor of the graph
 (``cache_positions`` names its node; the last such write before the keys are read); its keys are the
@@ -115,7 +117,8 @@ class AttentionCandidate:
     blocker: str | None
     kv_cache_step: bool = False  # k = cat([cache, new], seq dim) with new as long as q: the queries are the last keys
     cache_positions: str | None = None  # a static cache written at these positions (node) before: the queries' own
-    kv_cache_window: int | None = None  # the graph keeps only this many last keys of the cache (a sliding window)
+    kv_cache_window: int | None = None  # the graph keeps only this many last keys of the cache (a sliding window;
+    # 0: it was cut at its start before the concatenation)
     mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
 
     @property
@@ -671,24 +674,29 @@ def _appended_cache(k: fx.Node, lq: Any, lk: Any) -> tuple[bool, int | None]:
             last = _meta(pieces[-1])
             if dim % out.dim() != out.dim() - 2 or not isinstance(last, torch.Tensor) or not _same_size(last.shape[-2], lq):
                 return False, None
-            windows = [w for w in (_last_keys_kept(user, out.dim()) for user in node.users) if w is not None]
+            if any(_key_slice_start(piece, out.dim()) not in (None, 0) for piece in pieces[:-1]):
+                return True, 0  # the cache was cut at its start here (cache[..., 1:, :]): it has dropped keys
+            starts = [_key_slice_start(user, out.dim()) for user in node.users]
+            windows = [-start for start in starts if isinstance(start, int) and start < 0]
             return True, min(windows) if windows else None
     return False, None
 
 
-def _last_keys_kept(node: fx.Node, ndim: int) -> int | None:
-    """``w`` when ``node`` is ``x[..., -w:, :]``, the last ``w`` keys of ``x`` (a slice of dim -2
-    from a negative start), else None."""
-    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
+def _key_slice_start(node: Any, ndim: int) -> int | None:
+    """The start of ``node``'s slice of dim -2 when ``node`` is ``x[..., start:, :]`` with a constant
+    start (``x[..., -w:, :]`` keeps the last ``w`` keys), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not operator.getitem:
         return None
     index = node.args[1]
+    if not isinstance(index, tuple):
+        return None
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
-    if len(index) != ndim:
+    if len(index) != ndim or not isinstance(index[ndim - 2], slice):
         return None
-    step = index[ndim - 2]
-    return -step.start if isinstance(step, slice) and isinstance(step.start, int) and step.start < 0 else None
+    start = index[ndim - 2].start
+    return start if isinstance(start, int) else None
 
 
 def _static_cache_positions(k: fx.Node, attention: fx.Node, lq: Any, lk: Any) -> fx.Node | None:
