@@ -450,13 +450,9 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
                          "(up to 128) must divide the block size")
     causal = _pattern_causal(c, o)
-    try:
-        layout = attention_layout_from_options(o, lq, lk, causal)
-    except ValueError as exc:
-        return _dense(c, f"no attention layout: {exc}")
-    if layout.params["density"] >= 1.0:
-        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lq}x{lk} (blocks of {b}): nothing to skip",
-                      short_of=_first_skipping_length(o, causal, min(lq, lk), shorter))
+    layout = _layout_or_dense(c, o, lq, lk, causal, shorter)
+    if isinstance(layout, AttentionDecision):
+        return layout
     prof = profile if profile is not None else profile_for(c.device)
     training = c.requires_grad
     est = _estimate(c, layout, prof, training)
@@ -518,6 +514,20 @@ def _first_skipping_length(o: Options, causal: bool, length: int, dim: str, look
     return dim, (m - 1) * b + 1
 
 
+def _layout_or_dense(c: AttentionCandidate, o: Options, lq: int, lk: int, causal: bool, dim: str) -> Layout | AttentionDecision:
+    """The options' layout at ``lq x lk``, or the dense decision when there is none or it keeps every
+    block (guarded below the first length along ``dim`` whose layout drops one)."""
+    try:
+        layout = attention_layout_from_options(o, lq, lk, causal)
+    except ValueError as exc:
+        return _dense(c, f"no attention layout: {exc}")
+    if layout.params["density"] >= 1.0:
+        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lq}x{lk} (blocks of "
+                         f"{o.attention_block_size}): nothing to skip",
+                      short_of=_first_skipping_length(o, causal, min(lq, lk), dim))  # fmt: skip
+    return layout
+
+
 def _describe(layout: Layout) -> str:
     p = layout.params
     what = p["pattern"]
@@ -548,13 +558,9 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
                 "as at the prefill of a preallocated cache), so the keys are cut there")
         return replace(inner, candidate=c, reason=inner.reason + note, first_keys=True)
     causal = _pattern_causal(c, o)
-    try:
-        layout = attention_layout_from_options(o, lk, lk, causal)
-    except ValueError as exc:
-        return _dense(c, f"no attention layout: {exc}")
-    if layout.params["density"] >= 1.0:
-        return _dense(c, f"the {o.attention_pattern} layout keeps every block at {lk}x{lk} (blocks of "
-                         f"{o.attention_block_size}): nothing to skip", short_of=_first_skipping_length(o, causal, lk, "k"))
+    layout = _layout_or_dense(c, o, lk, lk, causal, "k")
+    if isinstance(layout, AttentionDecision):
+        return layout
     pattern = f"{'the causal' if causal else 'the'} fixed pattern ({_describe(layout)} at {lk}x{lk}, fitted at " \
               f"attention_seq_len={fixed})"  # fmt: skip
     if static:

@@ -510,15 +510,12 @@ def attention_mask_at_positions(
 def attention_key_runs(layout: Layout, seq_len_q: int, seq_len_k: int) -> list[tuple[int, int]]:
     """The key positions that the last ``seq_len_q`` of ``seq_len_k`` positions may attend to under
     ``layout``'s pattern, as maximal runs ``[start, end)`` of consecutive kept blocks (ascending,
-    cropped to ``seq_len_k``): the union of the kept blocks of the queries' block rows."""
-    _check_int("seq_len_q", seq_len_q, 1)
-    _check_int("seq_len_k", seq_len_k, 1)
+    cropped to ``seq_len_k``): the union of the kept blocks of the queries' block rows (read from
+    :func:`attention_row_block_lists`' host copy)."""
+    lists, _, spans = _rows_of_last_queries(layout, seq_len_q, seq_len_k, torch.device("cpu"))
     b = layout.block_size
-    n_k = _n_blocks(seq_len_k, b)
-    keep = _blocks_at_capacity(layout.key, n_k, torch.device("cpu"))
-    rows = keep[(seq_len_k - seq_len_q) // b : (seq_len_k - 1) // b + 1, :n_k].any(0)
     runs: list[tuple[int, int]] = []
-    for j in rows.nonzero().flatten().tolist():
+    for j in sorted({j for start, count in spans for j in lists.cols_host[start : start + count]}):
         if runs and runs[-1][1] == j * b:
             runs[-1] = (runs[-1][0], min((j + 1) * b, seq_len_k))
         else:
@@ -610,19 +607,28 @@ def attention_row_block_lists(
     ``first_row + r`` keeps the key blocks ``cols[start_r : start_r + count_r]`` (ascending, int32 on
     ``device``, cropped to the ``ceil(seq_len_k / b)`` key blocks). ``cols`` is built once per pattern,
     capacity and device (as :func:`attention_mask_at_end`'s blocks), so a decoding step only slices it."""
+    lists, first, spans = _rows_of_last_queries(layout, seq_len_q, seq_len_k, torch.device(device))
+    return lists.cols, first, spans
+
+
+def _rows_of_last_queries(
+    layout: Layout, seq_len_q: int, seq_len_k: int, device: torch.device
+) -> tuple[_RowLists, int, list[tuple[int, int]]]:
+    """The row lists, the first block row of the last ``seq_len_q`` of ``seq_len_k`` positions, and
+    each of their rows' ``(start, count)`` in the lists, cropped to the keys' blocks."""
     _check_int("seq_len_q", seq_len_q, 1)
     _check_int("seq_len_k", seq_len_k, 1)
     if seq_len_q > seq_len_k:
         _fail("seq_len_q", seq_len_q, f"more queries than keys ({seq_len_k}): they cannot be the last keys")
     b = layout.block_size
     n_k = _n_blocks(seq_len_k, b)
-    lists = _row_lists(layout, seq_len_k, torch.device(device))
+    lists = _row_lists(layout, seq_len_k, device)
     first, last = (seq_len_k - seq_len_q) // b, (seq_len_k - 1) // b
     spans = []
     for row in range(first, last + 1):
         start, end = lists.row_ptr_host[row], lists.row_ptr_host[row + 1]
         spans.append((start, bisect.bisect_left(lists.cols_host, n_k, start, end) - start))
-    return lists.cols, first, spans
+    return lists, first, spans
 
 
 def attention_row_block_table(

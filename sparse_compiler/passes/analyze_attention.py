@@ -707,10 +707,9 @@ def _static_cache_positions(k: fx.Node, attention: fx.Node, lq: Any, lk: Any) ->
     reader = attention
     for node in _keys_behind(k, lk):
         buffer = _meta(node)
-        writes = [u for u in node.users if u.op == "call_method" and u.target == "index_copy_" and u.args[:1] == (node,)
-                  and _runs_before(u, reader)]  # fmt: skip
-        if writes:
-            last = max(writes, key=_graph_position)
+        writes = {u for u in node.users if u.op == "call_method" and u.target == "index_copy_" and u.args[:1] == (node,)}
+        last = next((n for n in _nodes_before(reader) if n in writes), None) if writes else None
+        if last is not None:
             dim, index, source = _arg(last, 1, "dim"), _arg(last, 2, "index"), _arg(last, 3, "source")
             new, positions = _meta(source), _meta(index)
             if (isinstance(dim, int) and isinstance(buffer, torch.Tensor) and dim % buffer.dim() == buffer.dim() - 2
@@ -722,22 +721,12 @@ def _static_cache_positions(k: fx.Node, attention: fx.Node, lq: Any, lk: Any) ->
     return None
 
 
-def _graph_position(node: fx.Node) -> int:
-    """How many nodes precede ``node`` in its graph."""
-    count, prev = 0, node.prev
+def _nodes_before(node: fx.Node) -> Iterator[fx.Node]:
+    """The nodes that precede ``node`` in its graph, nearest first."""
+    prev = node.prev
     while prev.op != "root":
-        count, prev = count + 1, prev.prev
-    return count
-
-
-def _runs_before(a: fx.Node, b: fx.Node) -> bool:
-    """Whether node ``a`` comes before node ``b`` in their graph."""
-    node = a.next
-    while node.op != "root":
-        if node is b:
-            return True
-        node = node.next
-    return False
+        yield prev
+        prev = prev.prev
 
 
 def _same_size(a: Any, b: Any) -> bool:
