@@ -42,12 +42,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_cpu_linear import machine  # noqa: E402
+from bench_cpu_linear import machine
 
-from sparse_compiler.cost.attention import estimate_cache_step_time, profile_for  # noqa: E402
-from sparse_compiler.kernels.attention import block_sparse_attention  # noqa: E402
-from sparse_compiler.kernels.cache_step import kept_blocks_by_runs  # noqa: E402
-from sparse_compiler.layouts.attention import attention_key_runs, attention_layout, attention_mask_at_end  # noqa: E402
+from sparse_compiler.cost.attention import estimate_cache_step_time, profile_for
+from sparse_compiler.kernels.attention import block_sparse_attention
+from sparse_compiler.kernels.cache_step import kept_blocks_by_runs
+from sparse_compiler.layouts.attention import attention_key_runs, attention_layout, attention_mask_at_end
 
 SHAPES = {  # batch, query heads, key/value heads, head dim, dtype
     "cpu": (1, 8, 8, 64, torch.float32),
@@ -145,8 +145,8 @@ def main() -> None:
                 "masked_ms": t_masked * 1e3,
                 "kept_blocks_ms": t_kept * 1e3,
                 "speedup": t_dense / t_kept,
-                **({"by_runs_ms": t_cuda[0] * 1e3, "by_runs_speedup": t_dense / t_cuda[0],
-                    "static_ms": t_cuda[1] * 1e3} if t_cuda else {}),  # fmt: skip
+                **({"by_runs_ms": t_cuda[0] * 1e3, "by_runs_speedup": t_dense / t_cuda[0], "static_ms": t_cuda[1] * 1e3}
+                   if t_cuda else {}),
                 "predicted_speedup": predicted,
                 "max_abs_diff_vs_masked": err,
             }

@@ -242,7 +242,8 @@ def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_
     for _ in range(6):
         layout = attention_layout_at(get_attention_layout(rows[0]["layout"]), seq.shape[1], seq.shape[1])
 
-        def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                        layout=layout):  # fmt: skip
             allowed = attention_element_mask(layout, q.shape[-2], k.shape[-2], True)
             return sdpa(q, k, v, attn_mask=allowed, scale=scale, **({"enable_gqa": True} if enable_gqa else {}))
 

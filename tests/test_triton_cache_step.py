@@ -15,9 +15,9 @@ if __name__ == "__main__":  # worker mode: must precede any import of the kernel
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import check_case, collect_results, needs_triton, run_worker  # noqa: E402
+from triton_interpreter import check_case, collect_results, needs_triton, run_worker
 
-from sparse_compiler.layouts.attention import attention_layout, attention_mask_at_end  # noqa: E402
+from sparse_compiler.layouts.attention import attention_layout, attention_mask_at_end
 
 LAYOUTS = {
     # causal, 16-blocks, fitted at 1024 tokens: several kept blocks per row, in several runs
@@ -46,7 +46,7 @@ CASES = {
 
 
 def _inputs(case: tuple):
-    name, dtype, lq, lk, hq, hk, d, dv, mode, _, position = case
+    _, dtype, lq, lk, hq, hk, d, dv, mode, _, position = case
     dtype = getattr(torch, dtype)
     batch = 0 if mode == "empty" else 2
     q = torch.randn(batch, hq, lq, d).to(dtype)

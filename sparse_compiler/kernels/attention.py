@@ -395,7 +395,7 @@ def block_sparse_attention(
     mask_mode: str = "none",
     lowering: str = "flex",
     fixed: bool = False,
-    positions: Optional[Tensor] = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Block-sparse attention (module docstring); q, k, v are ``(..., length, dim)`` with 2 to 4 dims.
 

@@ -59,7 +59,8 @@ import itertools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import networkx as nx
 import sympy

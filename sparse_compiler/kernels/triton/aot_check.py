@@ -131,18 +131,18 @@ def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
         (128, 2, "*u8", False, False), (128, 1, ptr, False, False), (128, 0, ptr, True, False),
     ):  # fmt: skip
         keys, warps, stages = S._tiles(_ELT[dt], dim, b)
-        types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr=mask_type, cols_ptr="*i32", pos_ptr="*i64",
-                     row_ptr_ptr="*i32", out_ptr=ptr if final else "*fp32", m_ptr="*fp32", l_ptr="*fp32",
-                     qk_scale="fp32")  # fmt: skip
-        consts = dict(B=b, CAUSAL=True, MASK_MODE=mode, POSITIONS=positions, FINAL=final, PRECISION="tf32",
-                      BLOCK_M=16, BLOCK_N=keys, BLOCK_D=dim, BLOCK_DV=dim, stride_qd=1, stride_kd=1,
-                      stride_vd=1)  # fmt: skip
+        types = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "mask_ptr": mask_type, "cols_ptr": "*i32",
+                 "pos_ptr": "*i64", "row_ptr_ptr": "*i32", "out_ptr": ptr if final else "*fp32", "m_ptr": "*fp32",
+                 "l_ptr": "*fp32", "qk_scale": "fp32"}  # fmt: skip
+        consts = {"B": b, "CAUSAL": True, "MASK_MODE": mode, "POSITIONS": positions, "FINAL": final,
+                  "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": keys, "BLOCK_D": dim, "BLOCK_DV": dim,
+                  "stride_qd": 1, "stride_kd": 1, "stride_vd": 1}  # fmt: skip
         div = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "cols_ptr", "out_ptr", "m_ptr", "l_ptr", "stride_kn", "stride_vn"]
         where = " at a position" if positions else ""
         label = f"cache-step {dt} b={b} d={dim} mask={mode}{where} {'final' if final else 'split'}"
         yield (label, C.partial_kernel, types, consts, div, warps, stages, {"BLOCK_N": keys})
-    types = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", out_ptr=ptr)
-    yield (f"cache-merge {dt}", C.combine_kernel, types, dict(BLOCK_S=16, BLOCK_DV=128, stride_od=1),
+    types = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": ptr}
+    yield (f"cache-merge {dt}", C.combine_kernel, types, {"BLOCK_S": 16, "BLOCK_DV": 128, "stride_od": 1},
            ["acc_ptr", "m_ptr", "l_ptr", "out_ptr"], 4, 1, {})  # fmt: skip
 
 
