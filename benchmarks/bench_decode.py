@@ -1,29 +1,35 @@
 #!/usr/bin/env python
 """One decoding step with a key/value cache: a fixed block-sparse pattern against dense SDPA.
 
-    python benchmarks/bench_decode.py [--device cpu|cuda] [--contexts 4096 16384 65536] [--out FILE]
+    python benchmarks/bench_decode.py [--device cpu|cuda] [--contexts 4096 16384 65536] [--queries 1]
+                                      [--out FILE]
 
 A step's query is the last position of a cache of ``context`` keys (batch 1, 8 query and 8 key/value
 heads of 64 on the CPU in fp32; batch 4, 32 query and 8 key/value heads of 128 on CUDA in bf16).
 Decoding reads the whole cache at every step, so a step's time is the cache's size over the memory
-bandwidth. Timed, per context and pattern density (``butterfly+local+global``, 128-blocks, the
-pattern fixed at the context length as ``attention_seq_len`` would fix it):
+bandwidth. ``--queries N`` makes the step a chunk of the last ``N`` positions instead (a chunked
+prefill, or a conversation's next turn over its cache), whose scores cost more than the reading.
+Timed, per context and pattern density (``butterfly+local+global``, 128-blocks, the pattern fixed at
+the context length as ``attention_seq_len`` would fix it):
 
-- ``dense``: ``scaled_dot_product_attention`` over every cached key (the dense model's step);
+- ``dense``: ``scaled_dot_product_attention`` over every cached key (the dense model's step; with
+  the causal mask of the chunk's positions for a chunk);
 - ``masked``: SDPA with the pattern's element mask (the ``"sdpa"`` lowering: the pattern's result,
   every key read);
 - ``kept_blocks``: the backend's cache-step lowering (``kernels/cache_step.py``), which reads only
   the kept key/value blocks of the query's row: on CUDA one split-K Triton kernel and a merge
-  (``kernels/triton/cache_step.py``), on the CPU two matmuls per run of kept blocks;
-- ``by_runs`` (CUDA only): the CPU path on the GPU, for comparison (two matmuls per run);
-- ``static`` (CUDA only): the kernel with the query's position in a tensor, read on the device (a
-  static cache's step, here at its last slot: the same blocks as ``kept_blocks``).
+  (``kernels/triton/cache_step.py``), on the CPU two matmuls per run of kept blocks (a chunk: block
+  row by block row, each row over the keys up to its last query);
+- ``by_runs`` (CUDA, one query): the CPU path on the GPU, for comparison (two matmuls per run);
+- ``static`` (CUDA, one query): the kernel with the query's position in a tensor, read on the device
+  (a static cache's step, here at its last slot: the same blocks as ``kept_blocks``).
 
 Each timed call reads another "layer"'s cache, cycling through enough of them that together they
 are several times the last-level cache: a step finds its cache in memory, as a model's layers do.
 Medians over repeats; the speed-up is ``dense / kept_blocks``, beside the one the planner's time model
-predicts (``cost/attention.py``, ``estimate_cache_step_time``), and ``read`` is the fraction of the
-cache the query's row keeps. Every ``kept_blocks`` result is checked against ``masked``. Writes JSON
+predicts (``cost/attention.py``, ``estimate_cache_step_time``), ``read`` is the fraction of the
+cache the query's row keeps (summed over a chunk's block rows) and ``pairs`` the fraction of the
+(query, key) pairs computed. Every ``kept_blocks`` result is checked against ``masked``. Writes JSON
 with the machine named. A benchmark, not a test: nothing here asserts a speed.
 """
 
@@ -47,7 +53,12 @@ from bench_cpu_linear import machine
 from sparse_compiler.cost.attention import estimate_cache_step_time, profile_for
 from sparse_compiler.kernels.attention import block_sparse_attention
 from sparse_compiler.kernels.cache_step import kept_blocks_by_runs
-from sparse_compiler.layouts.attention import attention_key_runs, attention_layout, attention_mask_at_end
+from sparse_compiler.layouts.attention import (
+    attention_key_runs,
+    attention_layout,
+    attention_mask_at_end,
+    cache_step_pieces,
+)
 
 SHAPES = {  # batch, query heads, key/value heads, head dim, dtype
     "cpu": (1, 8, 8, 64, torch.float32),
@@ -80,13 +91,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--densities", type=float, nargs="+", default=[1 / 4, 1 / 8])
+    parser.add_argument("--queries", type=int, default=1, help="queries per step (more than 1: a chunk)")
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--bytes", type=float, default=None, help="all layers' caches together (default: 256 MB on "
                         "the CPU, 1 GB on CUDA)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = args.device
+    device, lq = args.device, args.queries
     batch, hq, hk, dim, dtype = SHAPES[device]
     total_bytes = args.bytes or (256e6 if device == "cpu" else 1e9)
     gen = torch.Generator().manual_seed(0)
@@ -98,22 +110,24 @@ def main() -> None:
         def make(*shape):
             return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-        layers = [(make(batch, hq, 1, dim), make(batch, hk, context, dim), make(batch, hk, context, dim))
+        layers = [(make(batch, hq, lq, dim), make(batch, hk, context, dim), make(batch, hk, context, dim))
                   for _ in range(n_layers)]  # fmt: skip
         gqa = {"enable_gqa": True} if hq != hk else {}
+        causal = torch.ones(lq, context, dtype=torch.bool, device=device).tril(context - lq) if lq > 1 else None
 
-        def dense(q, k, v, gqa=gqa):
-            return F.scaled_dot_product_attention(q, k, v, **gqa)
+        def dense(q, k, v, gqa=gqa, causal=causal):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, **gqa)
 
         for density in args.densities:
             layout = attention_layout("butterfly+local+global", context, context, args.block, density=density, causal=True)
-            allowed = attention_mask_at_end(layout, 1, context, device=device)
+            allowed = attention_mask_at_end(layout, lq, context, causal=True, device=device)
 
             def masked(q, k, v, allowed=allowed, gqa=gqa):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **gqa)
 
             def kept(q, k, v, key=layout.key, gqa=bool(gqa)):
-                return block_sparse_attention(q, k, v, layout=key, lowering="kept_blocks", fixed=True, enable_gqa=gqa)
+                return block_sparse_attention(q, k, v, layout=key, lowering="kept_blocks", fixed=True, enable_gqa=gqa,
+                                              causal=True)  # fmt: skip
 
             def by_runs(q, k, v, layout=layout, gqa=bool(gqa)):
                 return kept_blocks_by_runs(q, k, v, None, "none", layout, True, dim**-0.5, gqa)
@@ -124,22 +138,29 @@ def main() -> None:
                 return block_sparse_attention(q, k, v, layout=key, lowering="kept_blocks", fixed=True, enable_gqa=gqa,
                                               causal=True, positions=last)  # fmt: skip
 
-            fns = [dense, masked, kept] + ([by_runs, static] if device == "cuda" else [])  # on the CPU kept is by_runs
+            fns = [dense, masked, kept] + ([by_runs, static] if device == "cuda" and lq == 1 else [])  # (CPU: by runs)
             with torch.no_grad():
                 q, k, v = layers[0]
                 err = max((fn(q, k, v).float() - masked(q, k, v).float()).abs().max().item() for fn in fns[2:])
                 t_dense, t_masked, t_kept, *t_cuda = per_call_seconds(fns, layers, args.repeat, device)
-            runs = attention_key_runs(layout, 1, context)
-            read = sum(e - s for s, e in runs) / context
-            shape = dict(batch=batch, kv_heads=hk, seq_len_k=context, head_dim=dim, value_dim=dim, dtype=dtype)
+            read = pairs = n_runs = 0
+            for start, end in cache_step_pieces(layout, lq, context, causal=True):  # (one piece for one query)
+                runs = attention_key_runs(layout, end - start, end)
+                kept_keys = sum(e - s for s, e in runs)
+                read, pairs, n_runs = read + kept_keys / context, pairs + (end - start) * kept_keys, n_runs + len(runs)
+            pairs /= lq * context
+            shape = dict(batch=batch, kv_heads=hk, heads=hq, seq_len_q=lq, seq_len_k=context, head_dim=dim,
+                         value_dim=dim, dtype=dtype)  # fmt: skip
             predicted = estimate_cache_step_time(profile_for(device), **shape) / estimate_cache_step_time(
-                profile_for(device), **shape, read=read, runs=len(runs))  # fmt: skip
+                profile_for(device), **shape, read=read, runs=n_runs, computed=pairs)  # fmt: skip
             row = {
                 "context": context,
                 "target_density": density,
                 "layout_density": layout.params["density"],
+                "queries": lq,
                 "read": read,
-                "runs": len(runs),
+                "pairs": pairs,
+                "runs": n_runs,
                 "layers": n_layers,
                 "dense_ms": t_dense * 1e3,
                 "masked_ms": t_masked * 1e3,
@@ -151,7 +172,7 @@ def main() -> None:
                 "max_abs_diff_vs_masked": err,
             }
             rows.append(row)
-            print(f"context {context:6d}  d={density:.3f}  read {row['read']:.3f} ({len(runs)} runs)  dense "
+            print(f"context {context:6d}  queries {lq}  d={density:.3f}  read {read:.3f} ({n_runs} runs)  dense "
                   f"{row['dense_ms']:.3f} ms  masked {row['masked_ms']:.3f} ms  kept_blocks {row['kept_blocks_ms']:.3f} ms"
                   + (f"  by runs {row['by_runs_ms']:.3f} ms  static {row['static_ms']:.3f} ms" if t_cuda else "")
                   + f"  -> {row['speedup']:.2f}x (predicted {predicted:.2f}x, |diff| {err:.1e})", flush=True)  # fmt: skip

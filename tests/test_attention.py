@@ -5,6 +5,7 @@ FlexAttention forward, and a training graph traced by AOTAutograd). GPU tests ar
 """
 
 import dataclasses
+import itertools
 import math
 import warnings
 
@@ -512,6 +513,56 @@ def test_a_cache_step_reading_only_the_kept_blocks_equals_sdpa_with_the_element_
             block_sparse_attention(q[..., :1, :], k, v, None, layout=fitted.key, lowering="kept_blocks", fixed=True)
 
 
+@pytest.mark.parametrize("mode", ["none", "keep", "add"])
+def test_a_long_causal_chunk_over_a_cache_is_read_block_row_by_block_row(mode, monkeypatch):
+    """A chunk of more than a block of queries over a cache (a chunked prefill) under a causal
+    pattern (with or without the element-level causal mask, which Hugging Face's decoders put in
+    their own mask): cut at its block rows, each piece the step of the keys up to its end, through
+    the matmuls per run (pieces of fewer than ``GATHER_FROM_QUERIES`` queries) or SDPA over the
+    gathered kept keys; together they equal SDPA with the pattern's element mask, grouped heads and
+    the model's mask (per query or broadcast over them) included. At given positions (a static
+    cache) too; under a non-causal pattern the chunk is one masked SDPA."""
+    from sparse_compiler.kernels import cache_step
+    from sparse_compiler.layouts.attention import cache_step_pieces
+
+    steps = []
+    by_runs = cache_step.kept_blocks_by_runs
+    monkeypatch.setattr(cache_step, "kept_blocks_by_runs", lambda q, k, *a: steps.append((q.shape[-2], k.shape[-2])) or by_runs(q, k, *a))
+    fitted = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=True)
+    kw = {"layout": fitted.key, "lowering": "kept_blocks", "fixed": True, "enable_gqa": True, "mask_mode": mode}
+    for (lq, lk, rows), causal in itertools.product(((40, 1000, 1), (50, 650, 50), (64, 64, 1)), (True, False)):
+        pieces = cache_step_pieces(fitted, lq, lk)  # (a causal pattern keeps no block past the diagonal)
+        assert pieces[0][0] == lk - lq and pieces[-1][1] == lk and all(e == s2 for (_, e), (s2, _) in itertools.pairwise(pieces))
+        assert all((e - 1) // 16 == s // 16 for s, e in pieces) and len(pieces) == -(-lk // 16) - (lk - lq) // 16
+        assert {e - s < cache_step.GATHER_FROM_QUERIES for s, e in pieces} == ({True, False} if lq != 64 else {False})
+        q, k, v = torch.randn(2, 4, lq, 8), torch.randn(2, 2, lk, 8), torch.randn(2, 2, lk, 8)
+        mask = {"none": None, "keep": torch.rand(2, 1, rows, lk) > 0.1, "add": torch.randn(rows, lk)}[mode]
+        allowed = attention_mask_at_end(fitted, lq, lk, causal=causal)  # (not causal: within the diagonal blocks)
+        ref_mask = allowed if mode == "none" else allowed & mask if mode == "keep" else mask.masked_fill(~allowed, -math.inf)
+        with torch.no_grad():
+            steps.clear()
+            got = block_sparse_attention(q, k, v, mask, causal=causal, **kw)
+        assert steps == [(e - s, e) for s, e in pieces]  # each piece: its queries over the keys up to its end
+        torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=ref_mask, enable_gqa=True), rtol=1e-5, atol=1e-5)
+    assert cache_step_pieces(fitted, 16, 1000) == [(984, 1000)]  # a block of queries: one step
+    # a non-causal pattern: the pattern's rows over every key, one masked SDPA
+    free = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=False)
+    assert cache_step_pieces(free, 40, 600) == [(560, 600)] and len(cache_step_pieces(free, 40, 600, causal=True)) == 3
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 600, 8), torch.randn(1, 2, 600, 8)
+    with torch.no_grad():
+        got = block_sparse_attention(q, k, v, layout=free.key, lowering="kept_blocks", fixed=True)
+    torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=attention_mask_at_end(free, 40, 600)), rtol=1e-5, atol=1e-5)
+    # a static cache: a chunk written at positions 620..659 of 1024 slots, the slots after never read
+    k = torch.cat([k, torch.full((1, 2, 424, 8), 1e4)], -2)
+    v = torch.cat([v, torch.full((1, 2, 424, 8), 1e4)], -2)
+    pos = torch.arange(620, 660)
+    with torch.no_grad():
+        got = block_sparse_attention(q, k, v, layout=fitted.key, lowering="kept_blocks", fixed=True, causal=True,
+                                     positions=pos)  # fmt: skip
+    allowed = attention_mask_at_positions(fitted, pos, 660, causal=True)
+    torch.testing.assert_close(got, _SDPA(q, k[:, :, :660], v[:, :, :660], attn_mask=allowed), rtol=1e-5, atol=1e-5)
+
+
 def test_flex_training_graph_is_traced_with_its_backward(monkeypatch):
     """The graph CUDA compiles for training (FlexAttention forward and backward, block tables from the
     custom op), traced by AOTAutograd on CPU and run with the unfused reference implementation."""
@@ -812,6 +863,11 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     on_cpu = plan_attention([dataclasses.replace(cached, device="cpu", dtype=torch.float32)], fixed)[0]
     assert on_cpu.lowering == "kept_blocks" and "two matmuls per run" in on_cpu.reason
     assert step.estimate.speedup > 1 and f"estimated {step.estimate.speedup:.2f}x the dense step" in step.reason
+    # a chunk of 512 queries (a chunked prefill) is read block row by block row: fewer pairs computed
+    chunk = plan_attention([dataclasses.replace(cached, device="cpu", dtype=torch.float32, seq_len_q=512,
+                                                seq_len_q_hint=512)], fixed)[0]  # fmt: skip
+    assert chunk.lowering == "kept_blocks" and "4 block rows of queries, each over the keys up to its last" in chunk.reason
+    assert 1 < chunk.estimate.speedup < 1 / step.layout.params["density"]
     # a small cache: the pattern through SDPA, until the length from which the kept blocks pay
     small = dataclasses.replace(cached, batch=1, batch_hint=1, seq_len_k=2048, seq_len_k_hint=2048)
     slow = plan_attention([small], fixed, profile=CUDA_PROFILE)[0]
@@ -886,6 +942,15 @@ def test_time_model_of_a_cache_step_is_bound_by_reading_the_cache():
             profile, **common, read=0.25, runs=runs)  # fmt: skip
 
     assert speedup(4096, 3) < speedup(65536, 3) < 4 * CUDA_PROFILE.kept_read_efficiency + 1e-9
+    # a long chunk of queries is bound by its FLOPs: twice the queries, twice the time; one query reads
+    chunk = [estimate_cache_step_time(CPU_PROFILE, **shape, heads=8, seq_len_q=n, seq_len_k=65536, dtype=torch.float32)
+             for n in (512, 1024)]  # fmt: skip
+    assert chunk[1] - CPU_PROFILE.launch_s == pytest.approx(2 * (chunk[0] - CPU_PROFILE.launch_s))
+    one = estimate_cache_step_time(CPU_PROFILE, **shape, seq_len_k=65536, dtype=torch.float32)
+    assert one == pytest.approx(8 * 65536 * 128 * 4 / CPU_PROFILE.memory_bandwidth + CPU_PROFILE.launch_s)
+    sparse = estimate_cache_step_time(CPU_PROFILE, **shape, heads=8, seq_len_q=512, seq_len_k=65536,
+                                      dtype=torch.float32, read=2.0, runs=8, computed=0.125)  # fmt: skip
+    assert chunk[0] / sparse == pytest.approx(8 * CPU_PROFILE.sparse_efficiency / CPU_PROFILE.dense_efficiency, rel=0.05)
     # on the CPU each run costs two matmuls; on CUDA one kernel reads every run
     assert speedup(65536, 10, CPU_PROFILE) < speedup(65536, 3, CPU_PROFILE)
     assert speedup(65536, 10) == pytest.approx(speedup(65536, 3))
@@ -1545,7 +1610,8 @@ def test_gpu_dynamic_lengths_train_with_a_layout_per_length():
 @pytest.mark.parametrize("padding", [False, True])
 def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
     """The cache-step lowering on CUDA in bf16, grouped-query heads, compiled in a graph whose key
-    length is dynamic: each step equals SDPA (float32) with the pattern's element mask."""
+    length is dynamic: each step (one query, or a chunk of 300 read block row by block row) equals
+    SDPA (float32) with the pattern's element mask."""
     dev = "cuda"
     fitted = attention_layout("butterfly+local+global", 8192, 8192, 128, density=0.125, causal=True)
 
@@ -1554,8 +1620,8 @@ def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
                                       lowering="kept_blocks", fixed=True, enable_gqa=True)
 
     fn = torch.compile(step, dynamic=True, fullgraph=True)
-    for lk in (5000, 6001, 8192):
-        q = torch.randn(2, 8, 1, 64, device=dev, dtype=torch.bfloat16)
+    for lq, lk in ((1, 5000), (1, 6001), (1, 8192), (300, 6001)):
+        q = torch.randn(2, 8, lq, 64, device=dev, dtype=torch.bfloat16)
         k, v = (torch.randn(2, 2, lk, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
         pad = None
         if padding:
@@ -1563,7 +1629,7 @@ def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
             pad[1, ..., :300] = False
         with torch.no_grad():
             got = fn(q, k, v, pad)
-        allowed = attention_mask_at_end(fitted, 1, lk, device=dev)
+        allowed = attention_mask_at_end(fitted, lq, lk, device=dev)
         want = _SDPA(q.float(), k.float(), v.float(), attn_mask=allowed if pad is None else allowed & pad, enable_gqa=True)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 

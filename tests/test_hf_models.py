@@ -3,6 +3,8 @@ Llama (grouped-query attention, rotary embeddings, a decorated ``forward(*args, 
 BERT (padding mask); and their attention made block-sparse. Tiny configs built in memory: nothing is
 downloaded."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -219,11 +221,18 @@ def test_a_sliding_window_cache_keeps_cache_steps_dense_with_the_reason():
     assert rows and all(r["decision"] == "dense" and "sliding window" in r["reason"] for r in rows), rows
 
 
-def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_cache():
-    """``model.generate`` as users call it, with the forward compiled: a static and a dynamic cache
-    give the greedy tokens and the logits of the eager model run on the whole sequence at each step
-    with the fixed layout applied."""
+def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_cache(monkeypatch):
+    """``model.generate`` as users call it, with the forward compiled: a static and a dynamic cache,
+    with the prompt at once or in chunks of 40 (``prefill_chunk_size``: the later chunks, more than
+    a block of queries over the cache, are read block row by block row), give the greedy tokens and
+    the logits of the eager model run on the whole sequence at each step with the fixed layout
+    applied."""
+    from sparse_compiler.kernels import cache_step
     from sparse_compiler.layouts.attention import attention_element_mask, attention_layout_at, get_attention_layout
+
+    pieces = []
+    by_rows = cache_step.cache_step_pieces
+    monkeypatch.setattr(cache_step, "cache_step_pieces", lambda *a: pieces.append(by_rows(*a)) or pieces[-1])
 
     torch.manual_seed(0)
     model = _llama(positions=256)[0].eval()
@@ -232,10 +241,18 @@ def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.3,
                "attention_seq_len": 256, "attention_min_seq_len": 64}  # fmt: skip
     model.forward = torch.compile(model.forward, backend="sparsify", options=options)
-    generated = {cache: model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache,
-                                       output_logits=True, return_dict_in_generate=True)
-                 for cache in ("static", "dynamic")}  # fmt: skip
-    rows = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    # four ways to generate with one compiled forward: 10 graphs, as plain Inductor compiles (8 are allowed)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 16)
+    generated, rows = {}, []
+    for cache, chunk in itertools.product(("static", "dynamic"), (None, 40)):
+        generated[cache, chunk] = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache,
+                                                 prefill_chunk_size=chunk, output_logits=True,
+                                                 return_dict_in_generate=True)  # fmt: skip
+        rows = rows or [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]  # (a decoding step)
+    # by their block rows: the chunks of 40 queries over 80 and over 100 keys, and with the static
+    # cache the first one too (its queries at positions 0..39 of 256 slots)
+    assert sorted({tuple(p) for p in pieces if len(p) > 1}) == [
+        ((0, 16), (16, 32), (32, 40)), ((40, 48), (48, 64), (64, 80)), ((80, 96), (96, 100))]
     assert rows and all(r["lowering"] == "kept_blocks" for r in rows)
     model.forward = eager_forward
     sdpa, seq, want, dense = torch.nn.functional.scaled_dot_product_attention, ids, [], []
@@ -252,7 +269,7 @@ def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_
             mp.setattr(torch.nn.functional, "scaled_dot_product_attention", masked_sdpa)
             want.append(model(input_ids=seq).logits[:, -1])
         seq = torch.cat([seq, want[-1].argmax(-1, keepdim=True)], 1)
-    for out in generated.values():
-        assert torch.equal(out.sequences, seq)
+    for key, out in generated.items():
+        assert torch.equal(out.sequences, seq), key
         torch.testing.assert_close(torch.cat(out.logits), torch.cat(want), rtol=1e-4, atol=1e-4)
     assert (torch.cat(want) - torch.cat(dense)).abs().max() > 1e-3  # the pattern drops pairs dense attention keeps

@@ -47,11 +47,14 @@ replaced by measured profiles (``cost/hardware.py``): with ``F = 2·B·H·(D + D
 - block-sparse kernel (FlexAttention): ``F · kept·b² / (peak · sparse_efficiency) + launch +
   sparse_overhead + per_block · B·H · kept``;
 - training multiplies the work by ``1 + backward_factor`` (the backward is about 2.5 forwards);
-- a key/value cache step (:func:`estimate_cache_step_time`) is bound by reading the cache instead:
-  ``B·Hkv·Lk·(D + Dv)`` elements at ``memory_bandwidth`` for the dense step, the fraction the
-  queries' rows keep at ``kept_read_efficiency`` of that speed plus ``sparse_overhead`` and a cost
-  per run of adjacent kept blocks for ``"kept_blocks"`` (two matmuls a run on the CPU; none on
-  CUDA, where one split-K Triton kernel reads every run).
+- a key/value cache step (:func:`estimate_cache_step_time`) is bound by reading the cache (decoding)
+  or, for a long chunk of queries, by its FLOPs, whichever takes longer: ``B·Hkv·Lk·(D + Dv)``
+  elements at ``memory_bandwidth`` and ``F·Lq·Lk`` FLOPs for the dense step; for ``"kept_blocks"``
+  the keys that the queries' rows keep at ``kept_read_efficiency`` of that speed and the pairs they
+  keep at the sparse efficiency, plus ``sparse_overhead`` and a cost per run of adjacent kept blocks
+  (two matmuls a run on the CPU; none on CUDA, where one split-K Triton kernel reads every run). A
+  causal chunk longer than a block is read block row by block row (``cache_step_pieces``), each row
+  over the keys up to its last query.
 
 Every input is explicit: the profile is any object with the fields of :class:`AttentionProfile`.
 The numbers of the two built-in profiles are rough public figures, not measurements: a generic
@@ -71,9 +74,11 @@ from typing import Any, Mapping
 import torch
 
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
+from sparse_compiler.kernels.cache_step import GATHER_FROM_QUERIES
 from sparse_compiler.layouts.attention import (
     attention_key_runs,
     attention_layout_from_options,
+    cache_step_pieces,
     causal_blocks,
     pattern_depends_on_length,
 )
@@ -191,16 +196,25 @@ def estimate_cache_step_time(
     dtype: torch.dtype | None,
     read: float | None = None,
     runs: int = 0,
+    heads: int | None = None,
+    seq_len_q: int = 1,
+    computed: float = 1.0,
 ) -> float:
-    """Estimated seconds of one key/value cache step, which reading the cache bounds: its
-    ``B·Hkv·Lk·(D + Dv)`` elements at ``memory_bandwidth`` (dense, ``read=None``), or the fraction
-    ``read`` of them at ``kept_read_efficiency`` of that speed plus ``sparse_overhead + per_run · runs``
-    (the ``kept_blocks`` lowering, ``runs`` runs of adjacent kept blocks)."""
+    """Estimated seconds of one key/value cache step of ``seq_len_q`` queries, the longer of reading
+    the cache and computing its scores: ``B·Hkv·Lk·(D + Dv)`` elements at ``memory_bandwidth`` and
+    ``2·B·H·Lq·Lk·(D + Dv)`` FLOPs at the dense efficiency (dense, ``read=None``), or the fraction
+    ``read`` of the cache at ``kept_read_efficiency`` of that speed and the fraction ``computed`` of
+    the (query, key) pairs at the sparse efficiency, plus ``sparse_overhead + per_run · runs`` (the
+    ``kept_blocks`` lowering, ``runs`` runs of adjacent kept blocks). One query (decoding) is bound
+    by the reading; a long chunk of queries (a chunked prefill) by the FLOPs."""
     itemsize = dtype.itemsize if dtype is not None else 4
-    seconds = batch * kv_heads * seq_len_k * (head_dim + value_dim) * itemsize / profile.memory_bandwidth
+    width = batch * seq_len_k * (head_dim + value_dim)
+    reading = width * kv_heads * itemsize / profile.memory_bandwidth
+    flops = 2.0 * width * (heads if heads is not None else kv_heads) * seq_len_q
     if read is None:
-        return seconds + profile.launch_s
-    return seconds * read / profile.kept_read_efficiency + profile.sparse_overhead_s + profile.per_run_s * runs
+        return max(reading, flops / (profile.peak(dtype) * profile.dense_efficiency)) + profile.launch_s
+    return (max(reading * read / profile.kept_read_efficiency, flops * computed / (profile.peak(dtype) * profile.sparse_efficiency))
+            + profile.sparse_overhead_s + profile.per_run_s * runs)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -581,18 +595,27 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
                                  "the element mask built there (no speed-up; the cache-step kernel reads the "
                                  "position of one query on the device)", lowering="sdpa", fixed_pattern=True)  # fmt: skip
     prof = profile if profile is not None else profile_for(c.device)
-    read, runs = _read(layout, lq, lk)  # (a static cache: at its last slots, the most a step reads)
-    est = _cache_step_estimate(c, prof, lk, read, runs)
+    read = _read(layout, lq, lk, causal)  # (a static cache: at its last slots, the most a step reads)
+    est = _cache_step_estimate(c, prof, lk, read)
     if threshold is not None:
         pays, bound = lk >= threshold, threshold
     else:
         pays = est.sparse_s < est.dense_s
-        bound = None if pays or static else _cache_step_pays_from(c, layout, prof, lk)
+        bound = None if pays or static else _cache_step_pays_from(c, layout, prof, lk, causal)
     here = "at its last slots" if static else "here"
-    cost = f"{read:.0%} of the cache {here} in {runs} runs; estimated {est.speedup:.2f}x the dense step on {est.profile}"
+    pieces = len(cache_step_pieces(layout, lq, lk, causal))
+    if pieces > 1:
+        cost = (f"{pieces} block rows of queries, each over the keys up to its last query: {read[2]:.0%} of the "
+                f"pairs, in {read[1]} runs")
+    else:
+        cost = f"{read[0]:.0%} of the cache {here} in {read[1]} runs"
+    cost += f"; estimated {est.speedup:.2f}x the dense step on {est.profile}"
     if pays:
-        how = ("one split-K Triton kernel and a merge" if c.device == "cuda" else
-               "two matmuls per run, or SDPA with the element mask where the runs hold more than half of it")
+        if c.device == "cuda":
+            how = "one split-K Triton kernel and a merge" + (" per block row" if pieces > 1 else "")
+        else:
+            how = ("two matmuls per run, or SDPA with the element mask where the runs hold more than half of it, "
+                   f"or from {GATHER_FROM_QUERIES} queries SDPA over the kept keys")
         if static:
             how += (", the position read on the device, no synchronisation" if c.device == "cuda" else
                     ", the positions read on the host")
@@ -606,28 +629,35 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
                              short_of=("k", bound) if bound is not None else None)
 
 
-def _read(layout: Layout, lq: int, lk: int) -> tuple[float, int]:
-    """(fraction of the keys, number of runs) that the last ``lq`` of ``lk`` positions read."""
-    runs = attention_key_runs(layout, lq, lk)
-    return sum(e - s for s, e in runs) / lk, len(runs)
+def _read(layout: Layout, lq: int, lk: int, causal: bool) -> tuple[float, int, float]:
+    """What the last ``lq`` of ``lk`` positions read, piece by piece (``cache_step_pieces``): (keys
+    read over ``lk``, runs of kept blocks, the fraction of the ``lq·lk`` pairs computed)."""
+    keys = runs = pairs = 0
+    for start, end in cache_step_pieces(layout, lq, lk, causal):
+        piece = attention_key_runs(layout, end - start, end)
+        kept = sum(e - s for s, e in piece)
+        keys, runs, pairs = keys + kept, runs + len(piece), pairs + (end - start) * kept
+    return keys / lk, runs, pairs / (lq * lk)
 
 
-def _cache_step_estimate(c: AttentionCandidate, profile: Any, lk: int, read: float, runs: int) -> AttentionEstimate:
-    """Dense against ``"kept_blocks"`` at ``lk`` keys, reading the fraction ``read`` in ``runs`` runs."""
-    shape = {"batch": max(c.batch_hint, 1), "kv_heads": max(c.kv_heads, 1), "seq_len_k": lk, "head_dim": c.head_dim,
-             "value_dim": c.value_dim, "dtype": c.dtype}  # fmt: skip
+def _cache_step_estimate(c: AttentionCandidate, profile: Any, lk: int, read: tuple[float, int, float]) -> AttentionEstimate:
+    """Dense against ``"kept_blocks"`` at ``lk`` keys, reading as :func:`_read` says."""
+    shape = {"batch": max(c.batch_hint, 1), "kv_heads": max(c.kv_heads, 1), "heads": max(c.heads, 1),
+             "seq_len_q": c.seq_len_q_hint, "seq_len_k": lk, "head_dim": c.head_dim, "value_dim": c.value_dim,
+             "dtype": c.dtype}  # fmt: skip
+    fraction, runs, computed = read
     return AttentionEstimate(estimate_cache_step_time(profile, **shape),
-                             estimate_cache_step_time(profile, **shape, read=read, runs=runs),
+                             estimate_cache_step_time(profile, **shape, read=fraction, runs=runs, computed=computed),
                              getattr(profile, "name", "custom"))  # fmt: skip
 
 
-def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, lk: int) -> int:
+def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, lk: int, causal: bool) -> int:
     """The shortest key length, ``lk`` times a power of 2 (up to ``MAX_LADDER_BLOCKS`` blocks), at
     which the ``"kept_blocks"`` estimate beats the dense step; past them, the length at which the
     decision is made again."""
     length = 2 * lk
     while length <= MAX_LADDER_BLOCKS * layout.block_size:
-        est = _cache_step_estimate(c, profile, length, *_read(layout, c.seq_len_q_hint, length))
+        est = _cache_step_estimate(c, profile, length, _read(layout, c.seq_len_q_hint, length, causal))
         if est.sparse_s < est.dense_s:
             break
         length *= 2

@@ -13,8 +13,9 @@ lowering reads nothing else: with the kept key blocks of ``R`` merged into maxim
     out = Σ_r P[:, run r] · v[s_r:e_r]
 
 which equals SDPA over all ``Lk`` keys with the pattern's element mask: a key outside the runs has
-weight ``exp(-inf) = 0`` there (and a query that may see no key at all gets zeros, as from SDPA). Grouped-query heads (``enable_gqa``) fold each key head's query
-heads into its rows, so the keys are not repeated either.
+weight ``exp(-inf) = 0`` there (and a query that may see no key at all gets zeros, as from SDPA).
+Grouped-query heads (``enable_gqa``) fold each key head's query heads into its rows, so the keys
+are not repeated either.
 
 ``torch.ops.sparse_compiler.attention_kept_blocks`` is an opaque op: its runs depend on the key
 length, which a graph may hold symbolically, so they are found at run time, on the host, from the
@@ -25,8 +26,16 @@ On CUDA (with Triton) the step is one split-K kernel over the kept blocks and a 
 (``kernels/triton/cache_step.py``): two launches whatever the number of runs. Elsewhere, or for a
 dtype the kernels do not take, it is the few matmuls above, one pair per run; when the runs hold
 more than half the keys there, it runs the masked SDPA instead (a dense fused kernel then does
-better than a few matmuls). On either path the queries must be at most a block: a longer chunk,
-whose float scores would outweigh the cache, runs the masked SDPA.
+better than a few matmuls); from ``GATHER_FROM_QUERIES`` queries, whose scores outweigh the keys,
+it copies the kept keys and values together once and runs SDPA over them with the pattern's mask
+there (a fused softmax, no score matrix passed over again and again).
+
+A chunk of more than a block of queries under a causal pattern (a chunked prefill, or the next turn
+of a conversation over a long cache) is cut at its block rows (``layouts.attention.cache_step_pieces``):
+a causal pattern keeps no block past the diagonal, so the queries of one block row see no key past
+the row's end (or the last key), and each piece is the step of the keys up to there, on either
+path, computing only the pairs its row keeps. A longer chunk under a non-causal pattern runs the
+masked SDPA.
 
 A preallocated (static) cache of ``Lk`` slots written at the queries' positions (``positions``, a
 tensor) is the step of a growing cache cut at the last query. On CUDA the kernel reads one query's
@@ -48,12 +57,15 @@ from sparse_compiler.layouts.attention import (
     attention_key_runs,
     attention_mask_at_end,
     attention_mask_at_positions,
+    cache_step_pieces,
     get_attention_layout,
     pattern_depends_on_length,
 )
 from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
+
+GATHER_FROM_QUERIES = 16  # from this many queries the scores outweigh a copy of the kept keys
 
 
 def _contiguous(op_impl):
@@ -94,12 +106,9 @@ def attention_kept_blocks(
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"attention_kept_blocks: {q.shape[1]} query heads and {k.shape[1]} key heads need enable_gqa")
     lay = get_attention_layout(layout)
-    if q.device.type == "cuda" and triton_cache_step.supports(q, k, v, lay):
-        if positions is None:
-            return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
-        if q.shape[-2] == 1 and not pattern_depends_on_length(lay):  # the kernel reads the position itself
-            return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale,
-                                                          positions=positions)  # fmt: skip
+    if positions is not None and q.shape[-2] == 1 and _on_kernel(q, k, v, lay) and not pattern_depends_on_length(lay):
+        # the kernel reads the position itself: no synchronisation
+        return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale, positions=positions)
     if positions is not None:  # the slots after the last query's position are not written yet: cut there
         end, consecutive = _end_of_positions(positions, q.shape[-2], k.shape[-2])
         k, v = k[:, :, :end], v[:, :, :end]
@@ -108,17 +117,43 @@ def attention_kept_blocks(
         if not consecutive:  # not a run of positions: the pattern at each one, through SDPA
             allowed = attention_mask_at_positions(lay, positions, end, causal)
             return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
-        if q.device.type == "cuda" and triton_cache_step.supports(q, k, v, lay):
-            return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, lay, causal, scale)
-    return kept_blocks_by_runs(q, k, v, mask, mask_mode, lay, causal, scale, enable_gqa)
+    lq, lk = q.shape[-2], k.shape[-2]
+    pieces = cache_step_pieces(lay, lq, lk, causal)
+    if len(pieces) == 1:
+        return _last_queries(q, k, v, mask, mask_mode, lay, causal, scale, enable_gqa)
+    first, outs = lk - lq, []
+    for start, end in pieces:  # each piece: the last queries of the keys up to its end (causal)
+        rows = slice(start - first, end - first)
+        piece_mask = None
+        if mask is not None:
+            piece_mask = mask[..., rows, :] if mask.shape[-2] != 1 else mask
+            piece_mask = piece_mask[..., :end] if mask.shape[-1] != 1 else piece_mask
+        outs.append(_last_queries(q[:, :, rows], k[:, :, :end], v[:, :, :end], piece_mask, mask_mode, lay, causal,
+                                  scale, enable_gqa))  # fmt: skip
+    return torch.cat(outs, dim=-2)
+
+
+def _on_kernel(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> bool:
+    return q.device.type == "cuda" and triton_cache_step.supports(q, k, v, layout)
+
+
+def _last_queries(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_mode: str, layout: Layout, causal: bool, scale: float,
+    enable_gqa: bool,
+) -> Tensor:  # fmt: skip
+    """The queries as the last of the keys: the split-K kernel on CUDA, else the matmuls per run."""
+    if _on_kernel(q, k, v, layout):
+        return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, layout, causal, scale)
+    return kept_blocks_by_runs(q, k, v, mask, mask_mode, layout, causal, scale, enable_gqa)
 
 
 def kept_blocks_by_runs(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_mode: str, layout: Layout, causal: bool, scale: float,
     enable_gqa: bool,
 ) -> Tensor:  # fmt: skip
-    """The op's path without Triton: two matmuls per run of kept blocks (module docstring), or the
-    masked SDPA where that does better."""
+    """The op's path without Triton for the last ``Lq`` of ``Lk`` positions (at most a block of them,
+    or a non-causal chunk): two matmuls per run of kept blocks, SDPA over the kept keys gathered from
+    ``GATHER_FROM_QUERIES`` queries on, or the masked SDPA where that does better (module docstring)."""
     lq, lk = q.shape[-2], k.shape[-2]
     runs = attention_key_runs(layout, lq, lk)
     kept = torch.cat([torch.arange(s, e, device=q.device) for s, e in runs])
@@ -126,6 +161,12 @@ def kept_blocks_by_runs(
         allowed = attention_mask_at_end(layout, lq, lk, causal, q.device)
         return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     allowed = attention_mask_at_end(layout, lq, lk, causal, q.device, keys=kept)
+    if lq >= GATHER_FROM_QUERIES:  # compute-bound: SDPA's fused softmax over the kept keys, gathered once
+        def gather(x: Tensor) -> Tensor:
+            return torch.cat([x[:, :, s:e] for s, e in runs], dim=-2) if len(runs) > 1 else x[:, :, runs[0][0]:runs[0][1]]
+
+        m = mask.index_select(-1, kept) if mask is not None and mask.shape[-1] == lk else mask
+        return masked_sdpa(q, gather(k), gather(v), m, mask_mode, allowed, scale, enable_gqa)
     b, hq, _, _ = q.shape
     hk = k.shape[1]
     group = hq // hk  # 1 unless enable_gqa

@@ -73,6 +73,7 @@ __all__ = [
     "attention_row_block_table",
     "bigbird_blocks",
     "butterfly_blocks",
+    "cache_step_pieces",
     "causal_blocks",
     "diagonal_blocks",
     "fixed_blocks",
@@ -521,6 +522,27 @@ def attention_key_runs(layout: Layout, seq_len_q: int, seq_len_k: int) -> list[t
         else:
             runs.append((j * b, min((j + 1) * b, seq_len_k)))
     return runs
+
+
+def cache_step_pieces(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool = False) -> list[tuple[int, int]]:
+    """The last ``seq_len_q`` of ``seq_len_k`` positions cut where they cross into the next block row:
+    ``[start, end)`` position ranges, ascending, each within one block row. Under a causal pattern
+    (its block rows keep no block past the diagonal; or the element-level causal mask, ``causal``)
+    whose blocks do not depend on the length, the queries of ``[start, end)`` see no key at or past
+    the next block row, nor past the last key: none past ``end``. They are the last ``end - start``
+    of ``end`` keys, a cache step of their own that reads only its row's kept blocks, so a chunk of
+    many queries over a long cache (a chunked prefill) computes only the pairs its rows keep.
+    Otherwise, or with at most a block of queries, one range: the step as a whole."""
+    _check_int("seq_len_q", seq_len_q, 1)
+    _check_int("seq_len_k", seq_len_k, 1)
+    if seq_len_q > seq_len_k:
+        _fail("seq_len_q", seq_len_q, f"more queries than keys ({seq_len_k}): they cannot be the last keys")
+    causal = causal or bool(layout.params.get("causal"))
+    if seq_len_q <= layout.block_size or not causal or pattern_depends_on_length(layout):
+        return [(seq_len_k - seq_len_q, seq_len_k)]
+    b, first = layout.block_size, seq_len_k - seq_len_q
+    starts = [first, *range((first // b + 1) * b, seq_len_k, b)]
+    return list(zip(starts, [*starts[1:], seq_len_k]))
 
 
 _SHARED: dict[tuple, Any] = {}  # per pattern, capacity and device: kept for the process
