@@ -683,6 +683,74 @@ def test_gpt2_style_attention_is_found_and_rewritten():
     torch.testing.assert_close(got, _hand_reference(model, x, None, d.layout, causal=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fill", ["finfo.min", "-1e9"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_finite_mask_fill_lets_a_query_that_sees_no_key_attend_evenly_as_in_eager(fill, grad):
+    """A hand-written mask that fills with a finite value (``torch.where(keep, s, finfo.min)`` as
+    Hugging Face GPT-2's eager attention, ``masked_fill(~keep, -1e9)``) gives a query it lets see no
+    key (left padding under a causal mask) equal scores: eager attends evenly, and so does the
+    rewrite, over the keys the pattern keeps (not zeros, as SDPA gives), gradients included."""
+
+    def attend(q, k, v, keep, allowed=None):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        s = torch.where(keep, s, torch.finfo(s.dtype).min) if fill == "finfo.min" else s.masked_fill(~keep, -1e9)
+        if allowed is not None:  # the reference: the pattern's pairs dropped as -inf
+            s = s.masked_fill(~allowed, -math.inf)
+        return F.softmax(s, dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 64, 16, requires_grad=grad) for _ in range(3))
+    pad = torch.ones(2, 64, dtype=torch.bool)
+    pad[1, :20] = False  # the second sequence is padded on the left: its queries 0..19 see no key
+    keep = torch.ones(64, 64, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    record = []
+    with torch.set_grad_enabled(grad):
+        got = torch.compile(attend, backend=_backend(record=record, min_seq_len=32))(q, k, v, keep)
+    (d,) = record
+    assert d.sparse and d.candidate.mask_fill_finite and d.lowering == ("sdpa" if grad else "flex")
+    want = attend(q, k, v, keep, attention_element_mask(d.layout, 64, 64, False))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want[1, :, :20].abs().amin() > 0  # (the rows that see no key: an even mix, not zeros)
+    if grad:
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_that_only_broadcast_and_cross_attention_stay_dense_with_the_reason():
+    """Eager attention broadcasts a value with fewer heads than the key (SDPA), or a key shared by
+    the query heads (multi-query attention written by hand); the lowerings take one head count for
+    keys and values, so such nodes stay dense with the reason, as do queries and keys of different
+    lengths outside a key/value cache (cross-attention), pattern fixed or not: each equals eager."""
+
+    def sdpa_shared_value(q, k, v):
+        return _SDPA(q, k, v[:, :1])
+
+    def sdpa_grouped_shared_value(q, k, v):
+        return _SDPA(q, k[:, :2], v[:, :1], enable_gqa=True)
+
+    def hand_shared_key(q, k, v):
+        return F.softmax(q @ k[:, :1].transpose(-2, -1) * 0.25, dim=-1) @ v[:, :1]
+
+    def hand_shared_value(q, k, v):
+        return F.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v[:, :1]
+
+    def cross(q, k, v):
+        return _SDPA(q[:, :, :48], k, v)
+
+    q, k, v = (torch.randn(2, 4, 96, 16) for _ in range(3))
+    cases = [(sdpa_shared_value, "key and value differ in heads"), (sdpa_grouped_shared_value, "key and value differ"),
+             (hand_shared_key, "query and key differ in heads (4, 1)"), (hand_shared_value, "key and value differ"),
+             (cross, "cross-attention?")]  # fmt: skip
+    for (fn, why), options in itertools.product(cases, (ATTN, dataclasses.replace(ATTN, attention_seq_len=96))):
+        record = []
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(fn, backend=_backend(options=options, record=record, min_seq_len=32))(q, k, v)
+        assert len(record) == 1 and not record[0].sparse, (fn.__name__, record)
+        assert why in record[0].reason or fn is cross and options.attention_seq_len, (fn.__name__, record[0].reason)
+        torch.testing.assert_close(got, fn(q, k, v))
+
+
 def test_hand_written_attention_with_padding_mask_trains_through_the_fallback():
     record = []
     model = HandAttention(causal_buffer=False)
@@ -914,10 +982,10 @@ def test_a_length_whose_layout_keeps_every_block_stays_dense_only_until_one_that
     # a window wider than the look-ahead: the graph is still bounded, where the decision is made again
     wide = plan_attention([c], dataclasses.replace(options, attention_pattern="local", attention_window=40))[0]
     assert not wide.sparse and wide.short_of == ("q", (3 + 32) * 16 + 1)
-    # queries and keys of different dynamic lengths: a bound on one says nothing of the other
+    # queries and keys of different dynamic lengths, not a cache: dense at every length, one graph
     cross = dataclasses.replace(c, seq_len_k="s1", seq_len_k_hint=64, causal=False)
-    both = plan_attention([cross], dataclasses.replace(options, attention_seq_len=None))[0]
-    assert not both.sparse and both.specialize and both.short_of is None and "only" in both.reason
+    both = plan_attention([cross], dataclasses.replace(options, attention_seq_len=None, attention_min_seq_len=None))[0]
+    assert not both.sparse and not both.specialize and both.short_of is None and "cross-attention?" in both.reason
 
 
 def _at_length(c, n):

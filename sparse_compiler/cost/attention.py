@@ -14,7 +14,8 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
    length compiles its own graph and layout, as under ``dynamic=False``), a "too short" one on the
    length staying below the one from which it would change (``short_of``: one dense graph serves
    all shorter lengths, e.g. every step of a generation);
-6. fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
+6. queries and keys of different lengths outside a key/value cache step (cross-attention: where the
+   queries lie among the keys is not known); fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
    of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
 7. too short: the estimated block-sparse time is not below the dense fused kernel's (on the CPU,
    training always is: FlexAttention has no CPU backward).
@@ -27,7 +28,6 @@ dynamic length below the one where FlexAttention pays. Queries and keys of diffe
 the pattern only at a key/value cache step (the analysis saw ``k = cat([cache, new])`` with ``new``
 as long as the queries: ``kv_cache_step``): the queries are the last keys, so they take the bottom
 rows of the self-attention layout, and cached decoding computes what the uncached forward does.
-Otherwise (cross-attention) they stay dense: where the queries lie among the keys is not known.
 Without gradients a cache step is lowered to ``"kept_blocks"`` (``kernels/cache_step.py``), which
 reads only the kept key/value blocks of the queries' rows (decoding is bound by reading the cache),
 from the key length at which the time model says that pays (or ``attention_min_seq_len``); below it,
@@ -456,6 +456,10 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
                          "steps the uncached forward's pattern; dense")
     if fixed is not None and lq != lk:
         return _cache_step(c, o, profile, threshold)
+    if lq != lk:
+        return _dense(c, f"{lq} queries x {lk} keys, not a key/value cache step the graph shows (cross-attention?, "
+                         "or a cache concatenated outside it): where the queries lie among the keys is not known, so "
+                         "no pattern can be placed; dense")
     if -(-lq // b) < 2 or -(-lk // b) < 2:
         exact = "; one block, which every pattern keeps" if fixed is not None else ""
         return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way{exact}",

@@ -121,6 +121,8 @@ class AttentionCandidate:
     kv_cache_window: int | None = None  # the graph keeps only this many last keys of the cache (a sliding window;
     # 0: it was cut at its start before the concatenation)
     mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
+    mask_fill_finite: bool = False  # a hand-written mask fills with a finite value (finfo.min, -1e9): a query it
+    # lets see no key attends to every key alike, as in eager, instead of to none
 
     @property
     def symbolic(self) -> bool:
@@ -347,6 +349,8 @@ def _shape_info(q: Any, k: Any, v: Any) -> tuple[dict[str, Any], str | None]:
         blocker = blocker or "query, key and value differ in batch dims (broadcast batches are not supported)"
     if km.shape[-2] != vm.shape[-2] or qm.shape[-1] != km.shape[-1]:
         blocker = blocker or "key and value lengths or query and key dims differ"
+    if qm.dim() == 4 == vm.dim() == km.dim() and vm.shape[-3] != km.shape[-3]:
+        blocker = blocker or "key and value differ in heads (broadcast heads are not supported)"
     batch: Any = 1
     batch_hint = 1
     for d in tuple(qm.shape[:-3]) if qm.dim() >= 3 else ():
@@ -562,6 +566,9 @@ def _candidate(
     if not isinstance(enable_gqa, bool):
         blocker = blocker or "enable_gqa is not a constant"
         enable_gqa = False
+    if info and not enable_gqa and info["heads"] != info["kv_heads"]:
+        blocker = blocker or (f"query and key differ in heads ({info['heads']}, {info['kv_heads']}) without enable_gqa "
+                              "(broadcast heads are not supported)")
     mask_shape, mask_requires_grad, mask_origin = None, False, ""
     if mask is not None:
         mask_origin = "argument"
@@ -740,9 +747,6 @@ def _sdpa_candidate(gm: fx.GraphModule, inputs: _Inputs, node: fx.Node) -> Atten
     blocker = None
     if a["attn_mask"] is not None and a["is_causal"] is True:
         blocker = "attn_mask and is_causal together (SDPA rejects them)"
-    if a["enable_gqa"] is False and _meta(a["query"]) is not None and _meta(a["key"]) is not None:
-        if _ndim(a["query"]) and _ndim(a["query"]) >= 3 and _meta(a["query"]).shape[-3] != _meta(a["key"]).shape[-3]:
-            blocker = blocker or "query and key differ in heads without enable_gqa"
     return _candidate(
         gm, inputs, node, [node], "sdpa", a["query"], a["key"], a["value"], a["attn_mask"],
         "keep" if a["attn_mask"] is not None else "none", a["is_causal"], a["scale"], a["dropout_p"],
@@ -772,7 +776,7 @@ def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Nod
             scale = c
         if _number(scale) is None or scale <= 0:
             blocker = "scale of the scores is not a positive constant"
-    mask, mask_mode = None, "none"
+    mask, mask_mode, fill = None, "none", None
     if "mask" in m:
         node = m["mask"]
         prev = m.get("cast", m.get("scale", mm1))
@@ -812,8 +816,9 @@ def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Nod
         if others:
             blocker = blocker or f"attention scores or weights ({a.name}) are also used by {', '.join(others)}"
     nodes = [kt] + chain + [mm2]
-    return _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale,
-                      dropout_p, False, blocker)
+    c = _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale, dropout_p, False, blocker)
+    finite = c.mask is not None and mask_mode in ("keep", "drop") and fill is not None and fill > -math.inf
+    return dataclasses.replace(c, mask_fill_finite=True) if finite else c
 
 
 def analyze_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[AttentionCandidate]:

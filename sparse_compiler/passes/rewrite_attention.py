@@ -56,6 +56,9 @@ def rewrite_attention(
         touched[id(region.gm)] = region.gm
         q, k, v = (nodes[name][1] for name in (c.query, c.key, c.value))
         mask = nodes[c.mask][1] if c.mask is not None else None
+        if c.mask_fill_finite and mask is not None:
+            with graph.inserting_before(out):
+                q, mask = _attend_evenly_where_nothing_is_allowed(graph, q, mask, c.mask_mode)
         if d.first_keys:  # is_causal over more keys than queries sees the first Lq keys only
             with graph.inserting_before(out):
                 lq = graph.call_method("size", (q, -2))
@@ -87,6 +90,21 @@ def rewrite_attention(
         module.graph.lint()
         module.recompile()
     return gm
+
+
+def _attend_evenly_where_nothing_is_allowed(graph: fx.Graph, q: fx.Node, mask: fx.Node, mode: str) -> tuple[fx.Node, fx.Node]:
+    """A mask that fills with a finite value gives a query it lets see no key the same score ``fill``
+    for every key: eager attends to them evenly, where the lowering (as SDPA) gives such a query
+    zeros. Those queries become zero and their rows of the mask allow every key, so their scores
+    are all 0 and they attend evenly to the keys the pattern keeps, as eager with the pattern's
+    ``-inf`` added does (gradients included: a constant score has none)."""
+    if mode == "keep":
+        blind = graph.call_function(torch.logical_not, (graph.call_method("any", (mask, -1), {"keepdim": True}),))
+        mask = graph.call_function(torch.logical_or, (mask, blind))
+    else:  # "drop": True is masked
+        blind = graph.call_method("all", (mask, -1), {"keepdim": True})
+        mask = graph.call_function(torch.logical_and, (mask, graph.call_function(torch.logical_not, (blind,))))
+    return graph.call_method("masked_fill", (q, blind, 0.0)), mask
 
 
 def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
