@@ -518,10 +518,10 @@ def test_a_long_causal_chunk_over_a_cache_is_read_block_row_by_block_row(mode, m
     """A chunk of more than a block of queries over a cache (a chunked prefill) under a causal
     pattern (with or without the element-level causal mask, which Hugging Face's decoders put in
     their own mask): cut at its block rows, each piece the step of the keys up to its end, through
-    the matmuls per run (pieces of fewer than ``GATHER_FROM_QUERIES`` queries) or SDPA over the
+    the matmuls per run (pieces of fewer than ``GATHER_FROM_ROWS`` query rows) or SDPA over the
     gathered kept keys; together they equal SDPA with the pattern's element mask, grouped heads and
     the model's mask (per query or broadcast over them) included. At given positions (a static
-    cache) too; under a non-causal pattern the chunk is one masked SDPA."""
+    cache) too; under a non-causal pattern the chunk is one step over its rows' kept blocks."""
     from sparse_compiler.kernels import cache_step
     from sparse_compiler.layouts.attention import cache_step_pieces
 
@@ -530,11 +530,11 @@ def test_a_long_causal_chunk_over_a_cache_is_read_block_row_by_block_row(mode, m
     monkeypatch.setattr(cache_step, "kept_blocks_by_runs", lambda q, k, *a: steps.append((q.shape[-2], k.shape[-2])) or by_runs(q, k, *a))
     fitted = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=True)
     kw = {"layout": fitted.key, "lowering": "kept_blocks", "fixed": True, "enable_gqa": True, "mask_mode": mode}
-    for (lq, lk, rows), causal in itertools.product(((40, 1000, 1), (50, 650, 50), (64, 64, 1)), (True, False)):
+    for (lq, lk, rows), causal in itertools.product(((40, 997, 1), (50, 653, 50), (64, 64, 1)), (True, False)):
         pieces = cache_step_pieces(fitted, lq, lk)  # (a causal pattern keeps no block past the diagonal)
         assert pieces[0][0] == lk - lq and pieces[-1][1] == lk and all(e == s2 for (_, e), (s2, _) in itertools.pairwise(pieces))
         assert all((e - 1) // 16 == s // 16 for s, e in pieces) and len(pieces) == -(-lk // 16) - (lk - lq) // 16
-        assert {e - s < cache_step.GATHER_FROM_QUERIES for s, e in pieces} == ({True, False} if lq != 64 else {False})
+        assert {2 * (e - s) < cache_step.GATHER_FROM_ROWS for s, e in pieces} == ({True, False} if lq != 64 else {False})
         q, k, v = torch.randn(2, 4, lq, 8), torch.randn(2, 2, lk, 8), torch.randn(2, 2, lk, 8)
         mask = {"none": None, "keep": torch.rand(2, 1, rows, lk) > 0.1, "add": torch.randn(rows, lk)}[mode]
         allowed = attention_mask_at_end(fitted, lq, lk, causal=causal)  # (not causal: within the diagonal blocks)
@@ -545,7 +545,7 @@ def test_a_long_causal_chunk_over_a_cache_is_read_block_row_by_block_row(mode, m
         assert steps == [(e - s, e) for s, e in pieces]  # each piece: its queries over the keys up to its end
         torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=ref_mask, enable_gqa=True), rtol=1e-5, atol=1e-5)
     assert cache_step_pieces(fitted, 16, 1000) == [(984, 1000)]  # a block of queries: one step
-    # a non-causal pattern: the pattern's rows over every key, one masked SDPA
+    # a non-causal pattern: the rows see keys past them, so the chunk is one step over all their kept blocks
     free = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=False)
     assert cache_step_pieces(free, 40, 600) == [(560, 600)] and len(cache_step_pieces(free, 40, 600, causal=True)) == 3
     q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 600, 8), torch.randn(1, 2, 600, 8)

@@ -74,7 +74,7 @@ from typing import Any, Mapping
 import torch
 
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
-from sparse_compiler.kernels.cache_step import GATHER_FROM_QUERIES
+from sparse_compiler.kernels.cache_step import GATHER_FROM_ROWS
 from sparse_compiler.layouts.attention import (
     attention_key_runs,
     attention_layout_from_options,
@@ -619,7 +619,7 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
             how = "one split-K Triton kernel and a merge" + (" per block row" if pieces > 1 else "")
         else:
             how = ("two matmuls per run, or SDPA with the element mask where the runs hold more than half of it, "
-                   f"or from {GATHER_FROM_QUERIES} queries SDPA over the kept keys")
+                   f"or from {GATHER_FROM_ROWS} query rows per key head SDPA over the kept keys")
         if static:
             how += (", the position read on the device, no synchronisation" if c.device == "cuda" else
                     ", the positions read on the host")

@@ -26,16 +26,17 @@ On CUDA (with Triton) the step is one split-K kernel over the kept blocks and a 
 (``kernels/triton/cache_step.py``): two launches whatever the number of runs. Elsewhere, or for a
 dtype the kernels do not take, it is the few matmuls above, one pair per run; when the runs hold
 more than half the keys there, it runs the masked SDPA instead (a dense fused kernel then does
-better than a few matmuls); from ``GATHER_FROM_QUERIES`` queries, whose scores outweigh the keys,
-it copies the kept keys and values together once and runs SDPA over them with the pattern's mask
-there (a fused softmax, no score matrix passed over again and again).
+better than a few matmuls); from ``GATHER_FROM_ROWS`` query rows per key head (queries times the
+query heads that share a key head), whose scores outweigh the keys, it copies the kept keys and
+values together once and runs SDPA over them with the pattern's mask there (a fused softmax, no
+score matrix passed over again and again).
 
 A chunk of more than a block of queries under a causal pattern (a chunked prefill, or the next turn
 of a conversation over a long cache) is cut at its block rows (``layouts.attention.cache_step_pieces``):
 a causal pattern keeps no block past the diagonal, so the queries of one block row see no key past
 the row's end (or the last key), and each piece is the step of the keys up to there, on either
-path, computing only the pairs its row keeps. A longer chunk under a non-causal pattern runs the
-masked SDPA.
+path, computing only the pairs its row keeps. A longer chunk under a non-causal pattern is one step
+over the kept blocks of all its rows.
 
 A preallocated (static) cache of ``Lk`` slots written at the queries' positions (``positions``, a
 tensor) is the step of a growing cache cut at the last query. On CUDA the kernel reads one query's
@@ -65,7 +66,7 @@ from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
 
-GATHER_FROM_QUERIES = 16  # from this many queries the scores outweigh a copy of the kept keys
+GATHER_FROM_ROWS = 16  # from this many queries x query heads per key head, the scores outweigh a copy of the keys
 
 
 def _contiguous(op_impl):
@@ -153,15 +154,16 @@ def kept_blocks_by_runs(
 ) -> Tensor:  # fmt: skip
     """The op's path without Triton for the last ``Lq`` of ``Lk`` positions (at most a block of them,
     or a non-causal chunk): two matmuls per run of kept blocks, SDPA over the kept keys gathered from
-    ``GATHER_FROM_QUERIES`` queries on, or the masked SDPA where that does better (module docstring)."""
+    ``GATHER_FROM_ROWS`` query rows per key head on, or the masked SDPA where that does better
+    (module docstring)."""
     lq, lk = q.shape[-2], k.shape[-2]
     runs = attention_key_runs(layout, lq, lk)
     kept = torch.cat([torch.arange(s, e, device=q.device) for s, e in runs])
-    if 2 * kept.numel() > lk or lq > layout.block_size:  # (a long chunk: its float scores would outweigh the cache)
+    if 2 * kept.numel() > lk:
         allowed = attention_mask_at_end(layout, lq, lk, causal, q.device)
         return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     allowed = attention_mask_at_end(layout, lq, lk, causal, q.device, keys=kept)
-    if lq >= GATHER_FROM_QUERIES:  # compute-bound: SDPA's fused softmax over the kept keys, gathered once
+    if q.shape[1] // k.shape[1] * lq >= GATHER_FROM_ROWS:  # SDPA's fused softmax over the kept keys, gathered once
         def gather(x: Tensor) -> Tensor:
             return torch.cat([x[:, :, s:e] for s, e in runs], dim=-2) if len(runs) > 1 else x[:, :, runs[0][0]:runs[0][1]]
 
