@@ -11,6 +11,7 @@
 #   5. python benchmarks/bench_attention.py, if present  -> $OUT/bench_attention.json (+ .log)
 #   6. python benchmarks/bench_decode.py (a cache step)  -> $OUT/bench_decode.json (+ .log)
 #   7. every other GPU test (backend, attention, ...)    -> $OUT/pytest_gpu_backend.log
+#   8. bench_decode.py --queries 512 (a chunked prefill)  -> $OUT/bench_decode_chunk.json, with the time left
 # Kernel correctness first, then the measurements (what the results/ JSON needs), then the
 # integration tests with the time that is left; pytest prints its slowest tests (--durations) so
 # that the next run can be sized.
@@ -64,6 +65,9 @@ step bench_decode 90 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8
     --out "$OUT/bench_decode.json"
 step pytest_gpu_backend 200 "$PY" -m pytest -q -m gpu --durations=10 tests \
     --ignore "${KERNEL_TESTS[0]}" --ignore "${KERNEL_TESTS[1]}" --ignore "${KERNEL_TESTS[2]}"
+
+step bench_decode_chunk 45 "$PY" benchmarks/bench_decode.py --device cuda --contexts 32768 --queries 512 \
+    --out "$OUT/bench_decode_chunk.json"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "FAILED steps: ${failed[*]}"
