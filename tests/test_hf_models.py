@@ -241,14 +241,14 @@ def test_generate_with_a_compiled_forward_follows_the_fixed_pattern_with_either_
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_density": 0.3,
                "attention_seq_len": 256, "attention_min_seq_len": 64}  # fmt: skip
     model.forward = torch.compile(model.forward, backend="sparsify", options=options)
-    # four ways to generate with one compiled forward: 10 graphs, as plain Inductor compiles (8 are allowed)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 16)
     generated, rows = {}, []
-    for cache, chunk in itertools.product(("static", "dynamic"), (None, 40)):
-        generated[cache, chunk] = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache,
-                                                 prefill_chunk_size=chunk, output_logits=True,
-                                                 return_dict_in_generate=True)  # fmt: skip
-        rows = rows or [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]  # (a decoding step)
+    # four ways to generate with one compiled forward: 10 graphs, as plain Inductor compiles (8 are allowed)
+    with torch._dynamo.config.patch(recompile_limit=16):
+        for cache, chunk in itertools.product(("static", "dynamic"), (None, 40)):
+            generated[cache, chunk] = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                                                     cache_implementation=cache, prefill_chunk_size=chunk,
+                                                     return_dict_in_generate=True)  # fmt: skip
+            rows = rows or [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]  # (a decode step)
     # by their block rows: the chunks of 40 queries over 80 and over 100 keys, and with the static
     # cache the first one too (its queries at positions 0..39 of 256 slots)
     assert sorted({tuple(p) for p in pieces if len(p) > 1}) == [
