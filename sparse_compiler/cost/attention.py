@@ -616,7 +616,9 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     cost += f"; estimated {est.speedup:.2f}x the dense step on {est.profile}"
     if pays:
         if c.device == "cuda":
-            how = "one split-K Triton kernel and a merge" + (" per block row" if pieces > 1 else "")
+            rows = max(c.heads, 1) // max(c.kv_heads, 1) * min(lq, layout.block_size)  # per key head and block row
+            how = "one split-K Triton kernel and a merge" if rows < GATHER_FROM_ROWS else "SDPA over the gathered kept keys"
+            how += " per block row" if pieces > 1 else ""
         else:
             how = ("two matmuls per run, or SDPA with the element mask where the runs hold more than half of it, "
                    f"or from {GATHER_FROM_ROWS} query rows per key head SDPA over the kept keys")

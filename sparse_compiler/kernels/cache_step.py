@@ -22,14 +22,14 @@ length, which a graph may hold symbolically, so they are found at run time, on t
 pattern's cached block mask. It has no backward (decoding is inference): the lowering takes the
 differentiable masked SDPA when gradients are wanted.
 
-On CUDA (with Triton) the step is one split-K kernel over the kept blocks and a merge
-(``kernels/triton/cache_step.py``): two launches whatever the number of runs. Elsewhere, or for a
-dtype the kernels do not take, it is the few matmuls above, one pair per run; when the runs hold
-more than half the keys there, it runs the masked SDPA instead (a dense fused kernel then does
-better than a few matmuls); from ``GATHER_FROM_ROWS`` query rows per key head (queries times the
-query heads that share a key head), whose scores outweigh the keys, it copies the kept keys and
-values together once and runs SDPA over them with the pattern's mask there (a fused softmax, no
-score matrix passed over again and again).
+On CUDA (with Triton) a decoding step (fewer than ``GATHER_FROM_ROWS`` query rows per key head:
+queries times the query heads that share a key head) is one split-K kernel over the kept blocks and
+a merge (``kernels/triton/cache_step.py``): two launches whatever the number of runs. Elsewhere, or
+for a dtype the kernels do not take, it is the few matmuls above, one pair per run; when the runs
+hold more than half the keys, it runs the masked SDPA instead (a dense fused kernel then does better
+than a few matmuls). From ``GATHER_FROM_ROWS`` query rows per key head, on any device, the scores
+outweigh the keys: the kept keys and values are copied together once and SDPA runs over them with
+the pattern's mask there (a fused softmax, no score matrix passed over again and again).
 
 A chunk of more than a block of queries under a causal pattern (a chunked prefill, or the next turn
 of a conversation over a long cache) is cut at its block rows (``layouts.attention.cache_step_pieces``):
@@ -142,8 +142,9 @@ def _last_queries(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_mode: str, layout: Layout, causal: bool, scale: float,
     enable_gqa: bool,
 ) -> Tensor:  # fmt: skip
-    """The queries as the last of the keys: the split-K kernel on CUDA, else the matmuls per run."""
-    if _on_kernel(q, k, v, layout):
+    """The queries as the last of the keys: the split-K kernel on CUDA for fewer than
+    ``GATHER_FROM_ROWS`` query rows per key head (a decoding step), else ``kept_blocks_by_runs``."""
+    if _on_kernel(q, k, v, layout) and q.shape[1] // k.shape[1] * q.shape[-2] < GATHER_FROM_ROWS:
         return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, layout, causal, scale)
     return kept_blocks_by_runs(q, k, v, mask, mask_mode, layout, causal, scale, enable_gqa)
 

@@ -40,6 +40,10 @@ __all__ = ["MAX_HEAD_DIM", "cache_step_attention", "default_splits", "supports"]
 _MASK_MODES = {"none": 0, "add": 1, "keep": 2, "drop": 3}
 MAX_HEAD_DIM = 256  # (wider heads: the op's matmul path)
 MAX_SPLITS = 64
+# query rows a program holds: 16 keeps every variant in registers on sm_90; 32 or 64 rows spill 136-392 B at
+# heads of 64 and 128 (aot_check, triton 3.9), so more rows take more row tiles (the op gives a chunk of
+# many rows to SDPA over the gathered kept keys instead: kernels/cache_step.py)
+ROWS_PER_TILE = 16
 _KERNELS = None
 
 
@@ -146,7 +150,7 @@ def cache_step_attention(
         pos, first_row, start0, count0, start1, count1 = positions, 0, 0, 0, 0, 0  # (found by the kernel)
     if not K.INTERPRETED and q.device.type != "cuda":
         raise RuntimeError(f"cache_step_attention: needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    block_m = min(64, max(16, _next_pow2(rows)))
+    block_m = ROWS_PER_TILE
     row_tiles = math.ceil(rows / block_m)
     if splits is None:
         splits = default_splits(batch * kv_heads * row_tiles, total, q.device)
