@@ -193,3 +193,33 @@ def test_report_sees_the_layers_torch_would_hide_behind_its_inference_fast_path(
     modules = [r["module"] for r in report.rows if r["kind"] != "attention"]
     assert modules[:4] == ["layers.0.self_attn", "layers.0.self_attn.out_proj", "layers.0.linear1", "layers.0.linear2"]
     assert report.n_sparse == 8
+
+
+@pytest.mark.parametrize("weights_read", [False, True])
+def test_attention_with_its_weights_asked_for_but_not_read_becomes_sparse(weights_read):
+    """``out, _ = mha(x, x, x, attn_mask=m)`` (``need_weights=True``, the module's default): written
+    out, the masked scores are found, and with the weights unread the attention becomes sparse and
+    equals the module with the pattern folded into its mask; read, it stays dense, with the reason."""
+    from sparse_compiler.layouts.attention import attention_element_mask, get_attention_layout
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, 2, batch_first=True)
+    x = torch.randn(2, 64, E)
+    blocked = torch.ones(64, 64, dtype=torch.bool).triu(1)  # True: not attended (causal)
+
+    def call(x):
+        out, weights = mha(x, x, x, attn_mask=blocked)
+        return (out, weights) if weights_read else out
+
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32}
+    got = torch.compile(call, backend="sparsify", options=options)(x)
+    (row,) = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    if weights_read:
+        assert row["decision"] == "dense" and "also used by" in row["reason"]
+        torch.testing.assert_close(got, call(x))
+        return
+    assert row["decision"] == "sparse" and row["attention_form"] == "explicit" and row["mask"] == "add"
+    allowed = attention_element_mask(get_attention_layout(row["layout"]), 64, 64, False)
+    want = mha(x, x, x, attn_mask=blocked | ~allowed, need_weights=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - call(x)).abs().max() > 1e-3  # the pattern drops pairs the causal mask keeps

@@ -15,7 +15,7 @@ by step:
 
 so that ``passes/analyze.py`` sees the two products and ``passes/analyze_attention.py`` the
 attention. As in torch's function, a packed projection is split by one contiguous copy, and heads
-by views.
+by views. Weights that nothing reads are not computed, so the scores feed only the attention.
 
 Expanded: batched inputs ``(L, N, E)`` (``batch_first`` is handled by the module before the call),
 a packed ``in_proj_weight`` (self-attention, or separate query / key-value inputs, whose split
@@ -158,6 +158,14 @@ def _expand(graph: fx.Graph, node: fx.Node, a: dict[str, Any]) -> None:
         user.replace_all_uses_with(outputs[user.args[1]])
         graph.erase_node(user)
     graph.erase_node(node)
+    unused = [weights.node] if weights is not None else []
+    written, erased = set(new_nodes), set()
+    while unused:  # weights nobody reads (``out, _ = mha(...)``): gone, so that the scores feed only the attention
+        n = unused.pop()
+        if n in written and n not in erased and not n.users and n.op in ("call_function", "call_method"):
+            unused.extend(n.all_input_nodes)
+            graph.erase_node(n)
+            erased.add(n)
 
 
 def _decomposed(
@@ -233,10 +241,9 @@ def _decomposed(
     if need_weights:
         qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (N·H, len, d)
         q_scaled = qf * math.sqrt(1.0 / float(d))
-        if mask is not None:
-            weights = torch.baddbmm(mask, q_scaled, kf.transpose(-2, -1))
-        else:
-            weights = torch.bmm(q_scaled, kf.transpose(-2, -1))
+        weights = torch.bmm(q_scaled, kf.transpose(-2, -1))
+        if mask is not None:  # (torch's baddbmm, as a product and a sum: the analysis finds masked scores so)
+            weights = weights + mask
         weights = F.softmax(weights, dim=-1)
         if not dropout_known or dropout_p > 0.0:  # (dropout with p = 0 returns its input as it is)
             weights = F.dropout(weights, p=dropout_p)
