@@ -53,12 +53,7 @@ from bench_cpu_linear import machine
 from sparse_compiler.cost.attention import estimate_cache_step_time, profile_for
 from sparse_compiler.kernels.attention import block_sparse_attention
 from sparse_compiler.kernels.cache_step import kept_blocks_by_runs
-from sparse_compiler.layouts.attention import (
-    attention_key_runs,
-    attention_layout,
-    attention_mask_at_end,
-    cache_step_pieces,
-)
+from sparse_compiler.layouts.attention import attention_layout, attention_mask_at_end, cache_step_reads
 
 SHAPES = {  # batch, query heads, key/value heads, head dim, dtype
     "cpu": (1, 8, 8, 64, torch.float32),
@@ -143,12 +138,7 @@ def main() -> None:
                 q, k, v = layers[0]
                 err = max((fn(q, k, v).float() - masked(q, k, v).float()).abs().max().item() for fn in fns[2:])
                 t_dense, t_masked, t_kept, *t_cuda = per_call_seconds(fns, layers, args.repeat, device)
-            read = pairs = n_runs = 0
-            for start, end in cache_step_pieces(layout, lq, context, causal=True):  # (one piece for one query)
-                runs = attention_key_runs(layout, end - start, end)
-                kept_keys = sum(e - s for s, e in runs)
-                read, pairs, n_runs = read + kept_keys / context, pairs + (end - start) * kept_keys, n_runs + len(runs)
-            pairs /= lq * context
+            read, n_runs, pairs = cache_step_reads(layout, lq, context, causal=True)
             shape = dict(batch=batch, kv_heads=hk, heads=hq, seq_len_q=lq, seq_len_k=context, head_dim=dim,
                          value_dim=dim, dtype=dtype)  # fmt: skip
             predicted = estimate_cache_step_time(profile_for(device), **shape) / estimate_cache_step_time(

@@ -523,7 +523,7 @@ def test_a_long_causal_chunk_over_a_cache_is_read_block_row_by_block_row(mode, m
     the model's mask (per query or broadcast over them) included. At given positions (a static
     cache) too; under a non-causal pattern the chunk is one step over its rows' kept blocks."""
     from sparse_compiler.kernels import cache_step
-    from sparse_compiler.layouts.attention import cache_step_pieces
+    from sparse_compiler.layouts.attention import cache_step_pieces, cache_step_reads
 
     steps = []
     by_runs = cache_step.kept_blocks_by_runs
@@ -545,6 +545,11 @@ def test_a_long_causal_chunk_over_a_cache_is_read_block_row_by_block_row(mode, m
         assert steps == [(e - s, e) for s, e in pieces]  # each piece: its queries over the keys up to its end
         torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=ref_mask, enable_gqa=True), rtol=1e-5, atol=1e-5)
     assert cache_step_pieces(fitted, 16, 1000) == [(984, 1000)]  # a block of queries: one step
+    # what the time model counts: each piece's kept keys (those of its row, up to its end), and its pairs
+    read, runs, pairs = cache_step_reads(fitted, 40, 997)
+    kept = [int(attention_mask_at_end(fitted, 1, e).sum()) for _, e in cache_step_pieces(fitted, 40, 997)]
+    assert read * 997 == pytest.approx(sum(kept)) and runs >= len(kept)
+    assert pairs * 40 * 997 == pytest.approx(sum((e - s) * n for (s, e), n in zip(cache_step_pieces(fitted, 40, 997), kept)))
     # a non-causal pattern: the rows see keys past them, so the chunk is one step over all their kept blocks
     free = attention_layout("butterfly+local+global", 1024, 1024, 16, density=0.15, causal=False)
     assert cache_step_pieces(free, 40, 600) == [(560, 600)] and len(cache_step_pieces(free, 40, 600, causal=True)) == 3
@@ -934,7 +939,7 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     # a chunk of 512 queries (a chunked prefill) is read block row by block row: fewer pairs computed
     chunk = plan_attention([dataclasses.replace(cached, device="cpu", dtype=torch.float32, seq_len_q=512,
                                                 seq_len_q_hint=512)], fixed)[0]  # fmt: skip
-    assert chunk.lowering == "kept_blocks" and "4 block rows of queries, each over the keys up to its last" in chunk.reason
+    assert chunk.lowering == "kept_blocks" and "4 block rows of queries, each over the keys up to its end" in chunk.reason
     assert 1 < chunk.estimate.speedup < 1 / step.layout.params["density"]
     # a small cache: the pattern through SDPA, until the length from which the kept blocks pay
     small = dataclasses.replace(cached, batch=1, batch_hint=1, seq_len_k=2048, seq_len_k_hint=2048)

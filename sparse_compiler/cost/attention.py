@@ -15,8 +15,9 @@ layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"
    length staying below the one from which it would change (``short_of``: one dense graph serves
    all shorter lengths, e.g. every step of a generation);
 6. queries and keys of different lengths outside a key/value cache step (cross-attention: where the
-   queries lie among the keys is not known); fewer than two blocks along the queries or the keys; on CUDA a block size that is not a multiple
-   of 128 (FlexAttention's default tiles must divide it); a layout that keeps every block;
+   queries lie among the keys is not known); fewer than two blocks along the queries or the keys;
+   on CUDA a block size that is not a multiple of 128 (FlexAttention's default tiles must divide
+   it); a layout that keeps every block;
 7. too short: the estimated block-sparse time is not below the dense fused kernel's (on the CPU,
    training always is: FlexAttention has no CPU backward).
 
@@ -54,7 +55,7 @@ replaced by measured profiles (``cost/hardware.py``): with ``F = 2·B·H·(D + D
   keep at the sparse efficiency, plus ``sparse_overhead`` and a cost per run of adjacent kept blocks
   (two matmuls a run on the CPU; none on CUDA, where one split-K Triton kernel reads every run). A
   causal chunk longer than a block is read block row by block row (``cache_step_pieces``), each row
-  over the keys up to its last query.
+  over the keys up to its end.
 
 Every input is explicit: the profile is any object with the fields of :class:`AttentionProfile`.
 The numbers of the two built-in profiles are rough public figures, not measurements: a generic
@@ -76,9 +77,9 @@ import torch
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
 from sparse_compiler.kernels.cache_step import GATHER_FROM_ROWS
 from sparse_compiler.layouts.attention import (
-    attention_key_runs,
     attention_layout_from_options,
     cache_step_pieces,
+    cache_step_reads,
     causal_blocks,
     pattern_depends_on_length,
 )
@@ -599,7 +600,7 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
                                  "the element mask built there (no speed-up; the cache-step kernel reads the "
                                  "position of one query on the device)", lowering="sdpa", fixed_pattern=True)  # fmt: skip
     prof = profile if profile is not None else profile_for(c.device)
-    read = _read(layout, lq, lk, causal)  # (a static cache: at its last slots, the most a step reads)
+    read = cache_step_reads(layout, lq, lk, causal)  # (a static cache: at its last slots, the most a step reads)
     est = _cache_step_estimate(c, prof, lk, read)
     if threshold is not None:
         pays, bound = lk >= threshold, threshold
@@ -609,8 +610,7 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     here = "at its last slots" if static else "here"
     pieces = len(cache_step_pieces(layout, lq, lk, causal))
     if pieces > 1:
-        cost = (f"{pieces} block rows of queries, each over the keys up to its last query: {read[2]:.0%} of the "
-                f"pairs, in {read[1]} runs")
+        cost = f"{pieces} block rows of queries, each over the keys up to its end: {read[2]:.0%} of the pairs, in {read[1]} runs"
     else:
         cost = f"{read[0]:.0%} of the cache {here} in {read[1]} runs"
     cost += f"; estimated {est.speedup:.2f}x the dense step on {est.profile}"
@@ -635,19 +635,8 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
                              short_of=("k", bound) if bound is not None else None)
 
 
-def _read(layout: Layout, lq: int, lk: int, causal: bool) -> tuple[float, int, float]:
-    """What the last ``lq`` of ``lk`` positions read, piece by piece (``cache_step_pieces``): (keys
-    read over ``lk``, runs of kept blocks, the fraction of the ``lq·lk`` pairs computed)."""
-    keys = runs = pairs = 0
-    for start, end in cache_step_pieces(layout, lq, lk, causal):
-        piece = attention_key_runs(layout, end - start, end)
-        kept = sum(e - s for s, e in piece)
-        keys, runs, pairs = keys + kept, runs + len(piece), pairs + (end - start) * kept
-    return keys / lk, runs, pairs / (lq * lk)
-
-
 def _cache_step_estimate(c: AttentionCandidate, profile: Any, lk: int, read: tuple[float, int, float]) -> AttentionEstimate:
-    """Dense against ``"kept_blocks"`` at ``lk`` keys, reading as :func:`_read` says."""
+    """Dense against ``"kept_blocks"`` at ``lk`` keys, reading as ``cache_step_reads`` says."""
     shape = {"batch": max(c.batch_hint, 1), "kv_heads": max(c.kv_heads, 1), "heads": max(c.heads, 1),
              "seq_len_q": c.seq_len_q_hint, "seq_len_k": lk, "head_dim": c.head_dim, "value_dim": c.value_dim,
              "dtype": c.dtype}  # fmt: skip
@@ -663,7 +652,7 @@ def _cache_step_pays_from(c: AttentionCandidate, layout: Layout, profile: Any, l
     decision is made again."""
     length = 2 * lk
     while length <= MAX_LADDER_BLOCKS * layout.block_size:
-        est = _cache_step_estimate(c, profile, length, _read(layout, c.seq_len_q_hint, length, causal))
+        est = _cache_step_estimate(c, profile, length, cache_step_reads(layout, c.seq_len_q_hint, length, causal))
         if est.sparse_s < est.dense_s:
             break
         length *= 2

@@ -74,6 +74,7 @@ __all__ = [
     "bigbird_blocks",
     "butterfly_blocks",
     "cache_step_pieces",
+    "cache_step_reads",
     "causal_blocks",
     "diagonal_blocks",
     "fixed_blocks",
@@ -543,6 +544,19 @@ def cache_step_pieces(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bo
     b, first = layout.block_size, seq_len_k - seq_len_q
     starts = [first, *range((first // b + 1) * b, seq_len_k, b)]
     return list(zip(starts, [*starts[1:], seq_len_k]))
+
+
+def cache_step_reads(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool = False) -> tuple[float, int, float]:
+    """What the last ``seq_len_q`` of ``seq_len_k`` positions read, piece by piece
+    (:func:`cache_step_pieces`): ``(keys read / seq_len_k, runs of adjacent kept blocks, the
+    fraction of the seq_len_q·seq_len_k (query, key) pairs computed)``. The first counts the keys of
+    every row, so a chunk whose rows read the same keys may pass 1."""
+    keys = runs = pairs = 0
+    for start, end in cache_step_pieces(layout, seq_len_q, seq_len_k, causal):
+        piece = attention_key_runs(layout, end - start, end)
+        kept = sum(e - s for s, e in piece)
+        keys, runs, pairs = keys + kept, runs + len(piece), pairs + (end - start) * kept
+    return keys / seq_len_k, runs, pairs / (seq_len_q * seq_len_k)
 
 
 _SHARED: dict[tuple, Any] = {}  # per pattern, capacity and device: kept for the process
