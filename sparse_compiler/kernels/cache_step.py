@@ -66,7 +66,9 @@ from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
 
-GATHER_FROM_ROWS = 16  # from this many queries x query heads per key head, the scores outweigh a copy of the keys
+# from this many queries x query heads per key head, the scores outweigh a copy of the kept keys (measured on
+# 2 AMD EPYC cores: 32k keys, density 1/8, one and four query heads per key head; 2x faster from 32 rows)
+GATHER_FROM_ROWS = 16
 
 
 def _contiguous(op_impl):
