@@ -178,6 +178,28 @@ def test_adamw_training_keeps_dropped_blocks_zero_and_eager_equals_compiled():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_dropped_blocks_stay_zero_when_dynamo_runs_the_model_uncompiled():
+    """Past Dynamo's recompile limit a call runs eagerly, its dense F.linear giving the dropped blocks
+    a gradient; the parameters' own gradient mask keeps them at zero, so AdamW does not move them
+    and the compiled graphs still equal the eager model."""
+    torch.manual_seed(0)
+    model = MLP(64, 128, 1)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled = torch.compile(model, backend="sparsify", dynamic=False,
+                                 options={"density": 0.25, "block_size": 16, "rescale_init": False})  # fmt: skip
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        compiled(torch.randn(4, 64))
+        for rows in (5, 6, 7, 8, 9):  # the last three run uncompiled
+            loss = compiled(torch.randn(rows, 64)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    key, _ = state.layout_of(model.fc1.weight)
+    assert torch.count_nonzero(model.fc1.weight.detach()[~get_layout(key).element_mask()]) == 0
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_graph_reused_for_another_module_makes_its_parameters_sparse_too():
     """Dynamo runs the graph compiled for one module for a second module of the same structure
     (without calling the backend again): the second module's weights are made sparse at its first

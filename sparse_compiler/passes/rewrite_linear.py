@@ -72,6 +72,30 @@ def sparsify_parameter_(weight_out_in: torch.Tensor, layout: Layout, rescale: bo
             weight_out_in.mul_(scale[:, None])
 
 
+def keep_dropped_blocks_at_zero_(param: torch.Tensor, layout: Layout, stored: str) -> None:
+    """Mask the gradient of ``param`` (read as ``stored``) to ``layout``'s kept blocks, whatever
+    computes it: the compiled op already gives dropped blocks an exact zero, but a call Dynamo runs
+    uncompiled (past its recompile limit, or a graph it gave up on) computes a dense gradient, which
+    an optimizer would turn into nonzero dropped blocks. A block-level mask, broadcast: no
+    element-sized tensor is kept."""
+    rows, cols = layout.grid
+    b = layout.block_size
+    dropped = ~layout.block_mask
+    if not bool(dropped.any()):
+        return
+    masks: dict[torch.device, torch.Tensor] = {}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        mask = masks.get(grad.device)
+        if mask is None:
+            mask = masks.setdefault(grad.device, dropped.to(grad.device)[:, None, :, None])
+        g = _out_in(grad, stored)
+        g = g.reshape(rows, b, cols, b).masked_fill(mask, 0).reshape(rows * b, cols * b)
+        return _out_in(g, stored)
+
+    param.register_hook(hook)
+
+
 def _bias_arg(node: fx.Node, kind: str) -> Any:
     if kind == "linear":
         return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -143,6 +167,7 @@ def rewrite_linear(
             # zeroed when the compilation succeeds (state.staged), never by an abandoned attempt
             view = _out_in(param, c.weight_stored)
             state.defer(functools.partial(sparsify_parameter_, view, layout, plan.options.rescale_init))
+            state.defer(functools.partial(keep_dropped_blocks_at_zero_, param, layout, c.weight_stored))
             state.mark_sparsified(param, key, c.weight_stored)
     touched[id(gm)] = gm
     for module in touched.values():
@@ -194,6 +219,7 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
             existing = state.layout_of(param)
             if existing is None:
                 sparsify_parameter_(_out_in(param, stored), layout, rescale)
+                keep_dropped_blocks_at_zero_(param, layout, stored)
                 state.mark_sparsified(param, layout.key, stored)
             else:
                 have, want = _parameter_mask(get_layout(existing[0]), existing[1]), _parameter_mask(layout, stored)
