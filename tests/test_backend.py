@@ -178,12 +178,16 @@ def test_adamw_training_keeps_dropped_blocks_zero_and_eager_equals_compiled():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_dropped_blocks_stay_zero_when_dynamo_runs_the_model_uncompiled():
-    """Past Dynamo's recompile limit a call runs eagerly, its dense F.linear giving the dropped blocks
+@pytest.mark.parametrize("stored", ["out_in", "in_out"])
+def test_dropped_blocks_stay_zero_when_dynamo_runs_the_model_uncompiled(stored):
+    """Past Dynamo's recompile limit a call runs eagerly, its dense product giving the dropped blocks
     a gradient; the parameters' own gradient mask keeps them at zero, so AdamW does not move them
-    and the compiled graphs still equal the eager model."""
+    and the compiled graphs still equal the eager model (nn.Linear, and GPT-2's Conv1D, whose weight
+    is stored transposed)."""
     torch.manual_seed(0)
     model = MLP(64, 128, 1)
+    if stored == "in_out":
+        model.fc1 = Conv1D(64, 128)
     with torch._dynamo.config.patch(recompile_limit=2):
         compiled = torch.compile(model, backend="sparsify", dynamic=False,
                                  options={"density": 0.25, "block_size": 16, "rescale_init": False})  # fmt: skip
@@ -194,8 +198,9 @@ def test_dropped_blocks_stay_zero_when_dynamo_runs_the_model_uncompiled():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    key, _ = state.layout_of(model.fc1.weight)
-    assert torch.count_nonzero(model.fc1.weight.detach()[~get_layout(key).element_mask()]) == 0
+    key, how = state.layout_of(model.fc1.weight)
+    w = model.fc1.weight.detach()
+    assert how == stored and torch.count_nonzero((w if stored == "out_in" else w.t())[~get_layout(key).element_mask()]) == 0
     x = torch.randn(4, 64)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 

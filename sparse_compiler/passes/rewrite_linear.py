@@ -73,27 +73,31 @@ def sparsify_parameter_(weight_out_in: torch.Tensor, layout: Layout, rescale: bo
 
 
 def keep_dropped_blocks_at_zero_(param: torch.Tensor, layout: Layout, stored: str) -> None:
-    """Mask the gradient of ``param`` (read as ``stored``) to ``layout``'s kept blocks, whatever
-    computes it: the compiled op already gives dropped blocks an exact zero, but a call Dynamo runs
-    uncompiled (past its recompile limit, or a graph it gave up on) computes a dense gradient, which
-    an optimizer would turn into nonzero dropped blocks. A block-level mask, broadcast: no
-    element-sized tensor is kept."""
-    rows, cols = layout.grid
-    b = layout.block_size
-    dropped = ~layout.block_mask
+    """Zero the dropped blocks of ``param.grad`` (``param`` read as ``stored``) whenever a backward
+    pass has accumulated into it, whatever computed it: the compiled op already gives dropped
+    blocks an exact zero, but a call Dynamo runs uncompiled (past its recompile limit, or a graph it
+    gave up on) computes a dense gradient, which an optimizer would turn into nonzero dropped
+    blocks. In place, with a block-level mask broadcast over the blocks: no element-sized tensor."""
+    own = _parameter_mask(layout, stored)  # in the parameter's orientation
+    dropped = ~own.block_mask
     if not bool(dropped.any()):
         return
+    (rows, cols), b = own.grid, own.block_size
     masks: dict[torch.device, torch.Tensor] = {}
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
+    def hook(p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad is None:
+            return
         mask = masks.get(grad.device)
         if mask is None:
             mask = masks.setdefault(grad.device, dropped.to(grad.device)[:, None, :, None])
-        g = _out_in(grad, stored)
-        g = g.reshape(rows, b, cols, b).masked_fill(mask, 0).reshape(rows * b, cols * b)
-        return _out_in(g, stored)
+        if grad.is_contiguous():
+            grad.view(rows, b, cols, b).masked_fill_(mask, 0)
+        else:
+            p.grad = grad.reshape(rows, b, cols, b).masked_fill(mask, 0).reshape(grad.shape)
 
-    param.register_hook(hook)
+    param.register_post_accumulate_grad_hook(hook)
 
 
 def _bias_arg(node: fx.Node, kind: str) -> Any:
