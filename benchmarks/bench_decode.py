@@ -19,7 +19,7 @@ the context length as ``attention_seq_len`` would fix it):
 - ``kept_blocks``: the backend's cache-step lowering (``kernels/cache_step.py``), which reads only
   the kept key/value blocks of the query's row: on CUDA one split-K Triton kernel and a merge
   (``kernels/triton/cache_step.py``), on the CPU two matmuls per run of kept blocks (a chunk: block
-  row by block row, each row over the keys up to its last query);
+  row by block row, each row over the keys up to its end);
 - ``by_runs`` (CUDA, one query): the CPU path on the GPU, for comparison (two matmuls per run);
 - ``static`` (CUDA, one query): the kernel with the query's position in a tensor, read on the device
   (a static cache's step, here at its last slot: the same blocks as ``kept_blocks``).

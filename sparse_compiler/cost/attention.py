@@ -75,7 +75,7 @@ from typing import Any, Mapping
 import torch
 
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
-from sparse_compiler.kernels.cache_step import GATHER_FROM_ROWS
+from sparse_compiler.kernels.cache_step import GATHER_FROM_ROWS, gathers_kept_keys
 from sparse_compiler.layouts.attention import (
     attention_layout_from_options,
     cache_step_pieces,
@@ -616,8 +616,8 @@ def _cache_step(c: AttentionCandidate, o: Options, profile: Any | None, threshol
     cost += f"; estimated {est.speedup:.2f}x the dense step on {est.profile}"
     if pays:
         if c.device == "cuda":
-            rows = max(c.heads, 1) // max(c.kv_heads, 1) * min(lq, layout.block_size)  # per key head and block row
-            how = "one split-K Triton kernel and a merge" if rows < GATHER_FROM_ROWS else "SDPA over the gathered kept keys"
+            gathers = gathers_kept_keys(max(c.heads, 1), max(c.kv_heads, 1), min(lq, layout.block_size))  # (a row)
+            how = "SDPA over the gathered kept keys" if gathers else "one split-K Triton kernel and a merge"
             how += " per block row" if pieces > 1 else ""
         else:
             how = ("two matmuls per run, or SDPA with the element mask where the runs hold more than half of it, "

@@ -64,11 +64,18 @@ from sparse_compiler.layouts.attention import (
 )
 from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["attention_kept_blocks", "kept_blocks_by_runs"]
+__all__ = ["attention_kept_blocks", "gathers_kept_keys", "kept_blocks_by_runs"]
 
 # from this many queries x query heads per key head, the scores outweigh a copy of the kept keys (measured on
 # 2 AMD EPYC cores: 32k keys, density 1/8, one and four query heads per key head: 1.3-1.6x at 32-64 rows, 3x at 128)
 GATHER_FROM_ROWS = 16
+
+
+def gathers_kept_keys(heads: int, kv_heads: int, queries: int) -> bool:
+    """Whether a step of ``queries`` queries runs SDPA over the gathered kept keys: from
+    ``GATHER_FROM_ROWS`` query rows per key head (queries times the query heads sharing a key head);
+    fewer (a decoding step) take the split-K kernel on CUDA, the matmuls per run elsewhere."""
+    return heads // kv_heads * queries >= GATHER_FROM_ROWS
 
 
 def _contiguous(op_impl):
@@ -146,7 +153,7 @@ def _last_queries(
 ) -> Tensor:  # fmt: skip
     """The queries as the last of the keys: the split-K kernel on CUDA for fewer than
     ``GATHER_FROM_ROWS`` query rows per key head (a decoding step), else ``kept_blocks_by_runs``."""
-    if _on_kernel(q, k, v, layout) and q.shape[1] // k.shape[1] * q.shape[-2] < GATHER_FROM_ROWS:
+    if _on_kernel(q, k, v, layout) and not gathers_kept_keys(q.shape[1], k.shape[1], q.shape[-2]):
         return triton_cache_step.cache_step_attention(q, k, v, mask, mask_mode, layout, causal, scale)
     return kept_blocks_by_runs(q, k, v, mask, mask_mode, layout, causal, scale, enable_gqa)
 
@@ -166,12 +173,13 @@ def kept_blocks_by_runs(
         allowed = attention_mask_at_end(layout, lq, lk, causal, q.device)
         return masked_sdpa(q, k, v, mask, mask_mode, allowed, scale, enable_gqa)
     allowed = attention_mask_at_end(layout, lq, lk, causal, q.device, keys=kept)
-    if q.shape[1] // k.shape[1] * lq >= GATHER_FROM_ROWS:  # SDPA's fused softmax over the kept keys, gathered once
+    if mask is not None and mask.shape[-1] == lk:
+        mask = mask.index_select(-1, kept)  # the model's mask at the kept keys
+    if gathers_kept_keys(q.shape[1], k.shape[1], lq):  # SDPA's fused softmax over the kept keys, gathered once
         def gather(x: Tensor) -> Tensor:
             return torch.cat([x[:, :, s:e] for s, e in runs], dim=-2) if len(runs) > 1 else x[:, :, runs[0][0]:runs[0][1]]
 
-        m = mask.index_select(-1, kept) if mask is not None and mask.shape[-1] == lk else mask
-        return masked_sdpa(q, gather(k), gather(v), m, mask_mode, allowed, scale, enable_gqa)
+        return masked_sdpa(q, gather(k), gather(v), mask, mask_mode, allowed, scale, enable_gqa)
     b, hq, _, _ = q.shape
     hk = k.shape[1]
     group = hq // hk  # 1 unless enable_gqa
@@ -180,13 +188,12 @@ def kept_blocks_by_runs(
     scores = torch.cat([qg @ k[:, :, s:e].transpose(-1, -2) for s, e in runs], dim=-1).float()
     allowed = allowed.repeat(group, 1)
     if mask is not None:
-        m = mask.index_select(-1, kept) if mask.shape[-1] == lk else mask
         if group > 1:  # the mask's rows follow the folded query heads
-            m = m.expand(m.shape[0], hq, lq, kept.numel()).reshape(m.shape[0], hk, group * lq, kept.numel())
+            mask = mask.expand(mask.shape[0], hq, lq, kept.numel()).reshape(mask.shape[0], hk, group * lq, kept.numel())
         if mask_mode == "add":
-            scores = scores + m.float()
+            scores = scores + mask.float()
         else:
-            allowed = allowed & (m if mask_mode == "keep" else ~m)
+            allowed = allowed & (mask if mask_mode == "keep" else ~mask)
     scores = scores.masked_fill(~allowed, float("-inf"))
     seen = (scores > float("-inf")).any(-1, keepdim=True)
     p = scores.softmax(-1).masked_fill(~seen, 0.0).to(v.dtype)  # a query that may see nothing gets 0, as in SDPA

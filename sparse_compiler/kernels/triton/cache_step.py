@@ -150,8 +150,7 @@ def cache_step_attention(
         pos, first_row, start0, count0, start1, count1 = positions, 0, 0, 0, 0, 0  # (found by the kernel)
     if not K.INTERPRETED and q.device.type != "cuda":
         raise RuntimeError(f"cache_step_attention: needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    block_m = ROWS_PER_TILE
-    row_tiles = math.ceil(rows / block_m)
+    row_tiles = math.ceil(rows / ROWS_PER_TILE)
     if splits is None:
         splits = default_splits(batch * kv_heads * row_tiles, total, q.device)
     per_split = max(1, math.ceil(total / min(max(1, splits), MAX_SPLITS)))
@@ -185,7 +184,7 @@ def cache_step_attention(
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
             B=layout.block_size, CAUSAL=causal, MASK_MODE=_MASK_MODES[mask_mode], POSITIONS=positions is not None,
             FINAL=final,
-            PRECISION=_linear._precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            PRECISION=_linear._precision(q.dtype), BLOCK_M=ROWS_PER_TILE, BLOCK_N=block_n,
             BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if not final:
