@@ -46,6 +46,11 @@ class Options:
             ``sqrt(blocks per row / kept blocks in that row)`` so a freshly initialised layer keeps
             its output variance. Right for training from scratch (the default); set ``False`` when
             sparsifying a trained model, whose kept weights should stay as they are.
+        keep_found_layouts: a weight whose entirely-zero blocks are exactly the dropped blocks of a
+            layout this backend makes (a checkpoint of a model it made sparse) keeps that layout,
+            whatever ``density`` or the cost model would choose now (``layouts/found.py``), so a
+            resumed or served checkpoint computes what it was trained to. ``False`` plans such
+            weights afresh (and masks them with the new layout).
         report: ``True`` prints the report table at compile time; a path ending in ``.json``,
             ``.md``, ``.html`` or ``.txt`` writes it there.
         eager: run the rewritten graph eagerly instead of handing it to Inductor (debugging).
@@ -107,6 +112,7 @@ class Options:
     min_features: int = 0
     allow_shared_weights: bool = False
     rescale_init: bool = True
+    keep_found_layouts: bool = True
     report: bool | str = False
     eager: bool = False
     visible_kernels: bool = True
@@ -133,7 +139,7 @@ class Options:
 
         if self.shuffle is not None and not isinstance(self.shuffle, bool):
             fail("shuffle", "expected None (where needed), True or False")
-        for name in ("enabled", "allow_shared_weights", "rescale_init", "eager", "visible_kernels"):
+        for name in ("enabled", "allow_shared_weights", "rescale_init", "keep_found_layouts", "eager", "visible_kernels"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "expected True or False")
         if self.attention_causal is not None and not isinstance(self.attention_causal, bool):

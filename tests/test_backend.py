@@ -45,14 +45,29 @@ def _compile(model, **options):
     return torch.compile(model, backend="sparsify", options={**SMALL, **options})
 
 
+class _CastWeights(nn.Module):
+    """Layers that read their weight through a cast, as mixed-precision code writes them."""
+
+    def __init__(self, d=64, hidden=128):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.proj = nn.Parameter(torch.randn(d, d) * 0.1)  # stored (in, out)
+
+    def forward(self, x):
+        h = F.linear(x, self.up.weight.to(x.dtype), self.up.bias.to(x.dtype)).relu()
+        h = h @ self.down.weight.type_as(x).t().contiguous()
+        return torch.matmul(h, self.proj.to(dtype=x.dtype))
+
+
 @pytest.mark.parametrize(
     "make,x",
     [
         (lambda: MLP(), lambda: torch.randn(4, 8, 64)),
         (lambda: Block(), lambda: torch.randn(2, 16, 64)),
         (lambda: Conv1D(64, 96), lambda: torch.randn(3, 5, 64)),
+        (lambda: _CastWeights(), lambda: torch.randn(3, 5, 64)),
     ],
-    ids=["mlp", "transformer_block", "conv1d_in_out_weight"],
+    ids=["mlp", "transformer_block", "conv1d_in_out_weight", "weights_read_through_casts"],
 )
 @pytest.mark.parametrize("visible", [True, False], ids=["visible_op", "opaque_op"])
 def test_compiled_matches_masked_dense_reference(make, x, visible):
@@ -77,6 +92,23 @@ def test_compiled_matches_masked_dense_reference(make, x, visible):
             mask = get_layout(keep[name]["layout"]).element_mask()
             want = want * (mask if keep[name]["weight_stored"] == "out_in" else mask.t())
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_weights_cast_to_the_input_dtype_compute_as_the_model_casts_them():
+    model = _CastWeights()
+    before = copy.deepcopy(model)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    y = _compile(model, rescale_init=False)(x)
+    report = sparse_compiler.last_report()
+    assert [r["decision"] for r in _linear_rows(report)] == ["sparse"] * 3
+    assert [r["weight_stored"] for r in _linear_rows(report)] == ["out_in", "out_in", "in_out"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the parameters stay fp32
+    y_ref = _sparse_reference(before, report, rescale=False)(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    y.float().pow(2).sum().backward()
+    dropped = ~get_layout(_linear_rows(report)[0]["layout"]).element_mask()
+    assert model.up.weight.grad.dtype == torch.float32 and not model.up.weight.grad[dropped].any()
 
 
 @pytest.mark.parametrize("visible", [True, False])
@@ -372,6 +404,7 @@ def test_no_candidates_and_graph_breaks():
         ({"block_size": 0}, "block_size=0"),
         ({"butterfly_size": 8}, "together"),
         ({"report": "out.pdf"}, "report"),
+        ({"keep_found_layouts": "yes"}, "keep_found_layouts='yes'"),
     ],
 )
 def test_options_are_validated_by_name(options, needle):
@@ -619,6 +652,45 @@ def test_resuming_from_a_sparse_checkpoint_does_not_rescale_again(tmp_path):
     b.load_state_dict(torch.load(tmp_path / "sparse.pt"))
     y_b = _compile(b, rescale_init=True, eager=True)(x)
     torch.testing.assert_close(y_b, y_a)
+
+
+def _layouts_by_parameter(report):
+    return {r["parameter"]: r["layout"] for r in _linear_rows(report)}
+
+
+@pytest.mark.parametrize("make", [lambda: MLP(128, 256, 128), lambda: Conv1D(128, 256)], ids=["out_in", "in_out"])
+def test_a_sparse_checkpoint_keeps_its_layouts_whatever_the_new_run_would_plan(tmp_path, make):
+    trained = make()
+    x = torch.randn(3, 128)
+    _compile(trained, density=0.25)(x)
+    saved = _layouts_by_parameter(sparse_compiler.last_report())
+    torch.save(trained.state_dict(), tmp_path / "sparse.pt")
+    checkpoint = torch.load(tmp_path / "sparse.pt")
+
+    # a resumed run that would plan otherwise: another density, and the cost model (which finds
+    # these layers too small to pay and would leave them dense, so that training regrows the blocks)
+    for options in ({"density": 0.5}, {"density": None, "hardware": "cpu"}):
+        torch._dynamo.reset()
+        resumed = make()
+        resumed.load_state_dict(checkpoint)
+        compiled = _compile(resumed, **options)
+        y = compiled(torch.randn(7, 5, 128))  # another first-call shape
+        rows = _linear_rows()
+        assert _layouts_by_parameter(sparse_compiler.last_report()) == saved, options
+        assert all(r["decision"] == "sparse" and "found in its weights" in r["reason"] for r in rows)
+        for name, value in resumed.state_dict().items():  # neither re-masked nor rescaled
+            torch.testing.assert_close(value, checkpoint[name], rtol=0, atol=0)
+        z = torch.randn(7, 5, 128)
+        torch.testing.assert_close(compiled(z), trained(z), rtol=1e-5, atol=1e-5)
+        assert y.shape[:2] == (7, 5)
+
+    # the option off: planned afresh, the checkpoint masked with the new layouts
+    torch._dynamo.reset()
+    replanned = make()
+    replanned.load_state_dict(checkpoint)
+    _compile(replanned, density=0.5, keep_found_layouts=False)(x)
+    fresh = _layouts_by_parameter(sparse_compiler.last_report())
+    assert fresh.keys() == saved.keys() and all(fresh[k] != saved[k] for k in saved)
 
 
 def test_weight_tied_to_an_embedding_across_a_graph_break_stays_dense():

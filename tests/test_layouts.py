@@ -14,6 +14,7 @@ from sparse_compiler.layouts import (
     nearest_flat_butterfly,
     register,
 )
+from sparse_compiler.layouts.found import block_occupancy, find_layout
 
 
 def test_butterfly_grid_rows_hold_the_xor_partners():
@@ -160,3 +161,55 @@ def test_layout_is_immutable_copy_of_the_mask():
     mask[0, 1] = True
     assert layout.density == pytest.approx(3 / 4)
     assert math.isclose(layout.sparsity, 1 / 4)
+
+
+# ---------------------------------------------------------------- layouts found in a weight's zeros
+def _weight_with(layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.shape, generator=g) * layout.element_mask()
+
+
+@pytest.mark.parametrize("out_f,in_f", [(128, 128), (128, 512), (192, 384)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_every_library_layout_is_found_in_its_weights(out_f, in_f, block_size):
+    from sparse_compiler.layouts import butterfly_configs
+
+    checked = 0
+    for bs, k in butterfly_configs(out_f, in_f, block_size):
+        for shuffle in (False, True):
+            for global_size in (0, block_size):
+                layout = flat_butterfly(out_f, in_f, bs, k, block_size, global_size, shuffle)
+                if layout.density == 1.0:
+                    assert block_occupancy(_weight_with(layout)) is None
+                    continue
+                found = find_layout(block_occupancy(_weight_with(layout, checked)), (global_size, 0))
+                assert found is not None, layout.key
+                assert torch.equal(found.element_mask(), layout.element_mask()), layout.key
+                checked += 1
+    assert checked > 0
+
+
+def test_a_found_layout_takes_the_coarsest_block_that_describes_it():
+    layout = flat_butterfly(256, 512, 4, 2, 64)
+    occupancy = block_occupancy(_weight_with(layout))
+    assert occupancy.block_size == 8
+    found = find_layout(occupancy)
+    assert found.key == layout.key  # not its 32- or 16-block twin, which keeps the same elements
+    assert torch.equal(flat_butterfly(256, 512, 4, 2, 32).element_mask(), layout.element_mask())
+
+
+def test_zero_blocks_of_other_origins_are_not_taken_for_a_layout():
+    layout = flat_butterfly(128, 128, 4, 2, 16)
+    w = _weight_with(layout)
+    assert find_layout(block_occupancy(w)) is not None
+    one_kept_block_zero = w.clone()
+    one_kept_block_zero[:16, :16] = 0
+    assert find_layout(block_occupancy(one_kept_block_zero)) is None
+    assert block_occupancy(torch.randn(128, 128)) is None  # fresh weight: every block occupied
+    assert block_occupancy(torch.zeros(128, 128)) is None  # zero-initialised layer
+    assert find_layout(block_occupancy(torch.eye(128))) is None  # identity initialisation
+    g = torch.Generator().manual_seed(1)
+    pruned = torch.randn(128, 128) * from_mask(torch.rand(8, 8, generator=g) < 0.4, 16).element_mask()
+    assert find_layout(block_occupancy(pruned)) is None  # pruning of its own
+    assert block_occupancy(torch.randn(12, 20)) is None  # no power-of-two block of 8 or more fits
+    assert block_occupancy(torch.empty(128, 128, device="meta")) is None

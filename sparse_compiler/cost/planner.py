@@ -6,7 +6,9 @@
    found a structural blocker; its device or dtype is unsupported; the
    ``include``/``exclude`` globs or ``targets`` leave it out; its weight is shared with other nodes;
    it is below ``min_features``; its dims are not multiples of the block size. A parameter sparsified
-   by an earlier compilation keeps its layout.
+   by an earlier compilation keeps its layout; so does one whose zero blocks are exactly the dropped
+   blocks of a layout the planner makes (a checkpoint of a sparse model: ``layouts/found.py``), unless
+   ``options.keep_found_layouts`` is off.
 2. **Explicit density** (``options.density`` set): every eligible candidate gets the flat butterfly
    nearest to it, as asked, whatever the estimates say (they are still reported); shuffled, as in
    the cost model, where it would not mix all features (``options.shuffle`` None, the default).
@@ -38,6 +40,7 @@ from sparse_compiler.cost.hardware import HardwareProfile, profile
 from sparse_compiler.cost.scaling import LOSS_LAWS, LossLaw, ScalingView, equivalent_params
 from sparse_compiler.kernels.ops import SUPPORTED_DTYPES
 from sparse_compiler.layouts.butterfly import flat_butterfly, nearest_flat_butterfly
+from sparse_compiler.layouts.found import find_layout
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.options import Options
@@ -160,7 +163,7 @@ def _hard_reason(c: Candidate, o: Options) -> str | None:
     return None
 
 
-def _soft_reason(c: Candidate, o: Options, block_size: int) -> str | None:
+def _soft_reason(c: Candidate, o: Options) -> str | None:
     """Reasons the options give; a parameter already sparsified keeps its layout regardless."""
     if "linear" not in o.targets:
         return f"linear layers are not among targets={list(o.targets)}"
@@ -177,9 +180,16 @@ def _soft_reason(c: Candidate, o: Options, block_size: int) -> str | None:
         return f"weight also used by {', '.join(c.shared_with)} (tied weights stay dense unless allow_shared_weights=True)"
     if min(c.in_features, c.out_features) < o.min_features:
         return f"smaller than min_features={o.min_features} (min(in, out) = {min(c.in_features, c.out_features)})"
-    if c.out_features % block_size or c.in_features % block_size:
-        return f"shape {c.out_features}x{c.in_features} is not a multiple of block_size={block_size}"
     return None
+
+
+def _found_layout(c: Candidate, o: Options) -> Layout | None:
+    """The layout whose dropped blocks are exactly the weight's zero blocks (a checkpoint of a
+    sparse model, ``layouts/found.py``), or ``None``."""
+    if not o.keep_found_layouts or c.occupancy is None:
+        return None
+    layout = find_layout(c.occupancy, (o.global_size, 0))
+    return None if layout is None else register(layout)
 
 
 def _estimate(c: Candidate, hw: HardwareProfile, layout: Layout | None) -> LinearEstimate:
@@ -268,7 +278,14 @@ def plan(candidates: Sequence[Candidate], options: Options, summary: GraphSummar
             decided[i] = Decision(c, layout, "sparsified by an earlier compilation; layout kept", _estimate(c, hw, layout))
             continue
         if reason is None:
-            reason = _soft_reason(c, o, block_size)
+            reason = _soft_reason(c, o)
+        found = _found_layout(c, o) if reason is None else None
+        if found is not None:
+            why = "layout found in its weights (exactly its dropped blocks are zero: a sparse checkpoint); kept"
+            decided[i] = Decision(c, found, why, _estimate(c, hw, found))
+            continue
+        if reason is None and (c.out_features % block_size or c.in_features % block_size):
+            reason = f"shape {c.out_features}x{c.in_features} is not a multiple of block_size={block_size}"
         if reason is not None:
             decided[i] = Decision(c, None, reason, _estimate(c, hw, None))
         else:

@@ -8,6 +8,9 @@ Recognised forms (``x`` any activation, ``W`` a parameter placeholder, ``Wᵀ`` 
 - ``x @ W``, ``torch.matmul(x, W)``, ``torch.mm(x, W)``, ``x.matmul(W)``  weight stored (in, out)
 - ``x @ Wᵀ`` and friends                                          weight stored (out, in)
 
+``W`` may also be read through a value cast (``W.to(x.dtype)``, ``W.type_as(x)``, ``W.float()``,
+``W.contiguous()``): the rewrite casts the parameter as the model did.
+
 A candidate's owning parameter is identified by the graph argument's *source* (the attribute chain
 Dynamo followed from the compiled function's locals, e.g. ``L['self']._modules['fc1']._parameters
 ['weight']`` → ``fc1.weight``), never by parsing placeholder names. Shapes come from the nodes'
@@ -17,8 +20,8 @@ fake tensors; a dim that Dynamo made symbolic is kept as a sympy expression, wit
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import sympy
 import torch
@@ -26,10 +29,11 @@ import torch.nn.functional as F
 from torch import fx
 
 from sparse_compiler import state
+from sparse_compiler.layouts.found import BlockOccupancy, block_occupancy
 from sparse_compiler.passes.naming import calling_module, current_frame, parameter_name, remember_root, source_fqn
 from sparse_compiler.passes.regions import Region, is_body_call, regions
 
-__all__ = ["Candidate", "analyze", "source_fqn"]  # (source_fqn: from passes.naming)
+__all__ = ["Candidate", "analyze", "source_fqn", "weight_source"]  # (source_fqn: from passes.naming)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Candidate:
     blocker: str | None  # a reason this node cannot be rewritten whatever the plan (else None)
     recomputed: bool = False  # inside an activation-checkpointed region: its forward runs twice in training
     name_known: bool = True  # False: named only relative to a stack temporary after a graph break (passes/naming.py)
+    # which blocks of the (out, in) weight hold a nonzero, when some are entirely zero and the
+    # parameter has no layout yet (layouts/found.py): a checkpoint of a sparse model
+    occupancy: BlockOccupancy | None = field(default=None, compare=False)
 
     @property
     def flops(self) -> Any:
@@ -102,15 +109,46 @@ def _is_transpose_2d(node: fx.Node) -> bool:
     return False
 
 
-def _resolve_param(node: Any, params: dict[fx.Node, int]) -> tuple[fx.Node, bool] | None:
-    """``(placeholder, transposed)`` when ``node`` is a parameter or a 2-D transpose of one."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node in params:
-        return node, False
-    if _is_transpose_2d(node) and isinstance(node.args[0], fx.Node) and node.args[0] in params:
-        return node.args[0], True
+# Methods that give the same values as their input, only cast (or laid out anew): a weight read as
+# ``self.weight.to(x.dtype)`` is still that weight. ``detach`` is not among them: no gradient flows.
+_VALUE_CASTS = {"to", "type_as", "float", "half", "bfloat16", "contiguous"}
+_MAX_CHAIN = 4
+
+
+def _is_value_cast(node: fx.Node) -> bool:
+    """``node`` casts its first argument without changing its shape or device (``W.to(x.dtype)``)."""
+    if node.op != "call_method" or node.target not in _VALUE_CASTS or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = _meta(node.args[0]), _meta(node)
+    return (
+        isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+        and before.shape == after.shape and before.device == after.device
+    )  # fmt: skip
+
+
+def _is_weight_step(node: fx.Node) -> bool:
+    return _is_transpose_2d(node) or _is_value_cast(node)
+
+
+def weight_source(node: Any, is_source: Callable[[fx.Node], bool]) -> tuple[fx.Node, bool] | None:
+    """``(placeholder, transposed)`` when ``node`` is a placeholder accepted by ``is_source``, or
+    that placeholder through a few 2-D transposes and value casts (``W.t()``, ``W.to(x.dtype)``,
+    ``W.type_as(x).t()``); ``transposed`` says whether an odd number of transposes was applied."""
+    transposed = False
+    for _ in range(_MAX_CHAIN + 1):
+        if not isinstance(node, fx.Node):
+            return None
+        if is_source(node):
+            return node, transposed
+        if not _is_weight_step(node):
+            return None
+        transposed ^= _is_transpose_2d(node)
+        node = node.args[0]
     return None
+
+
+def _resolve_param(node: Any, params: dict[fx.Node, int]) -> tuple[fx.Node, bool] | None:
+    return weight_source(node, params.__contains__)
 
 
 def _meta(node: Any) -> Any:
@@ -184,11 +222,11 @@ def _match(node: fx.Node, params: dict[fx.Node, int]) -> tuple[str, Any, fx.Node
 
 
 def _consumers(param: fx.Node) -> set[fx.Node]:
-    """Nodes that use a parameter, looking through 2-D transposes."""
+    """Nodes that use a parameter, looking through 2-D transposes and value casts."""
     out: set[fx.Node] = set()
     for user in param.users:
-        if _is_transpose_2d(user):
-            out.update(user.users)
+        if _is_weight_step(user) and user.args[0] is param:
+            out.update(_consumers(user))
         else:
             out.add(user)
     return out
@@ -270,6 +308,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 blocker=blocker,
                 recomputed=not region.is_top,
                 name_known=name_known,
+                occupancy=None if existing else block_occupancy(weight.t() if stored_in_out else weight),
             )
         )
     # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so

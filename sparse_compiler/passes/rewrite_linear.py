@@ -43,6 +43,7 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
+from sparse_compiler.passes.analyze import weight_source
 from sparse_compiler.passes.regions import node_index, pass_into
 
 if TYPE_CHECKING:
@@ -144,7 +145,8 @@ def rewrite_linear(
         region, node = index[c.node]
         graph = region.gm.graph
         touched[id(region.gm)] = region.gm
-        param_node = _weight_placeholder(node, region.stand_ins(placeholders[c.weight_input_index]))
+        read = _weight_arg(node, c.kind)  # the weight as the node reads it (maybe transposed, cast)
+        param_node = _weight_placeholder(read, region.stand_ins(placeholders[c.weight_input_index]))
         param = example_inputs[c.weight_input_index]
         key = register(layout).key
         table_nodes = () if tables is None else pass_into(region, tables.args(layout, param.device), routed)
@@ -152,6 +154,9 @@ def rewrite_linear(
             x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
             if c.weight_stored == "in_out":
                 weight = graph.call_function(torch.t, (param_node,))
+            read_dtype = getattr(read.meta.get("example_value", read.meta.get("val")), "dtype", c.dtype)
+            if read_dtype != c.dtype:  # the model casts its weight (``W.to(x.dtype)``): so do we
+                weight = graph.call_method("to", (weight, read_dtype))
             if c.output_dtype is not None and c.output_dtype != c.dtype:  # autocast: compute as it would
                 x, weight = (graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
                 if bias is not None:
@@ -160,12 +165,12 @@ def rewrite_linear(
         for k in _COPIED_META:
             if k in node.meta:
                 new.meta[k] = node.meta[k]
-        old_weight_arg = [a for a in node.all_input_nodes if a is not param_node and param_node in a.all_input_nodes]
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        for orphan in old_weight_arg:  # the transpose that fed the old node
-            if not orphan.users:
-                graph.erase_node(orphan)
+        while read is not param_node and not read.users:  # the transposes and casts that fed it
+            previous = read.args[0]
+            graph.erase_node(read)
+            read = previous
 
         if state.layout_of(param) is None:
             # zeroed when the compilation succeeds (state.staged), never by an abandoned attempt
@@ -180,13 +185,21 @@ def rewrite_linear(
     return gm
 
 
-def _weight_placeholder(node: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
-    """The placeholder of ``node``'s region that feeds it the parameter (directly or transposed)."""
-    for arg in node.all_input_nodes:
-        for candidate in (arg, *arg.all_input_nodes):
-            if candidate in stand_ins:
-                return candidate
-    raise AssertionError(f"node {node.name} reads none of {[p.name for p in stand_ins]}")
+def _weight_arg(node: fx.Node, kind: str) -> fx.Node:
+    if kind == "linear":
+        return node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    if kind == "addmm":
+        return node.args[2] if len(node.args) > 2 else node.kwargs["mat2"]
+    return node.args[1]
+
+
+def _weight_placeholder(read: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
+    """The placeholder of the region that the weight argument ``read`` comes from (directly, or
+    through the transposes and casts the analysis looks through)."""
+    hit = weight_source(read, stand_ins.__contains__)
+    if hit is None:
+        raise AssertionError(f"weight argument {read} reads none of {[p.name for p in stand_ins]}")
+    return hit[0]
 
 
 def _out_in(param: torch.Tensor, stored: str) -> torch.Tensor:

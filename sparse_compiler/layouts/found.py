@@ -1,0 +1,118 @@
+"""Layouts found in a weight's values: a checkpoint of a sparse model carries its layout in its zeros.
+
+A weight this library made sparse keeps every dropped block at exactly zero through training (the
+op never reads or writes it, and the gradient hook masks it), while a trained kept block is not
+all zeros. So the blocks of a saved weight that are entirely zero *are* its layout's dropped blocks,
+and a new process can recover the layout from the weight alone, whatever shapes or options its first
+compiled call has. That is what makes resuming from, or serving, a checkpoint safe without storing
+layouts in it: re-planning could pick another layout and mask the trained blocks away.
+
+Only layouts the planner itself makes (flat butterfly, every configuration, shuffled or not) are
+recognised: a weight whose zero blocks come from something else (a zero-initialised layer, an
+identity initialisation, pruning by other means) matches none, and is planned as usual.
+
+Two steps, so that reading the weight happens once, in the analysis:
+
+1. :func:`block_occupancy`: which blocks hold a nonzero value, at the finest power-of-two block size
+   (at least ``FINEST_BLOCK``) dividing both dims; ``None`` in the usual case (every block does).
+2. :func:`find_layout`: the coarsest block size at which that occupancy loses no zero, and the
+   library layout whose kept blocks are exactly the occupied ones, or ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from sparse_compiler.layouts.butterfly import butterfly_configs, flat_butterfly
+from sparse_compiler.layouts.layout import Layout
+
+__all__ = ["FINEST_BLOCK", "LARGEST_BLOCK", "BlockOccupancy", "block_occupancy", "find_layout"]
+
+FINEST_BLOCK = 8
+LARGEST_BLOCK = 256
+
+
+@dataclass(frozen=True, eq=False)
+class BlockOccupancy:
+    """``nonzero[i, j]``: the ``(i, j)`` block of side ``block_size`` of an ``(out, in)`` weight holds
+    a nonzero value."""
+
+    block_size: int
+    nonzero: torch.Tensor  # bool, (out // block_size, in // block_size), on the CPU
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.nonzero.shape
+        return rows * self.block_size, cols * self.block_size
+
+
+def block_occupancy(weight_out_in: torch.Tensor) -> BlockOccupancy | None:
+    """The occupied blocks of an ``(out, in)`` weight (module docstring, step 1).
+
+    ``None`` when every block holds a nonzero (a freshly initialised or dense-trained weight: the
+    common case, decided with one pass over the weight), when none does (a zero-initialised
+    layer), when no power-of-two block size of at least ``FINEST_BLOCK`` divides both dims, or when
+    the values cannot be read here (a meta tensor, or a tensor subclass such as a fake or
+    distributed tensor).
+    """
+    values = weight_out_in.detach()
+    if values.dim() != 2 or values.device.type == "meta" or type(values) is not torch.Tensor:
+        return None  # no values to read (meta), or a subclass (fake, distributed) that reads differently
+    out_features, in_features = values.shape
+    b = FINEST_BLOCK
+    while out_features % b or in_features % b:
+        b *= 2
+        if b > LARGEST_BLOCK:
+            return None
+    with torch.no_grad():
+        nonzero = values.reshape(out_features // b, b, in_features // b, b).ne(0).any(3).any(1)
+    nonzero = nonzero.cpu()
+    if bool(nonzero.all()) or not bool(nonzero.any()):
+        return None
+    return BlockOccupancy(b, nonzero)
+
+
+def find_layout(occupancy: BlockOccupancy, global_sizes: Sequence[int] = (0,)) -> Layout | None:
+    """The library layout whose kept blocks are exactly ``occupancy``'s occupied ones (module
+    docstring, step 2), at the coarsest block size that describes it; ``None`` if there is none.
+
+    ``global_sizes``: the ``global_size`` values to try (the options' own, and 0).
+    """
+    out_features, in_features = occupancy.shape
+    for block_size, nonzero in _coarser(occupancy):
+        for layout in _library_layouts(out_features, in_features, block_size, global_sizes):
+            if torch.equal(layout.block_mask, nonzero):
+                return layout
+    return None
+
+
+def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(block_size, occupancy at that size)`` for every block size that loses no zero block of
+    ``occupancy`` (its occupied blocks cover exactly the same elements), coarsest first."""
+    out_features, in_features = occupancy.shape
+    sizes = []
+    b = occupancy.block_size
+    while b <= LARGEST_BLOCK and out_features % b == 0 and in_features % b == 0:
+        sizes.append(b)
+        b *= 2
+    fine = occupancy.nonzero
+    for b in reversed(sizes):
+        k = b // occupancy.block_size
+        rows, cols = fine.shape[0] // k, fine.shape[1] // k
+        coarse = fine.reshape(rows, k, cols, k).any(3).any(1)
+        if torch.equal(coarse.repeat_interleave(k, 0).repeat_interleave(k, 1), fine):
+            yield b, coarse
+
+
+def _library_layouts(out_features: int, in_features: int, block_size: int, global_sizes: Sequence[int]) -> Iterator[Layout]:
+    """Every layout the planner can make for this shape and block size."""
+    for butterfly_size, n_factors in butterfly_configs(out_features, in_features, block_size):
+        for global_size in dict.fromkeys(global_sizes):
+            if global_size > min(out_features, in_features):
+                continue
+            for shuffle in (False, True):
+                yield flat_butterfly(out_features, in_features, butterfly_size, n_factors, block_size, global_size, shuffle)
+
