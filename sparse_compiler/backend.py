@@ -82,7 +82,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, g
         compiled = compile_fx(gm, inputs, config_patches=dict(opts.inductor_config) or None)
     compiled = compiled if tables is None else tables.wrap(compiled)
     record_compilation(group, the_plan, attention, notes)  # (once compiled: not for abandoned attempts)
-    return sparse_at_every_call(compiled, the_plan)
+    return sparse_at_every_call(compiled, the_plan, example_inputs)
 
 
 def _expand(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> list[str]:

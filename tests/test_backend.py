@@ -256,6 +256,35 @@ def test_a_graph_reused_for_another_module_makes_its_parameters_sparse_too():
     assert len(calls) == 1  # the second module did reuse the first one's graph
 
 
+def test_parameters_replaced_by_an_assign_load_are_zeroed_but_never_rescaled():
+    """``load_state_dict(..., assign=True)`` puts new Parameter objects into the compiled module:
+    they hold loaded values, so they are zeroed on their dropped blocks but not rescaled, while
+    a second module that Dynamo reuses the graph for is initialised like the first (rescaled)."""
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 64)
+    fresh = copy.deepcopy(model)
+    compiled = _compile(model, rescale_init=True)
+    compiled(x)
+    report = sparse_compiler.last_report()
+    rescaled = _sparse_reference(fresh, report, rescale=True)
+    for p, q in zip(model.parameters(), rescaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    loaded = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded, assign=True)
+    y = compiled(x)
+    for name in ("fc1.weight", "fc2.weight"):
+        keep = get_layout(state.layout_of(model.get_parameter(name))[0]).element_mask()
+        torch.testing.assert_close(model.get_parameter(name)[keep], loaded[name][keep], rtol=0, atol=0)
+        assert not model.get_parameter(name)[~keep].any()
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+
+    second = copy.deepcopy(fresh)  # the same initial values in another module: rescaled as the first was
+    _compile(second, rescale_init=True)(x)
+    for p, q in zip(second.parameters(), rescaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_reused_graph_refuses_a_parameter_sparsified_with_another_layout():
     model = MLP()
     _compile(model)(torch.randn(4, 64))

@@ -55,6 +55,19 @@ class Frame:
                     paths.setdefault(id(p), name)
         return paths
 
+    @functools.cached_property
+    def slots(self) -> dict[int, tuple[torch.nn.Module, str]]:
+        """``id(parameter) -> (module, attribute)``: where the parameter is registered, in the same
+        roots as :attr:`paths`."""
+        slots: dict[int, tuple[torch.nn.Module, str]] = {}
+        for root in [self.root, *(r() for r in reversed(_ROOTS))]:
+            if root is not None:
+                for module in root.modules():
+                    for attribute, p in module._parameters.items():
+                        if p is not None:
+                            slots.setdefault(id(p), (module, attribute))
+        return slots
+
 
 def current_frame() -> Frame:
     """The frame Dynamo is compiling now (an empty :class:`Frame` outside a compilation, or on a

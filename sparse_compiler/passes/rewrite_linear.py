@@ -44,6 +44,7 @@ from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.spar
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.passes.analyze import weight_source
+from sparse_compiler.passes.naming import current_frame
 from sparse_compiler.passes.regions import node_index, pass_into
 
 if TYPE_CHECKING:
@@ -212,9 +213,18 @@ def _parameter_mask(layout: Layout, stored: str) -> Layout:
     return layout if stored == "out_in" else layout.transposed()
 
 
-def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
+def sparse_at_every_call(
+    compiled: Callable[..., Any], plan: Plan, example_inputs: Sequence[Any] = ()
+) -> Callable[..., Any]:
     """``compiled``, first making sparse any parameter argument of a sparse node that this process
-    has not made sparse yet (a module Dynamo reuses the graph for).
+    has not made sparse yet.
+
+    Such a parameter belongs either to another module of the same structure (Dynamo reuses graphs
+    across modules: its guards do not pin parameters' identities), which is zeroed and, with
+    ``rescale_init``, rescaled like any new module; or it replaced the compiled one in the same
+    module (``load_state_dict(..., assign=True)``), which is only zeroed: it holds loaded values,
+    not a fresh initialisation. The module slot each parameter of ``example_inputs`` was found in at
+    compile time tells the two apart.
 
     A parameter is checked once: later calls compare the argument's identity with the one last
     checked. A parameter made sparse with another layout is an error, never a silent mismatch.
@@ -224,8 +234,19 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
         checks.setdefault(d.candidate.weight_input_index, (d.layout, d.candidate.weight_stored))
     if not checks:
         return compiled
+    slots = current_frame().slots
+    homes: dict[int, tuple[weakref.ref, str]] = {}  # parameter index -> (its module, attribute)
+    for index in checks:
+        slot = slots.get(id(example_inputs[index])) if index < len(example_inputs) else None
+        if slot is not None:
+            homes[index] = (weakref.ref(slot[0]), slot[1])
     rescale = plan.options.rescale_init
     seen: dict[int, Any] = {}
+
+    def replaced_in_place(index: int, param: torch.Tensor) -> bool:
+        home = homes.get(index)
+        module = home[0]() if home is not None else None
+        return module is not None and module._parameters.get(home[1]) is param
 
     def run(*args: Any) -> Any:
         for index, (layout, stored) in checks.items():
@@ -235,7 +256,7 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
                 continue
             existing = state.layout_of(param)
             if existing is None:
-                sparsify_parameter_(_out_in(param, stored), layout, rescale)
+                sparsify_parameter_(_out_in(param, stored), layout, rescale and not replaced_in_place(index, param))
                 keep_dropped_blocks_at_zero_(param, layout, stored)
                 state.mark_sparsified(param, layout.key, stored)
             else:
