@@ -24,7 +24,8 @@ from sparse_compiler.cost.planner import Plan
 from sparse_compiler.cost.planner import plan as make_plan
 from sparse_compiler.options import Options
 from sparse_compiler.passes.analyze import analyze, summarize
-from sparse_compiler.passes.analyze_attention import analyze_attention
+from sparse_compiler.passes.analyze_attention import analyze_attention, unrecognised_attention
+from sparse_compiler.passes.einsum_as_matmul import einsum_as_matmul
 from sparse_compiler.passes.expand_mha import expand_multihead_attention
 from sparse_compiler.passes.naming import remember_root
 from sparse_compiler.passes.regions import node_index
@@ -55,7 +56,8 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, g
     """One graph through the passes; ``group`` (the caller's options object, the same for every
     graph of one ``torch.compile`` call) gathers the graphs of one compilation in ``last_report()``."""
     notes = _expand(gm, example_inputs, opts)
-    the_plan, attention = _plan_graph(gm, example_inputs, opts)
+    the_plan, attention, more_notes = _plan_graph(gm, example_inputs, opts)
+    notes += more_notes
     gm = rewrite_attention(gm, example_inputs, attention)
     remaining = node_index(gm)
     absorbed = {d.candidate.node for d in the_plan.decisions if d.candidate.node not in remaining}
@@ -86,19 +88,27 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, g
 
 
 def _expand(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> list[str]:
-    """Write fused calls out as the ops they are made of (``nn.MultiheadAttention``), in place, so
-    that the analyses see their Linear-like products; returns the report's notes."""
-    return expand_multihead_attention(gm, example_inputs) if opts.enabled else []
+    """Write fused calls out as the ops they are made of (``nn.MultiheadAttention``) and matrix
+    products written as einsum as ``matmul``, in place, so that the analyses see their Linear-like
+    products and attention; returns the report's notes."""
+    if not opts.enabled:
+        return []
+    notes = expand_multihead_attention(gm, example_inputs)
+    einsum_as_matmul(gm, example_inputs)
+    return notes
 
 
 def _plan_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options
-) -> tuple[Plan, list[AttentionDecision]]:
-    """Analyse and plan the linear and attention candidates of the untouched graph."""
+) -> tuple[Plan, list[AttentionDecision], list[str]]:
+    """Analyse and plan the linear and attention candidates of the untouched graph; the notes say
+    what looks like attention but is not a candidate (when attention is targeted)."""
     candidates = analyze(gm, example_inputs)
     the_plan = make_plan(candidates, opts, summarize(gm, example_inputs, candidates))
-    attention = plan_attention(analyze_attention(gm, example_inputs), opts)
-    return the_plan, attention
+    attention_candidates = analyze_attention(gm, example_inputs)
+    attention = plan_attention(attention_candidates, opts)
+    notes = unrecognised_attention(gm, attention_candidates) if "attention" in opts.targets and opts.enabled else []
+    return the_plan, attention, notes
 
 
 @contextlib.contextmanager
@@ -135,7 +145,8 @@ def capture_report(model: torch.nn.Module | Callable[..., Any], *example_inputs:
         traced.update(id(t) for t in inputs if isinstance(t, torch.nn.Parameter))
         traced.update(id(p) for p in gm.parameters())
         notes.extend(_expand(gm, inputs, opts))
-        the_plan, decisions = _plan_graph(gm, inputs, opts)
+        the_plan, decisions, more_notes = _plan_graph(gm, inputs, opts)
+        notes.extend(more_notes)
         plans.append(the_plan)
         attention.extend(decisions)
         return gm.forward

@@ -721,6 +721,87 @@ def test_a_finite_mask_fill_lets_a_query_that_sees_no_key_attend_evenly_as_in_ea
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+class AlibiAttention(nn.Module):
+    """ALiBi as models write it by hand: a per-head linear bias over distance added to the scores,
+    and the causal buffer's fill (before or after the bias); ``inplace`` scales with ``s /= c``."""
+
+    def __init__(self, heads=2, max_len=128, fill_first=False, inplace=False):
+        super().__init__()
+        self.fill_first, self.inplace = fill_first, inplace
+        slopes = torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        distance = torch.arange(max_len)[None, :] - torch.arange(max_len)[:, None]
+        self.register_buffer("alibi", slopes[:, None, None] * distance, persistent=False)
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = q @ k.transpose(-2, -1)
+        if self.inplace:
+            s /= math.sqrt(q.shape[-1])
+        else:
+            s = s / math.sqrt(q.shape[-1])
+        fill, bias = ~self.causal[:t, :t], self.alibi[:, :t, :t]
+        s = (s.masked_fill(fill, float("-inf")) + bias) if self.fill_first else (s + bias).masked_fill(fill, float("-inf"))
+        return F.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("fill_first", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_alibi_bias_with_a_causal_buffer_is_found_and_rewritten(fill_first, inplace):
+    """Two mask steps, one of them the causal buffer: the causal fill becomes the candidate's
+    causality and the bias its additive mask; in-place scaling belongs to the match and goes with
+    it. The result equals SDPA with the bias and the causal pattern's element mask."""
+    model = AlibiAttention(fill_first=fill_first, inplace=inplace)
+    q, k, v = (torch.randn(2, 2, 80, 16) for _ in range(3))
+    record = []
+    with torch.no_grad():
+        got = torch.compile(model, backend=_backend(record=record, min_seq_len=32))(q, k, v)
+    (d,) = record
+    c = d.candidate
+    assert c.kind == "explicit" and c.causal and c.mask_mode == "add" and c.scale == pytest.approx(0.25)
+    assert d.sparse and d.layout.params["causal"]
+    allowed = attention_element_mask(d.layout, 80, 80, True)
+    want = _SDPA(q, k, v, attn_mask=model.alibi[:, :80, :80].masked_fill(~allowed, float("-inf")))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_two_mask_steps_without_a_causal_buffer_stay_dense_with_the_reason():
+    def two_biases(q, k, v, a, b):
+        return F.softmax((q @ k.transpose(-2, -1)) * 0.25 + a + b, dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    record = []
+    got = torch.compile(two_biases, backend=_backend(record=record, min_seq_len=32))(q, k, v, a, b)
+    (d,) = record
+    assert not d.sparse and "two mask steps" in d.reason
+    torch.testing.assert_close(got, two_biases(q, k, v, a, b))
+
+
+def test_attention_in_a_form_the_analysis_does_not_know_gets_a_note_and_stays_as_it_was():
+    def with_baddbmm(q, k, v, bias):
+        s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=q.shape[-1] ** -0.5)
+        return torch.bmm(F.softmax(s, dim=-1), v)
+
+    def scaled_after_the_bias(q, k, v, bias):
+        return F.softmax((q @ k.transpose(-2, -1) + bias) * 0.25, dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 128, 16) for _ in range(3))
+    bias = torch.randn(2, 128, 128)
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32, "eager": True}
+    for fn, steps in ((with_baddbmm, "baddbmm → softmax"), (scaled_after_the_bias, "matmul → add → mul → softmax")):
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend="sparsify", options=options)(q, k, v, bias)
+        report = sparse_compiler.last_report()
+        assert not [r for r in report.rows if r["kind"] == "attention"]
+        (note,) = [n for n in report.notes if n.startswith("attention-like softmax")]
+        assert steps in note and "stays dense" in note, note
+        torch.testing.assert_close(got, fn(q, k, v, bias))
+    torch._dynamo.reset()  # not targeted: no note (the report says attention is off)
+    torch.compile(with_baddbmm, backend="sparsify", options={"eager": True})(q, k, v, bias)
+    assert not [n for n in sparse_compiler.last_report().notes if n.startswith("attention-like")]
+
+
 def test_heads_that_only_broadcast_and_cross_attention_stay_dense_with_the_reason():
     """Eager attention broadcasts a value with fewer heads than the key (SDPA), or a key shared by
     the query heads (multi-query attention written by hand); the lowerings take one head count for

@@ -73,7 +73,7 @@ from sparse_compiler.passes.analyze import _dim_expr, _meta
 from sparse_compiler.passes.naming import calling_module
 from sparse_compiler.passes.regions import Region, mutates, regions
 
-__all__ = ["AttentionCandidate", "analyze_attention"]
+__all__ = ["AttentionCandidate", "analyze_attention", "unrecognised_attention"]
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,9 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 _MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
-_MUL = {operator.mul, torch.mul, torch.Tensor.mul, "mul", "__mul__", "mul_"}
-_DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide", "__truediv__", "div_"}
-_ADD = {operator.add, torch.add, torch.Tensor.add, "add", "__add__", "add_"}
+_MUL = {operator.mul, operator.imul, torch.mul, torch.Tensor.mul, "mul", "__mul__", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.Tensor.div, "div", "true_divide", "__truediv__", "div_"}
+_ADD = {operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "__add__", "add_"}
 _MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill, "masked_fill", "masked_fill_"}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
 _CAST_METHODS = {"to", "type_as", "float", "half", "bfloat16", "type", "double"}
@@ -265,10 +265,10 @@ def _dataflow(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-_OPTIONAL = ("scale", "cast", "mask", "pre_cast", "post_cast", "dropout")
+_OPTIONAL = ("scale", "cast", "mask", "mask2", "pre_cast", "post_cast", "dropout")
 # argument position of the chain's data in each step (None: any position)
-_CHAIN_POS = {"scale": None, "cast": 0, "mask": None, "pre_cast": 0, "softmax": 0, "post_cast": 0, "dropout": 0, "mm2": 0}
-_ROLE_LABEL = {"kT": "transpose", "mm1": "matmul", "mm2": "matmul", "pre_cast": "cast", "post_cast": "cast"}  # else the role
+_CHAIN_POS = {"scale": None, "cast": 0, "mask": None, "mask2": None, "pre_cast": 0, "softmax": 0, "post_cast": 0, "dropout": 0, "mm2": 0}
+_ROLE_LABEL = {"kT": "transpose", "mm1": "matmul", "mm2": "matmul", "pre_cast": "cast", "post_cast": "cast", "mask2": "mask"}  # else the role
 
 
 def _patterns() -> list[tuple[tuple[str, ...], nx.DiGraph]]:
@@ -276,7 +276,9 @@ def _patterns() -> list[tuple[tuple[str, ...], nx.DiGraph]]:
     out = []
     for flags in itertools.product((True, False), repeat=len(_OPTIONAL)):
         chosen = dict(zip(_OPTIONAL, flags))
-        roles = ["kT", "mm1"] + [r for r in ("scale", "cast", "mask", "pre_cast") if chosen[r]] + ["softmax"]
+        if chosen["mask2"] and not chosen["mask"]:
+            continue
+        roles = ["kT", "mm1"] + [r for r in ("scale", "cast", "mask", "mask2", "pre_cast") if chosen[r]] + ["softmax"]
         roles += [r for r in ("post_cast", "dropout") if chosen[r]] + ["mm2"]
         p = nx.DiGraph()
         for r in roles:
@@ -583,14 +585,8 @@ def _candidate(
             blocker = blocker or "a boolean mask added to the scores"
         if mask_requires_grad:
             blocker = blocker or "the attention mask requires grad (a learned bias): not supported yet"
-        if mask_mode in ("keep", "drop") and not causal and blocker is None and isinstance(mask, fx.Node):
-            value = _static_value(mask, gm, inputs)
-            if value is not None:
-                allowed = value if mask_mode == "keep" else ~value
-                if allowed.dim() >= 2 and all(s == 1 for s in allowed.shape[:-2]):
-                    allowed = allowed.reshape(allowed.shape[-2:])
-                if _is_causal_mask(allowed, lq, lk):
-                    causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
+        if not causal and blocker is None and _is_causal_buffer(mask, mask_mode, gm, inputs, lq, lk):
+            causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
     mask_causal = (
         mask is not None and not causal and blocker is None and isinstance(mask, fx.Node)
         and _is_decoder_mask(mask, mask_mode, mask_shape, gm, inputs, info.get("seq_len_q_hint", 0),
@@ -629,6 +625,20 @@ def _candidate(
         mask_causal=mask_causal,
         **info,
     )
+
+
+def _is_causal_buffer(mask: Any, mode: str, gm: fx.GraphModule, inputs: _Inputs, lq: int, lk: int) -> bool:
+    """Whether a boolean ``mask`` (``mode`` "keep" or "drop") computed only from module buffers is,
+    on the example inputs, exactly the causal mask (nanoGPT's ``bias[:, :, :T, :T] == 0``)."""
+    if mode not in ("keep", "drop") or not isinstance(mask, fx.Node):
+        return False
+    value = _static_value(mask, gm, inputs)
+    if value is None:
+        return False
+    allowed = value if mode == "keep" else ~value
+    if allowed.dim() >= 2 and all(s == 1 for s in allowed.shape[:-2]):
+        allowed = allowed.reshape(allowed.shape[-2:])
+    return _is_causal_mask(allowed, lq, lk)
 
 
 def _is_decoder_mask(
@@ -776,31 +786,29 @@ def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Nod
             scale = c
         if _number(scale) is None or scale <= 0:
             blocker = "scale of the scores is not a positive constant"
-    mask, mask_mode, fill = None, "none", None
-    if "mask" in m:
-        node = m["mask"]
-        prev = m.get("cast", m.get("scale", mm1))
-        if node.op == "call_function" and node.target is torch.where:
-            if node.args[1] is not prev:
+    steps = []  # (mask, mode, fill, blocker) of each mask step, in order
+    prev = m.get("cast", m.get("scale", mm1))
+    for role in ("mask", "mask2"):
+        if role in m:
+            step = _mask_step(m[role], prev)
+            if step is None:
                 return None
-            mask = node.args[0]
-            fill = _constant(node.args[2])
-            if fill is None or not (fill == -math.inf or fill <= -1e4):
-                blocker = blocker or f"torch.where with {node.args[2]!r} rather than -inf"
-            mask_mode = "keep"
-        elif _target_in(node, _MASKED_FILL):
-            if _arg(node, 0, "input") is not prev:
-                return None
-            mask = _arg(node, 1, "mask")
-            fill = _number(_arg(node, 2, "value"))
-            if fill is None or not (fill == -math.inf or fill <= -1e4):
-                blocker = blocker or f"masked_fill with {_arg(node, 2, 'value')!r} rather than -inf"
-            mask_mode = "drop"
+            steps.append(step)
+            prev = m[role]
+    causal = False
+    if len(steps) == 2:  # one of them may be a causal buffer (ALiBi's bias, then the causal fill)
+        lengths = [_dim_expr(_meta(t).shape[-2])[1] if _ndim(t) else 0 for t in (q, k)]
+        absorbed = [i for i, st in enumerate(steps) if st[3] is None and _is_causal_buffer(st[0], st[1], gm, inputs, *lengths)]
+        if absorbed:
+            causal = True
+            del steps[absorbed[-1]]
         else:
-            mask = node.args[1] if node.args[0] is prev else node.args[0]
-            mask_mode = "add"
-            if len(node.args) > 2 or "alpha" in node.kwargs:
-                blocker = blocker or "mask added with alpha"
+            blocker = blocker or "two mask steps, neither of them a causal mask buffer (supported: one mask, or one mask and a causal buffer)"
+            del steps[1:]
+    mask, mask_mode, fill = None, "none", None
+    if steps:
+        mask, mask_mode, fill, step_blocker = steps[0]
+        blocker = blocker or step_blocker
     dropout = m.get("dropout")
     dropout_p = 0.0
     if dropout is not None:
@@ -810,15 +818,40 @@ def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Nod
             blocker = blocker or "attention dropout with non-constant arguments"
         elif training:
             dropout_p = float(p)
-    chain = [m[r] for r in ("mm1", "scale", "cast", "mask", "pre_cast", "softmax", "post_cast", "dropout") if r in m]
+    chain = [m[r] for r in ("mm1", "scale", "cast", "mask", "mask2", "pre_cast", "softmax", "post_cast", "dropout") if r in m]
     for a, b in zip(chain, chain[1:] + [mm2]):
         others = [u.name for u in a.users if u is not b]
         if others:
             blocker = blocker or f"attention scores or weights ({a.name}) are also used by {', '.join(others)}"
     nodes = [kt] + chain + [mm2]
-    c = _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, False, scale, dropout_p, False, blocker)
+    c = _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, causal, scale, dropout_p, False, blocker)
     finite = c.mask is not None and mask_mode in ("keep", "drop") and fill is not None and fill > -math.inf
     return dataclasses.replace(c, mask_fill_finite=True) if finite else c
+
+
+def _mask_step(node: fx.Node, prev: fx.Node) -> tuple[Any, str, float | None, str | None] | None:
+    """``(mask, mode, fill, blocker)`` of a mask step applied to the scores ``prev``; None when
+    ``node`` does not apply it to them (or writes into something else than them)."""
+    blocker = None
+    if mutates(node) and (not node.args or node.args[0] is not prev):
+        return None  # an in-place op on the mask itself
+    if node.op == "call_function" and node.target is torch.where:
+        if node.args[1] is not prev:
+            return None
+        fill = _constant(node.args[2])
+        if fill is None or not (fill == -math.inf or fill <= -1e4):
+            blocker = f"torch.where with {node.args[2]!r} rather than -inf"
+        return node.args[0], "keep", fill, blocker
+    if _target_in(node, _MASKED_FILL):
+        if _arg(node, 0, "input") is not prev:
+            return None
+        fill = _number(_arg(node, 2, "value"))
+        if fill is None or not (fill == -math.inf or fill <= -1e4):
+            blocker = f"masked_fill with {_arg(node, 2, 'value')!r} rather than -inf"
+        return _arg(node, 1, "mask"), "drop", fill, blocker
+    if len(node.args) > 2 or "alpha" in node.kwargs:
+        blocker = "mask added with alpha"
+    return (node.args[1] if node.args[0] is prev else node.args[0]), "add", None, blocker
 
 
 def analyze_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[AttentionCandidate]:
@@ -841,6 +874,53 @@ def analyze_attention(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list
         found.sort(key=lambda c: order[c.node])
         candidates.extend(_qualified(c, region.prefix) for c in found)
     return candidates
+
+
+_PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum", "__matmul__", "mm", "addmm"}
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def unrecognised_attention(gm: fx.GraphModule, candidates: Sequence[AttentionCandidate]) -> list[str]:
+    """Report notes for what looks like attention but is no candidate: a softmax over the last dim
+    whose weights (through casts and dropout) multiply a matrix, with the steps that computed its
+    scores, so that a user sees why such attention stays dense (it has no row of its own)."""
+    matched = {name for c in candidates for name in c.nodes}
+    notes = []
+    for region in regions(gm):
+        for node in region.gm.graph.nodes:
+            if _label(node) != "softmax" or region.qualified(node) in matched or not _feeds_a_product(node):
+                continue
+            nd, dim = _ndim(node), _arg(node, 1, "dim")
+            if nd is None or not isinstance(dim, int) or dim % nd != nd - 1:
+                continue
+            steps, x = [], _arg(node, 0, "input")
+            while isinstance(x, fx.Node) and x.op in ("call_function", "call_method") and len(steps) < 6:
+                steps.append(_op_name(x))
+                if _op_name(x) in _PRODUCTS:
+                    break
+                x = next((a for a in x.args if isinstance(a, fx.Node)), None)
+            caller, _ = calling_module(node)
+            where = f" in {caller}" if caller else ""
+            notes.append(
+                f"attention-like softmax (node {region.qualified(node)}{where}) stays dense: its scores are computed "
+                f"as {' → '.join(reversed(steps)) or 'an input'} → softmax, which the analysis does not "
+                "recognise (it finds scaled_dot_product_attention, and q·kᵀ → scale → one mask, or a "
+                "mask and a causal buffer → softmax → ·v, also written with einsum)"
+            )
+    return notes
+
+
+def _feeds_a_product(node: fx.Node, depth: int = 3) -> bool:
+    """``node``'s value reaches the first operand of a matrix product through casts and dropout."""
+    for user in node.users:
+        if _label(user) == "matmul" and user.args and user.args[0] is node:
+            return True
+        if depth and _label(user) in ("cast", "dropout") and _feeds_a_product(user, depth - 1):
+            return True
+    return False
 
 
 def _qualified(c: AttentionCandidate, prefix: str) -> AttentionCandidate:

@@ -27,7 +27,6 @@ Left as the fused call, with a note in the report: unbatched inputs, ``add_bias_
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import operator
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from sparse_compiler.passes.regions import regions
+from sparse_compiler.passes.regions import propagate_example_values, regions
 
 __all__ = ["expand_multihead_attention"]
 
@@ -47,7 +46,6 @@ _SIGNATURE = inspect.signature(_MHA)
 _FAST_PATHS = tuple(
     getattr(torch, name) for name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention") if hasattr(torch, name)
 )
-_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
 
 
 def expand_multihead_attention(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> list[str]:
@@ -152,7 +150,7 @@ def _expand(graph: fx.Graph, node: fx.Node, a: dict[str, Any]) -> None:
             dtype=query.dtype,
         )
     new_nodes = [n for n in graph.nodes if n not in before]
-    _propagate_meta(new_nodes, node, getattr(query, "fake_mode", None))  # the mode of Dynamo's values
+    propagate_example_values(new_nodes, node, getattr(query, "fake_mode", None))  # the mode of Dynamo's values
     outputs = {0: out.node, 1: weights.node if weights is not None else None}
     for user in list(node.users):
         user.replace_all_uses_with(outputs[user.args[1]])
@@ -258,24 +256,3 @@ def _decomposed(
         weights = None
     merged = o.permute(2, 0, 1, 3).flatten(2)  # (L, N, E)
     return F.linear(merged, out_proj_weight, out_proj_bias), weights
-
-
-def _propagate_meta(new_nodes: list[fx.Node], origin: fx.Node, fake_mode) -> None:
-    """Give each inserted node the ``example_value`` the analyses read, computed on the example
-    values of its inputs (fake tensors under Dynamo), and the fused node's module stack."""
-    def value(n: Any) -> Any:
-        return fx.node.map_arg(n, _val)
-
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        for n in new_nodes:
-            args, kwargs = value(n.args), value(n.kwargs)
-            if n.op == "call_function":
-                result = n.target(*args, **kwargs)
-            elif n.op == "call_method":
-                result = getattr(args[0], n.target)(*args[1:], **kwargs)
-            else:  # pragma: no cover - the expansion creates only calls
-                raise AssertionError(f"unexpected node {n.format_node()}")
-            n.meta["example_value"] = result
-            for k in _COPIED_META:
-                if k in origin.meta:
-                    n.meta[k] = origin.meta[k]

@@ -9,18 +9,22 @@ The layers inside such a body are layers of the model like any other: the passes
 
 A body's parameters are its placeholders whose operand is (through any nesting) a placeholder of
 the top graph: ``Region.origin`` maps each placeholder of a region to that top-level node.
+
+Also here: the node utilities every pass shares (which calls mutate a tensor, the example values
+of nodes a pre-pass inserts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import fx
 
-__all__ = ["Region", "find_node", "is_body_call", "node_index", "pass_into", "regions"]
+__all__ = ["Region", "example_value", "find_node", "is_body_call", "node_index", "pass_into", "propagate_example_values", "regions"]
 
 
 def _body_call_targets() -> tuple:
@@ -154,3 +158,33 @@ def pass_into(region: Region, nodes: tuple[fx.Node, ...], cache: dict) -> tuple[
         region.parent.gm.recompile()
         cache[key] = tuple(inner)
     return cache[key]
+
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
+
+
+def example_value(x: Any) -> Any:
+    """The example value Dynamo recorded for a node (a fake tensor, a size), or ``x`` itself."""
+    return x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else x
+
+
+def propagate_example_values(new_nodes: list[fx.Node], origin: fx.Node, fake_mode: Any) -> None:
+    """Give each node a pre-pass inserted (in graph order) the ``example_value`` the analyses read,
+    computed on the example values of its inputs (fake tensors under Dynamo, in ``fake_mode``),
+    and the module stack of the node it replaces, ``origin``."""
+    def value(n: Any) -> Any:
+        return fx.node.map_arg(n, example_value)
+
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        for n in new_nodes:
+            args, kwargs = value(n.args), value(n.kwargs)
+            if n.op == "call_function":
+                result = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                result = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:  # pragma: no cover - the pre-passes create only calls
+                raise AssertionError(f"unexpected node {n.format_node()}")
+            n.meta["example_value"] = result
+            for k in _COPIED_META:
+                if k in origin.meta:
+                    n.meta[k] = origin.meta[k]

@@ -83,9 +83,11 @@ def rewrite_attention(
             if key in out.meta:
                 new.meta[key] = out.meta[key]
         out.replace_all_uses_with(new)
-        # drop the replaced node and whatever of the old computation nothing uses any more
+        # drop the replaced node and whatever of the old computation nothing uses any more; the
+        # match's own in-place steps (``s /= c``) only wrote into its own intermediate scores
+        owned = {nodes[name][1] for name in c.nodes}
         for name in (c.node, *reversed(c.nodes)):
-            _erase_cascade(graph, nodes[name][1], erased)
+            _erase_cascade(graph, nodes[name][1], erased, owned)
     for module in touched.values():
         module.graph.lint()
         module.recompile()
@@ -135,12 +137,13 @@ def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
         guard_bool(lengths["q"] == lengths["k"])  # self-attention: the layout's rows are the queries
 
 
-def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node]) -> None:
-    """Erase ``node`` if unused, then its inputs that became unused (out-of-place calls only)."""
+def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node], owned: frozenset | set = frozenset()) -> None:
+    """Erase ``node`` if unused, then its inputs that became unused (out-of-place calls, and the
+    in-place calls among ``owned``)."""
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in erased or n.users or n.op not in ("call_function", "call_method") or mutates(n):
+        if n in erased or n.users or n.op not in ("call_function", "call_method") or (mutates(n) and n not in owned):
             continue  # (an in-place call's effect may matter)
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)
