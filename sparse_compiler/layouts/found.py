@@ -21,8 +21,8 @@ Two steps, so that reading the weight happens once, in the analysis:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
