@@ -256,6 +256,30 @@ def test_a_graph_reused_for_another_module_makes_its_parameters_sparse_too():
     assert len(calls) == 1  # the second module did reuse the first one's graph
 
 
+def test_a_reused_graph_refuses_a_checkpoint_whose_zeros_carry_another_layout(tmp_path):
+    """Two modules of one class loaded from sparse checkpoints with different layouts: Dynamo
+    would run the first one's graph for the second, whose trained blocks the first layout would
+    mask away; that is an error naming the cure, never a silent change of the weights."""
+    checkpoints = {}
+    for density in (0.25, 0.5):
+        torch._dynamo.reset()
+        trained = MLP(128, 256, 128)
+        _compile(trained, density=density)(torch.randn(3, 128))
+        checkpoints[density] = trained.state_dict()
+    torch._dynamo.reset()
+    first, second = MLP(128, 256, 128), MLP(128, 256, 128)
+    first.load_state_dict(checkpoints[0.25])
+    second.load_state_dict(checkpoints[0.5])
+    x = torch.randn(3, 128)
+    _compile(first)(x)
+    with pytest.raises(RuntimeError, match="carries the layout"):
+        _compile(second)(x)
+    for name, value in second.state_dict().items():  # untouched
+        torch.testing.assert_close(value, checkpoints[0.5][name], rtol=0, atol=0)
+    torch._dynamo.reset()
+    torch.testing.assert_close(_compile(second)(x), second(x), rtol=1e-5, atol=1e-5)
+
+
 def test_parameters_replaced_by_an_assign_load_are_zeroed_but_never_rescaled():
     """``load_state_dict(..., assign=True)`` puts new Parameter objects into the compiled module:
     they hold loaded values, so they are zeroed on their dropped blocks but not rescaled, while

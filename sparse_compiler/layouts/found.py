@@ -29,7 +29,7 @@ import torch
 from sparse_compiler.layouts.butterfly import butterfly_configs, flat_butterfly
 from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["FINEST_BLOCK", "LARGEST_BLOCK", "BlockOccupancy", "block_occupancy", "find_layout"]
+__all__ = ["FINEST_BLOCK", "LARGEST_BLOCK", "BlockOccupancy", "block_occupancy", "find_layout", "layout_in_weight"]
 
 FINEST_BLOCK = 8
 LARGEST_BLOCK = 256
@@ -87,6 +87,12 @@ def find_layout(occupancy: BlockOccupancy, global_sizes: Sequence[int] = (0,)) -
             if torch.equal(layout.block_mask, nonzero):
                 return layout
     return None
+
+
+def layout_in_weight(weight_out_in: torch.Tensor, global_sizes: Sequence[int] = (0,)) -> Layout | None:
+    """Both steps at once: the library layout an ``(out, in)`` weight's zero blocks describe, or None."""
+    occupancy = block_occupancy(weight_out_in)
+    return None if occupancy is None else find_layout(occupancy, global_sizes)
 
 
 def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:

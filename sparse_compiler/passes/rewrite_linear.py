@@ -41,6 +41,7 @@ from torch import fx
 from sparse_compiler import state
 from sparse_compiler.cost.planner import Plan
 from sparse_compiler.kernels import ops  # noqa: F401  (registers torch.ops.sparse_compiler.*)
+from sparse_compiler.layouts.found import layout_in_weight
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.passes.analyze import weight_source
@@ -227,7 +228,8 @@ def sparse_at_every_call(
     compile time tells the two apart.
 
     A parameter is checked once: later calls compare the argument's identity with the one last
-    checked. A parameter made sparse with another layout is an error, never a silent mismatch.
+    checked. A parameter made sparse with another layout, or whose zero blocks carry another
+    layout (a sparse checkpoint, ``layouts/found.py``), is an error, never a silent mismatch.
     """
     checks: dict[int, tuple[Layout, str]] = {}  # parameter index -> (layout of a use, how it reads it)
     for d in plan.chosen:
@@ -240,7 +242,8 @@ def sparse_at_every_call(
         slot = slots.get(id(example_inputs[index])) if index < len(example_inputs) else None
         if slot is not None:
             homes[index] = (weakref.ref(slot[0]), slot[1])
-    rescale = plan.options.rescale_init
+    o = plan.options
+    rescale = o.rescale_init
     seen: dict[int, Any] = {}
 
     def replaced_in_place(index: int, param: torch.Tensor) -> bool:
@@ -256,6 +259,14 @@ def sparse_at_every_call(
                 continue
             existing = state.layout_of(param)
             if existing is None:
+                found = layout_in_weight(_out_in(param, stored), (o.global_size, 0)) if o.keep_found_layouts else None
+                if found is not None and not torch.equal(found.element_mask(), layout.element_mask()):
+                    raise RuntimeError(
+                        f"sparsify: a parameter of shape {tuple(param.shape)} carries the layout {found.key!r} "
+                        f"in its zero blocks (a sparse checkpoint), but this compiled graph (which Dynamo is "
+                        f"reusing for it) computes with {layout.key!r}; compile this module separately "
+                        "(torch._dynamo.reset()), or set keep_found_layouts=False to re-mask it"
+                    )
                 sparsify_parameter_(_out_in(param, stored), layout, rescale and not replaced_in_place(index, param))
                 keep_dropped_blocks_at_zero_(param, layout, stored)
                 state.mark_sparsified(param, layout.key, stored)
