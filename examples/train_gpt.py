@@ -157,6 +157,8 @@ def main() -> None:
     p.add_argument("--corpus-bytes", type=int, default=4_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=str, default=None, help="write a checkpoint (state_dict) here at the end")
+    p.add_argument("--resume", type=str, default=None,
+                   help="start from this checkpoint (a --save of an earlier run): its layers keep their layouts")
     p.add_argument("--json", type=str, default=None, help="write the loss curve and throughput here")
     p.add_argument("--sample", type=int, default=0, help="then generate this many bytes after a validation prompt")
     args = p.parse_args()
@@ -169,6 +171,10 @@ def main() -> None:
 
     model = GPT(d=args.d_model, layers=args.layers, seq=args.seq)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, backend {args.backend}")
+    if args.resume:
+        # in place, before compiling: the backend finds each sparse layer's layout in its zero blocks
+        model.load_state_dict(torch.load(args.resume))
+        print(f"resumed from {args.resume}")
     options = {}
     if args.backend == "sparsify":
         # the planned training tokens let the cost model weigh faster steps against a smaller model
@@ -212,6 +218,9 @@ def main() -> None:
                 import sparse_compiler
 
                 print(sparse_compiler.last_report().table())
+                if args.resume:
+                    kept = sum("found in its weights" in r["reason"] for r in sparse_compiler.last_report().rows)
+                    print(f"{kept} layers kept the layout their checkpoint carries")
         else:
             timed_tokens += x.numel()
             timed_seconds += seconds
@@ -227,7 +236,7 @@ def main() -> None:
         val_loss = sum(step_fn(*next(vstream)).item() for _ in range(8)) / 8
     tokens_per_s = timed_tokens / max(timed_seconds, 1e-9)
     print(
-        f"done: train loss {history[0]:.3f} -> {sum(history[-10:]) / 10:.3f}, val loss {val_loss:.3f} "
+        f"done: train loss {history[0]:.3f} -> {sum(history[-10:]) / len(history[-10:]):.3f}, val loss {val_loss:.3f} "
         f"({val_loss / math.log(2):.2f} bits/byte), {tokens_per_s:,.0f} tokens/s after the first step, "
         f"{time.perf_counter() - start_all:.0f} s in all"
     )
