@@ -27,6 +27,7 @@ from sparse_compiler.passes.analyze import analyze, summarize
 from sparse_compiler.passes.analyze_attention import analyze_attention, unrecognised_attention
 from sparse_compiler.passes.einsum_as_matmul import einsum_as_matmul
 from sparse_compiler.passes.expand_mha import expand_multihead_attention
+from sparse_compiler.passes.inplace_results import read_inplace_results
 from sparse_compiler.passes.naming import remember_root
 from sparse_compiler.passes.regions import node_index
 from sparse_compiler.passes.rewrite_attention import rewrite_attention
@@ -84,17 +85,20 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, g
         compiled = compile_fx(gm, inputs, config_patches=dict(opts.inductor_config) or None)
     compiled = compiled if tables is None else tables.wrap(compiled)
     record_compilation(group, the_plan, attention, notes)  # (once compiled: not for abandoned attempts)
-    return sparse_at_every_call(compiled, the_plan, example_inputs)
+    return sparse_at_every_call(compiled, the_plan)
 
 
 def _expand(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> list[str]:
-    """Write fused calls out as the ops they are made of (``nn.MultiheadAttention``) and matrix
-    products written as einsum as ``matmul``, in place, so that the analyses see their Linear-like
-    products and attention; returns the report's notes."""
+    """Write fused calls out as the ops they are made of (``nn.MultiheadAttention``), matrix
+    products written as einsum as ``matmul``, and (attention targeted) in-place steps on scores as
+    steps the data flows through, in place, so that the analyses see their Linear-like products and
+    attention; returns the report's notes."""
     if not opts.enabled:
         return []
     notes = expand_multihead_attention(gm, example_inputs)
     einsum_as_matmul(gm, example_inputs)
+    if "attention" in opts.targets:
+        read_inplace_results(gm, example_inputs)
     return notes
 
 

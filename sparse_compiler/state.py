@@ -11,6 +11,10 @@ One compilation's records, and the in-place changes to parameters that go with t
 succeeds. A compilation that fails or that Dynamo abandons and restarts (it does so, for instance,
 to specialise float attributes under ``dynamic=True``) leaves neither records nor zeroed blocks
 behind; ``sparse_compiler.report()`` discards its own.
+
+A global parameter-registration hook also notes the parameters registered in the place of a
+sparse one (``load_state_dict(..., assign=True)``): they hold loaded values, which a graph Dynamo
+reuses for them must zero but never rescale.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["defer", "dense_use_of", "forget", "layout_of", "mark_sparsified", "mark_used_densely", "staged"]
+__all__ = [
+    "defer", "dense_use_of", "forget", "layout_of", "mark_sparsified", "mark_used_densely", "replaces_a_sparse_parameter",
+    "staged",
+]  # fmt: skip
 
 _ENTRIES: dict[int, tuple[weakref.ref, str, str]] = {}
 _DENSE_USES: dict[int, tuple[weakref.ref, str]] = {}
+_REPLACEMENTS: dict[int, weakref.ref] = {}  # parameters registered in the place of a sparse one
 _LOCK = threading.Lock()
 
 
@@ -148,3 +156,24 @@ def forget(param: torch.Tensor) -> None:
     for stage in _stages():
         stage.entries.pop(id(param), None)
         stage.dense_uses.pop(id(param), None)
+
+
+def replaces_a_sparse_parameter(param: torch.Tensor) -> bool:
+    """Whether ``param`` was registered in a module in the place of a parameter this process made
+    sparse (``load_state_dict(..., assign=True)``, ``module.weight = nn.Parameter(...)``): it holds
+    values someone put there, not a fresh initialisation, so it is never rescaled."""
+    ref = _REPLACEMENTS.get(id(param))
+    return ref is not None and ref() is param
+
+
+def _note_replacement(module: torch.nn.Module, name: str, param: torch.Tensor | None) -> None:
+    """Global parameter-registration hook: runs before ``module.<name>`` becomes ``param``."""
+    old = module._parameters.get(name)
+    if param is None or old is None or old is param or layout_of(old) is None:
+        return
+    key = id(param)
+    with _LOCK:
+        _REPLACEMENTS[key] = weakref.ref(param, lambda _ref, k=key: _REPLACEMENTS.pop(k, None))
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_note_replacement)

@@ -765,6 +765,45 @@ def test_alibi_bias_with_a_causal_buffer_is_found_and_rewritten(fill_first, inpl
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_alibi_stays_sparse_at_the_lengths_dynamo_makes_symbolic():
+    """From the second length on Dynamo traces the length as a symbol: the causal buffer is
+    evaluated at its example value, so the bias and the causal fill are still recognised."""
+    model = AlibiAttention()
+    compiled = torch.compile(model, backend=_backend(record=(record := []), min_seq_len=32))
+    with torch.no_grad():
+        for t in (80, 96, 112):
+            q, k, v = (torch.randn(1, 2, t, 16) for _ in range(3))
+            got = compiled(q, k, v)
+            d = record[-1]
+            assert d.sparse and d.candidate.causal and d.candidate.mask_mode == "add", (t, d.reason)
+            allowed = attention_element_mask(d.layout, t, t, True)
+            want = _SDPA(q, k, v, attn_mask=model.alibi[:, :t, :t].masked_fill(~allowed, float("-inf")))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any(d.candidate.symbolic for d in record)
+
+
+def test_in_place_steps_on_the_scores_are_found_through_the_backend():
+    """``s.mul_(c)`` and ``s.masked_fill_(pad, -inf)`` before ``softmax(s)``: the softmax reads the
+    node before the steps in Dynamo's graph (passes/inplace_results.py rewires it)."""
+
+    def attend(q, k, v, pad):
+        s = q @ k.transpose(-2, -1)
+        s.mul_(0.25)
+        s.masked_fill_(pad, float("-inf"))
+        return F.softmax(s, dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 96, 16) for _ in range(3))
+    pad = torch.zeros(2, 1, 1, 96, dtype=torch.bool)
+    pad[1, ..., 80:] = True
+    options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32, "eager": True}
+    with torch.no_grad():
+        got = torch.compile(attend, backend="sparsify", options=options)(q, k, v, pad)
+    (row,) = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert row["decision"] == "sparse", row
+    allowed = attention_element_mask(get_attention_layout(row["layout"]), 96, 96, False)
+    torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=~pad & allowed, scale=0.25), rtol=1e-5, atol=1e-5)
+
+
 def test_two_mask_steps_without_a_causal_buffer_stay_dense_with_the_reason():
     def two_biases(q, k, v, a, b):
         return F.softmax((q @ k.transpose(-2, -1)) * 0.25 + a + b, dim=-1) @ v
@@ -786,10 +825,15 @@ def test_attention_in_a_form_the_analysis_does_not_know_gets_a_note_and_stays_as
     def scaled_after_the_bias(q, k, v, bias):
         return F.softmax((q @ k.transpose(-2, -1) + bias) * 0.25, dim=-1) @ v
 
+    def values_by_einsum_with_heads_moved(q, k, v, bias):
+        return torch.einsum("bij,bjd->ibd", F.softmax(q @ k.transpose(1, 2) * 0.25 + bias, dim=-1), v)
+
     q, k, v = (torch.randn(2, 128, 16) for _ in range(3))
     bias = torch.randn(2, 128, 128)
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32, "eager": True}
-    for fn, steps in ((with_baddbmm, "baddbmm → softmax"), (scaled_after_the_bias, "matmul → add → mul → softmax")):
+    for fn, steps in ((with_baddbmm, "baddbmm → softmax → a matrix product"),
+                      (scaled_after_the_bias, "matmul → add → mul → softmax"),
+                      (values_by_einsum_with_heads_moved, "softmax → an einsum that is not a plain matrix product")):
         torch._dynamo.reset()
         got = torch.compile(fn, backend="sparsify", options=options)(q, k, v, bias)
         report = sparse_compiler.last_report()

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import os
 import re
@@ -109,6 +110,32 @@ def test_weights_cast_to_the_input_dtype_compute_as_the_model_casts_them():
     y.float().pow(2).sum().backward()
     dropped = ~get_layout(_linear_rows(report)[0]["layout"]).element_mask()
     assert model.up.weight.grad.dtype == torch.float32 and not model.up.weight.grad[dropped].any()
+
+
+class _CastChains(nn.Module):
+    def __init__(self, chain, dtype=torch.float32):
+        super().__init__()
+        self.chain = chain
+        self.fc = nn.Linear(64, 128).to(dtype)
+
+    def forward(self, x):
+        if self.chain == "upcast":  # bf16 parameters computed in fp32 (inside autocast: in bf16 again)
+            return F.linear(x, self.fc.weight.float(), self.fc.bias.float())
+        return F.linear(x, self.fc.weight.half().float(), self.fc.bias)  # fake quantisation: fp16 rounding
+
+
+@pytest.mark.parametrize("chain", ["upcast", "fake_quant"])
+def test_a_chain_of_weight_casts_is_replayed_step_by_step(chain):
+    model = _CastChains(chain, torch.bfloat16 if chain == "upcast" else torch.float32)
+    x = torch.randn(3, 64)
+    region = torch.autocast("cpu", torch.bfloat16) if chain == "upcast" else contextlib.nullcontext()
+    with region:
+        y = _compile(model, eager=True)(x)
+    assert _linear_rows()[0]["decision"] == "sparse"
+    with region:
+        want = model(x)  # the eager model, its dropped blocks now zero
+    assert y.dtype == want.dtype
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("visible", [True, False])
@@ -294,14 +321,16 @@ def test_parameters_replaced_by_an_assign_load_are_zeroed_but_never_rescaled():
     for p, q in zip(model.parameters(), rescaled.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
-    loaded = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
-    model.load_state_dict(loaded, assign=True)
-    y = compiled(x)
-    for name in ("fc1.weight", "fc2.weight"):
-        keep = get_layout(state.layout_of(model.get_parameter(name))[0]).element_mask()
-        torch.testing.assert_close(model.get_parameter(name)[keep], loaded[name][keep], rtol=0, atol=0)
-        assert not model.get_parameter(name)[~keep].any()
-    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+    for call in (compiled, _compile(lambda inputs: model(inputs), rescale_init=True)):  # a frame without the module
+        loaded = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+        values = {k: v.clone() for k, v in loaded.items()}  # (assign=True shares the loaded storage)
+        model.load_state_dict(loaded, assign=True)
+        y = call(x)
+        for name in ("fc1.weight", "fc2.weight"):
+            keep = get_layout(state.layout_of(model.get_parameter(name))[0]).element_mask()
+            torch.testing.assert_close(model.get_parameter(name)[keep], values[name][keep], rtol=0, atol=0)
+            assert not model.get_parameter(name)[~keep].any()
+        torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
 
     second = copy.deepcopy(fresh)  # the same initial values in another module: rescaled as the first was
     _compile(second, rescale_init=True)(x)
@@ -522,6 +551,32 @@ def test_layers_after_a_graph_break_are_named_from_the_compiled_module():
     assert not (model.first.weight == 0).any()
 
 
+class _NotCalledSelf(nn.Module):
+    def __init__(s, d=64):  # noqa: N805 - the point: a module whose methods do not call it ``self``
+        super().__init__()
+        s.a, s.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(s, x):  # noqa: N805
+        h = torch.relu(s.a(x))
+        torch._dynamo.graph_break()
+        return s.b(h)
+
+
+@pytest.mark.parametrize("how", ["module", "train_step"])
+def test_layers_after_a_graph_break_are_named_whatever_the_frame_calls_the_module(how):
+    """The resume function after the break names the module ``s`` (or ``model``, in a compiled
+    train step): the layer is still named from it, so the globs apply to it."""
+    model = _NotCalledSelf()
+    if how == "module":
+        run = _compile(model, exclude=("a",))
+    else:
+        run = _compile(lambda model, x: model(x).square().mean(), exclude=("a",))
+    run(torch.randn(4, 64)) if how == "module" else run(model, torch.randn(4, 64))
+    rows = {r["parameter"]: r for r in _linear_rows()}
+    assert set(rows) == {"a.weight", "b.weight"}, set(rows)
+    assert rows["a.weight"]["decision"] == "dense" and rows["b.weight"]["decision"] == "sparse"
+
+
 class _HeldAcrossABreak(nn.Module):
     def __init__(self, d=64):
         super().__init__()
@@ -711,12 +766,17 @@ def _layouts_by_parameter(report):
     return {r["parameter"]: r["layout"] for r in _linear_rows(report)}
 
 
+def _masks_by_parameter(report):
+    """Each sparse parameter's element mask (a found layout may describe it with coarser blocks)."""
+    return {name: get_layout(key).element_mask() for name, key in _layouts_by_parameter(report).items()}
+
+
 @pytest.mark.parametrize("make", [lambda: MLP(128, 256, 128), lambda: Conv1D(128, 256)], ids=["out_in", "in_out"])
 def test_a_sparse_checkpoint_keeps_its_layouts_whatever_the_new_run_would_plan(tmp_path, make):
     trained = make()
     x = torch.randn(3, 128)
     _compile(trained, density=0.25)(x)
-    saved = _layouts_by_parameter(sparse_compiler.last_report())
+    saved = _masks_by_parameter(sparse_compiler.last_report())
     torch.save(trained.state_dict(), tmp_path / "sparse.pt")
     checkpoint = torch.load(tmp_path / "sparse.pt")
 
@@ -729,7 +789,8 @@ def test_a_sparse_checkpoint_keeps_its_layouts_whatever_the_new_run_would_plan(t
         compiled = _compile(resumed, **options)
         y = compiled(torch.randn(7, 5, 128))  # another first-call shape
         rows = _linear_rows()
-        assert _layouts_by_parameter(sparse_compiler.last_report()) == saved, options
+        found = _masks_by_parameter(sparse_compiler.last_report())
+        assert found.keys() == saved.keys() and all(torch.equal(found[k], saved[k]) for k in saved), options
         assert all(r["decision"] == "sparse" and "found in its weights" in r["reason"] for r in rows)
         for name, value in resumed.state_dict().items():  # neither re-masked nor rescaled
             torch.testing.assert_close(value, checkpoint[name], rtol=0, atol=0)
@@ -742,8 +803,8 @@ def test_a_sparse_checkpoint_keeps_its_layouts_whatever_the_new_run_would_plan(t
     replanned = make()
     replanned.load_state_dict(checkpoint)
     _compile(replanned, density=0.5, keep_found_layouts=False)(x)
-    fresh = _layouts_by_parameter(sparse_compiler.last_report())
-    assert fresh.keys() == saved.keys() and all(fresh[k] != saved[k] for k in saved)
+    fresh = _masks_by_parameter(sparse_compiler.last_report())
+    assert fresh.keys() == saved.keys() and not any(torch.equal(fresh[k], saved[k]) for k in saved)
 
 
 def test_weight_tied_to_an_embedding_across_a_graph_break_stays_dense():
@@ -780,6 +841,15 @@ def test_one_mask_per_parameter_when_a_weight_is_used_both_ways():
     y.pow(2).sum().backward()
     assert torch.count_nonzero(model.w.grad[~first]) == 0
     assert torch.count_nonzero(model.w[~first]) == 0
+
+    # resumed from its checkpoint, both uses find the layout (the second one in the transposed weight)
+    torch._dynamo.reset()
+    resumed = TiedAutoencoder()
+    resumed.load_state_dict(model.state_dict())
+    _compile(resumed, eager=True, allow_shared_weights=True, density=0.5)(torch.randn(5, 64))
+    again = _linear_rows()
+    assert all(r["decision"] == "sparse" for r in again) and [r["layout"] for r in again] == [r["layout"] for r in rows]
+    torch.testing.assert_close(resumed.w, model.w, rtol=0, atol=0)
 
 
 def test_broadcast_bias_stays_dense_with_reason():

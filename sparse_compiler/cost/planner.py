@@ -40,7 +40,7 @@ from sparse_compiler.cost.hardware import HardwareProfile, profile
 from sparse_compiler.cost.scaling import LOSS_LAWS, LossLaw, ScalingView, equivalent_params
 from sparse_compiler.kernels.ops import SUPPORTED_DTYPES
 from sparse_compiler.layouts.butterfly import flat_butterfly, nearest_flat_butterfly
-from sparse_compiler.layouts.found import find_layout
+from sparse_compiler.layouts.found import find_layout, is_block_diagonal_like
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.options import Options
@@ -188,7 +188,10 @@ def _found_layout(c: Candidate, o: Options) -> Layout | None:
     sparse model, ``layouts/found.py``), or ``None``."""
     if not o.keep_found_layouts or c.occupancy is None:
         return None
-    layout = find_layout(c.occupancy, (o.global_size, 0))
+    layout = find_layout(c.occupancy)
+    if layout is None:  # a use that reads the weight the other way round than the use that made it sparse
+        transposed = find_layout(c.occupancy.transposed())
+        layout = None if transposed is None else transposed.transposed()
     return None if layout is None else register(layout)
 
 
@@ -282,6 +285,9 @@ def plan(candidates: Sequence[Candidate], options: Options, summary: GraphSummar
         found = _found_layout(c, o) if reason is None else None
         if found is not None:
             why = "layout found in its weights (exactly its dropped blocks are zero: a sparse checkpoint); kept"
+            if is_block_diagonal_like(found):
+                why = ("layout found in its weights: block-diagonal (a checkpoint trained with shuffle=False, or a "
+                       "block-diagonal initialisation: keep_found_layouts=False plans it afresh); kept")
             decided[i] = Decision(c, found, why, _estimate(c, hw, found))
             continue
         if reason is None and (c.out_features % block_size or c.in_features % block_size):

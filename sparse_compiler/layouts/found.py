@@ -7,9 +7,14 @@ and a new process can recover the layout from the weight alone, whatever shapes 
 compiled call has. That is what makes resuming from, or serving, a checkpoint safe without storing
 layouts in it: re-planning could pick another layout and mask the trained blocks away.
 
-Only layouts the planner itself makes (flat butterfly, every configuration, shuffled or not) are
-recognised: a weight whose zero blocks come from something else (a zero-initialised layer, an
-identity initialisation, pruning by other means) matches none, and is planned as usual.
+Only layouts the planner itself makes are recognised (flat butterfly, every configuration and
+global size, shuffled or not): a weight whose zero blocks come from something else (a
+zero-initialised layer, an identity initialisation, pruning by other means) matches none, and is
+planned as usual. One initialisation does look like a checkpoint: block-diagonal in a power-of-two
+number of groups, which is an unshuffled butterfly that does not mix all features (what the
+planner makes with ``shuffle=False``). :func:`is_block_diagonal_like` tells such layouts apart, so
+the report can say so; they are kept like any other, since re-masking a checkpoint would lose
+trained blocks.
 
 Two steps, so that reading the weight happens once, in the analysis:
 
@@ -21,17 +26,20 @@ Two steps, so that reading the weight happens once, in the analysis:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from sparse_compiler.layouts.butterfly import butterfly_configs, flat_butterfly
+from sparse_compiler.layouts.butterfly import flat_butterfly
 from sparse_compiler.layouts.layout import Layout
 
-__all__ = ["FINEST_BLOCK", "LARGEST_BLOCK", "BlockOccupancy", "block_occupancy", "find_layout", "layout_in_weight"]
+__all__ = [
+    "FINEST_BLOCK", "LARGEST_BLOCK", "BlockOccupancy", "block_occupancy", "find_layout", "is_block_diagonal_like",
+    "layout_in_weight",
+]  # fmt: skip
 
-FINEST_BLOCK = 8
+FINEST_BLOCK = 4
 LARGEST_BLOCK = 256
 
 
@@ -47,6 +55,10 @@ class BlockOccupancy:
     def shape(self) -> tuple[int, int]:
         rows, cols = self.nonzero.shape
         return rows * self.block_size, cols * self.block_size
+
+    def transposed(self) -> BlockOccupancy:
+        """The occupancy of the transposed weight."""
+        return BlockOccupancy(self.block_size, self.nonzero.t().contiguous())
 
 
 def block_occupancy(weight_out_in: torch.Tensor) -> BlockOccupancy | None:
@@ -75,24 +87,35 @@ def block_occupancy(weight_out_in: torch.Tensor) -> BlockOccupancy | None:
     return BlockOccupancy(b, nonzero)
 
 
-def find_layout(occupancy: BlockOccupancy, global_sizes: Sequence[int] = (0,)) -> Layout | None:
+def find_layout(occupancy: BlockOccupancy) -> Layout | None:
     """The library layout whose kept blocks are exactly ``occupancy``'s occupied ones (module
-    docstring, step 2), at the coarsest block size that describes it; ``None`` if there is none.
-
-    ``global_sizes``: the ``global_size`` values to try (the options' own, and 0).
-    """
+    docstring, step 2), at the coarsest block size that describes it; ``None`` if there is none."""
     out_features, in_features = occupancy.shape
     for block_size, nonzero in _coarser(occupancy):
-        for layout in _library_layouts(out_features, in_features, block_size, global_sizes):
+        for layout in _library_layouts(out_features, in_features, block_size, _global_blocks(nonzero)):
             if torch.equal(layout.block_mask, nonzero):
                 return layout
     return None
 
 
-def layout_in_weight(weight_out_in: torch.Tensor, global_sizes: Sequence[int] = (0,)) -> Layout | None:
+def layout_in_weight(weight_out_in: torch.Tensor) -> Layout | None:
     """Both steps at once: the library layout an ``(out, in)`` weight's zero blocks describe, or None."""
     occupancy = block_occupancy(weight_out_in)
-    return None if occupancy is None else find_layout(occupancy, global_sizes)
+    return None if occupancy is None else find_layout(occupancy)
+
+
+def is_block_diagonal_like(layout: Layout) -> bool:
+    """An unshuffled flat butterfly with fewer factors than ``log2(butterfly_size)``: block-diagonal
+    in super-blocks, as a block-diagonal initialisation is."""
+    p = layout.params
+    return layout.kind == "flat_butterfly" and not p["shuffle"] and p["n_factors"] < p["butterfly_size"].bit_length() - 1
+
+
+def _global_blocks(nonzero: torch.Tensor) -> int:
+    """Leading block-rows and block-columns that are entirely occupied (a layout's global part)."""
+    rows = int(nonzero.all(1).long().cumprod(0).sum())
+    cols = int(nonzero.all(0).long().cumprod(0).sum())
+    return min(rows, cols)
 
 
 def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:
@@ -113,12 +136,19 @@ def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:
             yield b, coarse
 
 
-def _library_layouts(out_features: int, in_features: int, block_size: int, global_sizes: Sequence[int]) -> Iterator[Layout]:
-    """Every layout the planner can make for this shape and block size."""
-    for butterfly_size, n_factors in butterfly_configs(out_features, in_features, block_size):
-        for global_size in dict.fromkeys(global_sizes):
-            if global_size > min(out_features, in_features):
-                continue
-            for shuffle in (False, True):
-                yield flat_butterfly(out_features, in_features, butterfly_size, n_factors, block_size, global_size, shuffle)
-
+def _library_layouts(out_features: int, in_features: int, block_size: int, global_blocks: int) -> Iterator[Layout]:
+    """Every layout the planner can make for this shape and block size whose global part covers
+    ``global_blocks`` leading block-rows and -columns (or none), forced butterfly sizes whose cells
+    are smaller than a block included, except block-diagonal ones (at such a grid they would take an
+    identity initialisation for a checkpoint)."""
+    global_sizes = dict.fromkeys((0, global_blocks * block_size))
+    butterfly_size = 2
+    while out_features % butterfly_size == 0 and in_features % butterfly_size == 0:
+        cells_fit = min(out_features, in_features) // butterfly_size >= block_size
+        for n_factors in range(1, butterfly_size.bit_length()):
+            mixes = n_factors >= butterfly_size.bit_length() - 1
+            for shuffle in (False, True) if cells_fit or mixes else (True,):
+                for global_size in global_sizes:
+                    if global_size <= min(out_features, in_features):
+                        yield flat_butterfly(out_features, in_features, butterfly_size, n_factors, block_size, global_size, shuffle)
+        butterfly_size *= 2

@@ -442,8 +442,8 @@ def _static_value(
         if n in seen:
             continue
         seen.add(n)
-        if n.op != "placeholder" and _known(n.meta.get("example_value")) is not _UNKNOWN:
-            continue  # a size, dtype or device that the trace already knows: nothing to compute for it
+        if _known(n.meta.get("example_value")) is not _UNKNOWN:
+            continue  # a size (symbolic ones at their example value), dtype or device: nothing to compute
         if n.op == "placeholder":
             source = getattr(inputs.graphargs.get(n), "source", None)
             name = getattr(source, "name", "") if source is not None else ""
@@ -904,11 +904,13 @@ def unrecognised_attention(gm: fx.GraphModule, candidates: Sequence[AttentionCan
                 x = next((a for a in x.args if isinstance(a, fx.Node)), None)
             caller, _ = calling_module(node)
             where = f" in {caller}" if caller else ""
+            by_einsum = any(u.op == "call_function" and u.target is torch.functional.einsum for u in node.users)
             notes.append(
-                f"attention-like softmax (node {region.qualified(node)}{where}) stays dense: its scores are computed "
-                f"as {' → '.join(reversed(steps)) or 'an input'} → softmax, which the analysis does not "
-                "recognise (it finds scaled_dot_product_attention, and q·kᵀ → scale → one mask, or a "
-                "mask and a causal buffer → softmax → ·v, also written with einsum)"
+                f"attention-like softmax (node {region.qualified(node)}{where}) stays dense: it computes "
+                f"{' → '.join(reversed(steps)) or 'an input'} → softmax → "
+                f"{'an einsum that is not a plain matrix product' if by_einsum else 'a matrix product'}, which the "
+                "analysis does not recognise (it finds scaled_dot_product_attention, and q·kᵀ → scale → "
+                "one mask, or a mask and a causal buffer → softmax → ·v, also written with einsum)"
             )
     return notes
 
@@ -917,6 +919,8 @@ def _feeds_a_product(node: fx.Node, depth: int = 3) -> bool:
     """``node``'s value reaches the first operand of a matrix product through casts and dropout."""
     for user in node.users:
         if _label(user) == "matmul" and user.args and user.args[0] is node:
+            return True
+        if user.op == "call_function" and user.target is torch.functional.einsum:  # (not a plain product)
             return True
         if depth and _label(user) in ("cast", "dropout") and _feeds_a_product(user, depth - 1):
             return True

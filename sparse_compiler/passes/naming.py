@@ -38,8 +38,9 @@ def remember_root(module: Any) -> None:
 
 @dataclass(frozen=True)
 class Frame:
-    """What naming needs of the frame Dynamo is compiling: its module (``self``, or ``args[0]`` of a
-    decorated ``forward(*args)``; None when there is none) and whether it is a resume function."""
+    """What naming needs of the frame Dynamo is compiling: its module (``self``, ``args[0]`` of a
+    decorated ``forward(*args)``, else the first module among its locals, as in a train step
+    ``step(model, x)``; None when there is none) and whether it is a resume function."""
 
     root: torch.nn.Module | None = None
     resumed: bool = False
@@ -54,19 +55,6 @@ class Frame:
                 for name, p in root.named_parameters(remove_duplicate=False):
                     paths.setdefault(id(p), name)
         return paths
-
-    @functools.cached_property
-    def slots(self) -> dict[int, tuple[torch.nn.Module, str]]:
-        """``id(parameter) -> (module, attribute)``: where the parameter is registered, in the same
-        roots as :attr:`paths`."""
-        slots: dict[int, tuple[torch.nn.Module, str]] = {}
-        for root in [self.root, *(r() for r in reversed(_ROOTS))]:
-            if root is not None:
-                for module in root.modules():
-                    for attribute, p in module._parameters.items():
-                        if p is not None:
-                            slots.setdefault(id(p), (module, attribute))
-        return slots
 
 
 def current_frame() -> Frame:
@@ -83,7 +71,9 @@ def current_frame() -> Frame:
     candidate = local.get("self")
     if candidate is None and isinstance(local.get("args"), (tuple, list)) and local["args"]:
         candidate = local["args"][0]
-    return Frame(candidate if isinstance(candidate, torch.nn.Module) else None, resumed)
+    if not isinstance(candidate, torch.nn.Module):  # ``forward(s, x)``, a train step ``step(model, x)``
+        candidate = next((v for v in local.values() if isinstance(v, torch.nn.Module)), None)
+    return Frame(candidate, resumed)
 
 
 def _chain(source: Any) -> list[Any]:

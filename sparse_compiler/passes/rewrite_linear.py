@@ -45,8 +45,7 @@ from sparse_compiler.layouts.found import layout_in_weight
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import get_layout, register
 from sparse_compiler.passes.analyze import weight_source
-from sparse_compiler.passes.naming import current_frame
-from sparse_compiler.passes.regions import node_index, pass_into
+from sparse_compiler.passes.regions import example_value, node_index, pass_into
 
 if TYPE_CHECKING:
     from sparse_compiler.kernels.triton.visible import TableInputs
@@ -156,10 +155,10 @@ def rewrite_linear(
             x, weight, bias = _input_arg(node, c.kind), param_node, _bias_arg(node, c.kind)
             if c.weight_stored == "in_out":
                 weight = graph.call_function(torch.t, (param_node,))
-            read_dtype = getattr(read.meta.get("example_value", read.meta.get("val")), "dtype", c.dtype)
-            if read_dtype != c.dtype:  # the model casts its weight (``W.to(x.dtype)``): so do we
+            read_dtype = c.dtype
+            for read_dtype in _cast_dtypes(read, param_node):  # the model casts its weight: so do we, step by step
                 weight = graph.call_method("to", (weight, read_dtype))
-            if c.output_dtype is not None and c.output_dtype != c.dtype:  # autocast: compute as it would
+            if c.output_dtype is not None and c.output_dtype != read_dtype:  # autocast: compute as it would
                 x, weight = (graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
                 if bias is not None:
                     bias = graph.call_method("to", (bias, c.output_dtype))
@@ -177,7 +176,8 @@ def rewrite_linear(
         if state.layout_of(param) is None:
             # zeroed when the compilation succeeds (state.staged), never by an abandoned attempt
             view = _out_in(param, c.weight_stored)
-            state.defer(functools.partial(sparsify_parameter_, view, layout, plan.options.rescale_init))
+            rescale = plan.options.rescale_init and not state.replaces_a_sparse_parameter(param)
+            state.defer(functools.partial(sparsify_parameter_, view, layout, rescale))
             state.defer(functools.partial(keep_dropped_blocks_at_zero_, param, layout, c.weight_stored))
             state.mark_sparsified(param, key, c.weight_stored)
     touched[id(gm)] = gm
@@ -193,6 +193,19 @@ def _weight_arg(node: fx.Node, kind: str) -> fx.Node:
     if kind == "addmm":
         return node.args[2] if len(node.args) > 2 else node.kwargs["mat2"]
     return node.args[1]
+
+
+def _cast_dtypes(read: fx.Node, param_node: fx.Node) -> list[torch.dtype]:
+    """The dtypes the weight is cast to on its way from ``param_node`` to ``read``, in order (a
+    fake-quantising ``W.half().float()`` gives both)."""
+    dtypes: list[torch.dtype] = []
+    node = read
+    while node is not param_node:
+        before, after = (getattr(example_value(n), "dtype", None) for n in (node.args[0], node))
+        if after is not None and after != before:
+            dtypes.append(after)
+        node = node.args[0]
+    return dtypes[::-1]
 
 
 def _weight_placeholder(read: fx.Node, stand_ins: list[fx.Node]) -> fx.Node:
@@ -214,18 +227,15 @@ def _parameter_mask(layout: Layout, stored: str) -> Layout:
     return layout if stored == "out_in" else layout.transposed()
 
 
-def sparse_at_every_call(
-    compiled: Callable[..., Any], plan: Plan, example_inputs: Sequence[Any] = ()
-) -> Callable[..., Any]:
+def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[..., Any]:
     """``compiled``, first making sparse any parameter argument of a sparse node that this process
     has not made sparse yet.
 
     Such a parameter belongs either to another module of the same structure (Dynamo reuses graphs
     across modules: its guards do not pin parameters' identities), which is zeroed and, with
-    ``rescale_init``, rescaled like any new module; or it replaced the compiled one in the same
-    module (``load_state_dict(..., assign=True)``), which is only zeroed: it holds loaded values,
-    not a fresh initialisation. The module slot each parameter of ``example_inputs`` was found in at
-    compile time tells the two apart.
+    ``rescale_init``, rescaled like any new module; or it was registered in the place of a sparse
+    one (``load_state_dict(..., assign=True)``, ``state.replaces_a_sparse_parameter``), which is
+    only zeroed: it holds loaded values, not a fresh initialisation.
 
     A parameter is checked once: later calls compare the argument's identity with the one last
     checked. A parameter made sparse with another layout, or whose zero blocks carry another
@@ -236,20 +246,9 @@ def sparse_at_every_call(
         checks.setdefault(d.candidate.weight_input_index, (d.layout, d.candidate.weight_stored))
     if not checks:
         return compiled
-    slots = current_frame().slots
-    homes: dict[int, tuple[weakref.ref, str]] = {}  # parameter index -> (its module, attribute)
-    for index in checks:
-        slot = slots.get(id(example_inputs[index])) if index < len(example_inputs) else None
-        if slot is not None:
-            homes[index] = (weakref.ref(slot[0]), slot[1])
     o = plan.options
     rescale = o.rescale_init
     seen: dict[int, Any] = {}
-
-    def replaced_in_place(index: int, param: torch.Tensor) -> bool:
-        home = homes.get(index)
-        module = home[0]() if home is not None else None
-        return module is not None and module._parameters.get(home[1]) is param
 
     def run(*args: Any) -> Any:
         for index, (layout, stored) in checks.items():
@@ -259,7 +258,7 @@ def sparse_at_every_call(
                 continue
             existing = state.layout_of(param)
             if existing is None:
-                found = layout_in_weight(_out_in(param, stored), (o.global_size, 0)) if o.keep_found_layouts else None
+                found = layout_in_weight(_out_in(param, stored)) if o.keep_found_layouts else None
                 if found is not None and not torch.equal(found.element_mask(), layout.element_mask()):
                     raise RuntimeError(
                         f"sparsify: a parameter of shape {tuple(param.shape)} carries the layout {found.key!r} "
@@ -267,7 +266,7 @@ def sparse_at_every_call(
                         f"reusing for it) computes with {layout.key!r}; compile this module separately "
                         "(torch._dynamo.reset()), or set keep_found_layouts=False to re-mask it"
                     )
-                sparsify_parameter_(_out_in(param, stored), layout, rescale and not replaced_in_place(index, param))
+                sparsify_parameter_(_out_in(param, stored), layout, rescale and not state.replaces_a_sparse_parameter(param))
                 keep_dropped_blocks_at_zero_(param, layout, stored)
                 state.mark_sparsified(param, layout.key, stored)
             else:

@@ -1,0 +1,67 @@
+"""Pre-pass: reads of attention scores that follow an in-place step on them read that step's result.
+
+``s.masked_fill_(pad, -inf)`` followed by ``softmax(s)`` reaches the graph as a fill node whose
+result nobody reads and a softmax that reads ``s``, the node before the fill: the data seems not to
+flow through the mask at all. An in-place method returns the tensor it wrote into, so every read of
+``s`` after the step may read the step's result instead; the graph then says what
+``s = s.masked_fill(pad, -inf)`` would say, and ``passes/analyze_attention.py`` finds the mask
+(``s.mul_(c)``, ``s.add_(bias)`` likewise). Only steps on the output of a matrix product (attention
+scores), or on an earlier such step, are followed: other in-place writes (a key/value cache filled
+with ``index_copy_``) keep the form the analyses know them in.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from sparse_compiler.passes.regions import regions
+
+__all__ = ["read_inplace_results"]
+
+_PRODUCTS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
+_PRODUCT_METHODS = {"matmul", "bmm", "__matmul__"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_product(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PRODUCT_METHODS
+    return node.op == "call_function" and node.target in _PRODUCTS
+
+
+def _writes_into_first_argument(node: fx.Node) -> bool:
+    """An in-place method (``masked_fill_``) or augmented operator (``s /= c``): returns its first
+    argument, written into."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__")
+    return node.op == "call_function" and node.target in _INPLACE_OPERATORS
+
+
+def read_inplace_results(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> int:
+    """Rewire, in ``gm`` and its bodies, the later reads of scores written in place (module
+    docstring); returns how many reads were rewired."""
+    rewired = 0
+    for region in regions(gm):
+        graph = region.gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        scores = {n for n in graph.nodes if _is_product(n)}
+        changed = False
+        for step in list(graph.nodes):
+            if not _writes_into_first_argument(step) or not step.args or step.args[0] not in scores:
+                continue
+            written = step.args[0]
+            for reader in list(written.users):
+                if reader is not step and order[reader] > order[step]:
+                    reader.replace_input_with(written, step)
+                    rewired += 1
+                    changed = True
+            scores.add(step)
+        if changed:
+            graph.lint()
+            region.gm.recompile()
+    return rewired
