@@ -552,11 +552,11 @@ def test_layers_after_a_graph_break_are_named_from_the_compiled_module():
 
 
 class _NotCalledSelf(nn.Module):
-    def __init__(s, d=64):  # noqa: N805 - the point: a module whose methods do not call it ``self``
+    def __init__(s, d=64):  # (the point: a module whose methods do not call it ``self``)
         super().__init__()
         s.a, s.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
 
-    def forward(s, x):  # noqa: N805
+    def forward(s, x):
         h = torch.relu(s.a(x))
         torch._dynamo.graph_break()
         return s.b(h)
