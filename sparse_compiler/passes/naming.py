@@ -39,8 +39,9 @@ def remember_root(module: Any) -> None:
 @dataclass(frozen=True)
 class Frame:
     """What naming needs of the frame Dynamo is compiling: its module (``self``, ``args[0]`` of a
-    decorated ``forward(*args)``, else the first module among its locals, as in a train step
-    ``step(model, x)``; None when there is none) and whether it is a resume function."""
+    decorated ``forward(*args)``, else, outside resume functions, its first argument that is a
+    module, as in a train step ``step(model, x)``; None when there is none) and whether it is a
+    resume function."""
 
     root: torch.nn.Module | None = None
     resumed: bool = False
@@ -71,9 +72,12 @@ def current_frame() -> Frame:
     candidate = local.get("self")
     if candidate is None and isinstance(local.get("args"), (tuple, list)) and local["args"]:
         candidate = local["args"][0]
-    if not isinstance(candidate, torch.nn.Module):  # ``forward(s, x)``, a train step ``step(model, x)``
-        candidate = next((v for v in local.values() if isinstance(v, torch.nn.Module)), None)
-    return Frame(candidate, resumed)
+    if not isinstance(candidate, torch.nn.Module) and not resumed:  # ``forward(s, x)``, ``step(model, x)``
+        # the first argument that is a module (a resume function's locals are stack temporaries
+        # and whatever was live at the break: a layer held there would pose as the model)
+        arguments = tx.f_code.co_varnames[: tx.f_code.co_argcount]
+        candidate = next((local[a] for a in arguments if isinstance(local.get(a), torch.nn.Module)), None)
+    return Frame(candidate if isinstance(candidate, torch.nn.Module) else None, resumed)
 
 
 def _chain(source: Any) -> list[Any]:
