@@ -804,6 +804,38 @@ def test_in_place_steps_on_the_scores_are_found_through_the_backend():
     torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=~pad & allowed, scale=0.25), rtol=1e-5, atol=1e-5)
 
 
+def test_a_buffer_causal_only_at_some_lengths_is_checked_at_each_length():
+    """A mask buffer that is causal for its first 100 positions and allows every key after: at a
+    symbolic length it is checked at the example length only, so a fixed pattern (which could
+    otherwise serve every length from one graph) is specialised, and longer calls keep the mask."""
+
+    class PartlyCausal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            keep = torch.ones(256, 256, dtype=torch.bool).tril()
+            keep[100:] = True
+            self.register_buffer("keep", keep)
+
+        def forward(self, q, k, v):
+            t = q.shape[-2]
+            s = (q @ k.transpose(-2, -1)) * 0.25
+            return F.softmax(s.masked_fill(~self.keep[:t, :t], float("-inf")), dim=-1) @ v
+
+    model, record = PartlyCausal(), []
+    options = dataclasses.replace(ATTN, attention_seq_len=256)  # too short for the kernels: the pattern through SDPA
+    compiled = torch.compile(model, backend=_backend(options=options, record=record, min_seq_len=4096))
+    with torch.no_grad():
+        for t in (64, 80, 96, 160):
+            q, k, v = (torch.randn(1, 2, t, 16) for _ in range(3))
+            got = compiled(q, k, v)
+            d = record[-1]
+            assert d.sparse and d.fixed_pattern and d.candidate.causal == (t <= 100), (t, d.reason)
+            allowed = attention_element_mask(d.layout, t, t, d.candidate.causal)
+            want = _SDPA(q, k, v, attn_mask=model.keep[:t, :t] & allowed, scale=0.25)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any(d.candidate.causal_at_example_length for d in record)
+
+
 def test_two_mask_steps_without_a_causal_buffer_stay_dense_with_the_reason():
     def two_biases(q, k, v, a, b):
         return F.softmax((q @ k.transpose(-2, -1)) * 0.25 + a + b, dim=-1) @ v

@@ -413,6 +413,10 @@ def _decide(c: AttentionCandidate, o: Options, profile: Any | None, min_seq_len:
     dynamic = ", ".join(dict.fromkeys(str(x) for x in (c.seq_len_q, c.seq_len_k) if not isinstance(x, int)))
     if not dynamic:
         return decision  # static lengths: nothing to guard
+    if decision.fixed_pattern and decision.sparse and c.causal_at_example_length:
+        note = (f"; dynamic length ({dynamic}) specialised to {c.seq_len_q_hint}x{c.seq_len_k_hint}: the causal "
+                "buffer was checked at this length only, so each new length compiles its own graph")
+        return replace(decision, reason=decision.reason + note, specialize=True)
     if decision.fixed_pattern:
         serves = _serves(decision.short_of) if decision.short_of is not None else "every length"
         note = f"; dynamic length ({dynamic}): the pattern's mask is built at each call's lengths, so this graph serves {serves}"

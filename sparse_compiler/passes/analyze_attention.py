@@ -123,6 +123,8 @@ class AttentionCandidate:
     mask_causal: bool = False  # the model's mask allows no key after its query at the example inputs (a decoder's)
     mask_fill_finite: bool = False  # a hand-written mask fills with a finite value (finfo.min, -1e9): a query it
     # lets see no key attends to every key alike, as in eager, instead of to none
+    causal_at_example_length: bool = False  # causal from a buffer checked at symbolic lengths' example values
+    # only: a graph that drops that mask must not serve other lengths
 
     @property
     def symbolic(self) -> bool:
@@ -548,6 +550,7 @@ def _candidate(
     dropout_p: Any,
     enable_gqa: Any,
     blocker: str | None,
+    causal_at_example_length: bool = False,
 ) -> AttentionCandidate:
     info, shape_blocker = _shape_info(q, k, v)
     blocker = blocker or shape_blocker
@@ -586,6 +589,7 @@ def _candidate(
         if mask_requires_grad:
             blocker = blocker or "the attention mask requires grad (a learned bias): not supported yet"
         if not causal and blocker is None and _is_causal_buffer(mask, mask_mode, gm, inputs, lq, lk):
+            causal_at_example_length = causal_at_example_length or _symbolic_shape(mask)
             causal, mask, mask_mode, mask_origin = True, None, "none", "causal buffer"
     mask_causal = (
         mask is not None and not causal and blocker is None and isinstance(mask, fx.Node)
@@ -623,8 +627,14 @@ def _candidate(
         kv_cache_window=window,
         cache_positions=positions.name if positions is not None else None,
         mask_causal=mask_causal,
+        causal_at_example_length=causal and causal_at_example_length,
         **info,
     )
+
+
+def _symbolic_shape(node: Any) -> bool:
+    value = _meta(node)
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
 
 
 def _is_causal_buffer(mask: Any, mode: str, gm: fx.GraphModule, inputs: _Inputs, lq: int, lk: int) -> bool:
@@ -795,12 +805,13 @@ def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Nod
                 return None
             steps.append(step)
             prev = m[role]
-    causal = False
+    causal, causal_at_example_length = False, False
     if len(steps) == 2:  # one of them may be a causal buffer (ALiBi's bias, then the causal fill)
         lengths = [_dim_expr(_meta(t).shape[-2])[1] if _ndim(t) else 0 for t in (q, k)]
         absorbed = [i for i, st in enumerate(steps) if st[3] is None and _is_causal_buffer(st[0], st[1], gm, inputs, *lengths)]
         if absorbed:
             causal = True
+            causal_at_example_length = _symbolic_shape(steps[absorbed[-1]][0])
             del steps[absorbed[-1]]
         else:
             blocker = blocker or "two mask steps, neither of them a causal mask buffer (supported: one mask, or one mask and a causal buffer)"
@@ -824,7 +835,8 @@ def _explicit_candidate(gm: fx.GraphModule, inputs: _Inputs, m: dict[str, fx.Nod
         if others:
             blocker = blocker or f"attention scores or weights ({a.name}) are also used by {', '.join(others)}"
     nodes = [kt] + chain + [mm2]
-    c = _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, causal, scale, dropout_p, False, blocker)
+    c = _candidate(gm, inputs, mm2, nodes, "explicit", q, k, v, mask, mask_mode, causal, scale, dropout_p, False, blocker,
+                   causal_at_example_length)
     finite = c.mask is not None and mask_mode in ("keep", "drop") and fill is not None and fill > -math.inf
     return dataclasses.replace(c, mask_fill_finite=True) if finite else c
 
