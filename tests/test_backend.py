@@ -121,14 +121,16 @@ class _CastChains(nn.Module):
     def forward(self, x):
         if self.chain == "upcast":  # bf16 parameters computed in fp32 (inside autocast: in bf16 again)
             return F.linear(x, self.fc.weight.float(), self.fc.bias.float())
+        if self.chain == "downcast":  # fp32 parameters cast to the autocast dtype, fp32 input
+            return F.linear(x, self.fc.weight.bfloat16())
         return F.linear(x, self.fc.weight.half().float(), self.fc.bias)  # fake quantisation: fp16 rounding
 
 
-@pytest.mark.parametrize("chain", ["upcast", "fake_quant"])
+@pytest.mark.parametrize("chain", ["upcast", "downcast", "fake_quant"])
 def test_a_chain_of_weight_casts_is_replayed_step_by_step(chain):
     model = _CastChains(chain, torch.bfloat16 if chain == "upcast" else torch.float32)
     x = torch.randn(3, 64)
-    region = torch.autocast("cpu", torch.bfloat16) if chain == "upcast" else contextlib.nullcontext()
+    region = torch.autocast("cpu", torch.bfloat16) if chain != "fake_quant" else contextlib.nullcontext()
     with region:
         y = _compile(model, eager=True)(x)
     assert _linear_rows()[0]["decision"] == "sparse"

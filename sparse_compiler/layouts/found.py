@@ -139,12 +139,13 @@ def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:
 def _library_layouts(out_features: int, in_features: int, block_size: int, global_blocks: int) -> Iterator[Layout]:
     """Every layout the planner can make for this shape and block size whose global part covers
     ``global_blocks`` leading block-rows and -columns (or none), forced butterfly sizes whose cells
-    are smaller than a block included, except block-diagonal ones (at such a grid they would take an
-    identity initialisation for a checkpoint)."""
+    are smaller than a block included, except block-diagonal ones with cells narrower than
+    ``FINEST_BLOCK`` (groups of a few elements, which would take an identity initialisation for a
+    checkpoint)."""
     global_sizes = dict.fromkeys((0, global_blocks * block_size))
     butterfly_size = 2
     while out_features % butterfly_size == 0 and in_features % butterfly_size == 0:
-        cells_fit = min(out_features, in_features) // butterfly_size >= block_size
+        cells_fit = min(out_features, in_features) // butterfly_size >= FINEST_BLOCK
         for n_factors in range(1, butterfly_size.bit_length()):
             mixes = n_factors >= butterfly_size.bit_length() - 1
             for shuffle in (False, True) if cells_fit or mixes else (True,):

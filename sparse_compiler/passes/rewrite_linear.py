@@ -158,7 +158,8 @@ def rewrite_linear(
             read_dtype = c.dtype
             for read_dtype in _cast_dtypes(read, param_node):  # the model casts its weight: so do we, step by step
                 weight = graph.call_method("to", (weight, read_dtype))
-            if c.output_dtype is not None and c.output_dtype != read_dtype:  # autocast: compute as it would
+            if c.output_dtype is not None and (c.output_dtype != read_dtype or c.input_dtype != c.output_dtype):
+                # autocast: x, the weight as read and the bias computed in its dtype, as it would cast them
                 x, weight = (graph.call_method("to", (v, c.output_dtype)) for v in (x, weight))
                 if bias is not None:
                     bias = graph.call_method("to", (bias, c.output_dtype))
