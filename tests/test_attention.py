@@ -792,16 +792,23 @@ def test_in_place_steps_on_the_scores_are_found_through_the_backend():
         s.masked_fill_(pad, float("-inf"))
         return F.softmax(s, dim=-1) @ v
 
+    def scaled_then_filled_in_place(q, k, v, pad):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        s.masked_fill_(pad, float("-inf"))
+        return F.softmax(s, dim=-1) @ v
+
     q, k, v = (torch.randn(2, 2, 96, 16) for _ in range(3))
     pad = torch.zeros(2, 1, 1, 96, dtype=torch.bool)
     pad[1, ..., 80:] = True
     options = {"targets": ("attention",), "attention_block_size": 16, "attention_min_seq_len": 32, "eager": True}
-    with torch.no_grad():
-        got = torch.compile(attend, backend="sparsify", options=options)(q, k, v, pad)
-    (row,) = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
-    assert row["decision"] == "sparse", row
-    allowed = attention_element_mask(get_attention_layout(row["layout"]), 96, 96, False)
-    torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=~pad & allowed, scale=0.25), rtol=1e-5, atol=1e-5)
+    for fn in (attend, scaled_then_filled_in_place):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(fn, backend="sparsify", options=options)(q, k, v, pad)
+        (row,) = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+        assert row["decision"] == "sparse", (fn.__name__, row)
+        allowed = attention_element_mask(get_attention_layout(row["layout"]), 96, 96, False)
+        torch.testing.assert_close(got, _SDPA(q, k, v, attn_mask=~pad & allowed, scale=0.25), rtol=1e-5, atol=1e-5)
 
 
 def test_a_buffer_causal_only_at_some_lengths_is_checked_at_each_length():

@@ -41,6 +41,10 @@ __all__ = [
 
 FINEST_BLOCK = 4
 LARGEST_BLOCK = 256
+# Bounds on the search (a pruned weight that matches nothing must be rejected in well under a
+# second): butterfly grids of at most MAX_GRID cells a side, block grids of at most MAX_BLOCKS.
+MAX_GRID = 1024
+MAX_BLOCKS = 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,9 +96,11 @@ def find_layout(occupancy: BlockOccupancy) -> Layout | None:
     docstring, step 2), at the coarsest block size that describes it; ``None`` if there is none."""
     out_features, in_features = occupancy.shape
     for block_size, nonzero in _coarser(occupancy):
-        for layout in _library_layouts(out_features, in_features, block_size, _global_blocks(nonzero)):
-            if torch.equal(layout.block_mask, nonzero):
-                return layout
+        kept = int(nonzero.sum())
+        for config in _library_configs(out_features, in_features, block_size, _global_blocks(nonzero), kept):
+            # built uncached: most candidates are discarded, and a cache of them all would be large
+            if torch.equal(flat_butterfly.__wrapped__(*config).block_mask, nonzero):
+                return flat_butterfly(*config)
     return None
 
 
@@ -136,20 +142,32 @@ def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:
             yield b, coarse
 
 
-def _library_layouts(out_features: int, in_features: int, block_size: int, global_blocks: int) -> Iterator[Layout]:
-    """Every layout the planner can make for this shape and block size whose global part covers
-    ``global_blocks`` leading block-rows and -columns (or none), forced butterfly sizes whose cells
-    are smaller than a block included, except block-diagonal ones with cells narrower than
-    ``FINEST_BLOCK`` (groups of a few elements, which would take an identity initialisation for a
-    checkpoint)."""
+def _library_configs(
+    out_features: int, in_features: int, block_size: int, global_blocks: int, kept_blocks: int
+) -> Iterator[tuple[int, int, int, int, int, int, bool]]:
+    """The ``flat_butterfly`` arguments of every layout the planner can make for this shape and
+    block size whose global part covers ``global_blocks`` leading block-rows and -columns (or
+    none), forced butterfly sizes whose cells are smaller than a block included, except
+    block-diagonal ones with cells narrower than ``FINEST_BLOCK`` (groups of a few elements, which
+    would take an identity initialisation for a checkpoint). Layouts whose kept-block count is
+    known without building them (no global part, cells of whole blocks: ``(k + 1) / bs`` of the
+    grid) and is not ``kept_blocks`` are left out, and so are grids past ``MAX_GRID`` cells or
+    ``MAX_BLOCKS`` blocks a side."""
+    rows, cols = out_features // block_size, in_features // block_size
+    if max(rows, cols) > MAX_BLOCKS:
+        return
     global_sizes = dict.fromkeys((0, global_blocks * block_size))
     butterfly_size = 2
-    while out_features % butterfly_size == 0 and in_features % butterfly_size == 0:
+    while out_features % butterfly_size == 0 and in_features % butterfly_size == 0 and butterfly_size <= MAX_GRID:
         cells_fit = min(out_features, in_features) // butterfly_size >= FINEST_BLOCK
+        whole_blocks = (out_features // butterfly_size) % block_size == 0 and (in_features // butterfly_size) % block_size == 0
         for n_factors in range(1, butterfly_size.bit_length()):
             mixes = n_factors >= butterfly_size.bit_length() - 1
-            for shuffle in (False, True) if cells_fit or mixes else (True,):
-                for global_size in global_sizes:
-                    if global_size <= min(out_features, in_features):
-                        yield flat_butterfly(out_features, in_features, butterfly_size, n_factors, block_size, global_size, shuffle)
+            for global_size in global_sizes:
+                if global_size > min(out_features, in_features):
+                    continue
+                if global_size == 0 and whole_blocks and (n_factors + 1) * rows * cols != kept_blocks * butterfly_size:
+                    continue
+                for shuffle in (False, True) if cells_fit or mixes else (True,):
+                    yield out_features, in_features, butterfly_size, n_factors, block_size, global_size, shuffle
         butterfly_size *= 2

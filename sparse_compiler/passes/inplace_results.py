@@ -6,8 +6,9 @@ flow through the mask at all. An in-place method returns the tensor it wrote int
 ``s`` after the step may read the step's result instead; the graph then says what
 ``s = s.masked_fill(pad, -inf)`` would say, and ``passes/analyze_attention.py`` finds the mask
 (``s.mul_(c)``, ``s.add_(bias)`` likewise). Only steps on the output of a matrix product (attention
-scores), or on an earlier such step, are followed: other in-place writes (a key/value cache filled
-with ``index_copy_``) keep the form the analyses know them in.
+scores), possibly scaled, cast or masked out of place first, or on an earlier such step, are
+followed: other in-place writes (a key/value cache filled with ``index_copy_``) keep the form the
+analyses know them in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ __all__ = ["read_inplace_results"]
 _PRODUCTS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
 _PRODUCT_METHODS = {"matmul", "bmm", "__matmul__"}
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+# out-of-place steps that keep scores scores (``(q @ kᵀ) * c`` then ``s.masked_fill_(pad, -inf)``)
+_STEPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, torch.masked_fill}
+_STEP_METHODS = {"mul", "div", "add", "to", "float", "half", "bfloat16", "type_as", "masked_fill"}
+
+
+def _is_step(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _STEP_METHODS
+    return node.op == "call_function" and node.target in _STEPS
 
 
 def _is_product(node: fx.Node) -> bool:
@@ -49,9 +59,12 @@ def read_inplace_results(gm: fx.GraphModule, example_inputs: Sequence[Any] = ())
     for region in regions(gm):
         graph = region.gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
-        scores = {n for n in graph.nodes if _is_product(n)}
+        scores: set[fx.Node] = set()
         changed = False
         for step in list(graph.nodes):
+            if _is_product(step) or (_is_step(step) and step.args and step.args[0] in scores):
+                scores.add(step)
+                continue
             if not _writes_into_first_argument(step) or not step.args or step.args[0] not in scores:
                 continue
             written = step.args[0]
