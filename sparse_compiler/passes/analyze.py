@@ -31,7 +31,7 @@ from torch import fx
 from sparse_compiler import state
 from sparse_compiler.layouts.found import BlockOccupancy, block_occupancy
 from sparse_compiler.passes.naming import calling_module, current_frame, parameter_name, remember_root, source_fqn
-from sparse_compiler.passes.regions import Region, is_body_call, regions
+from sparse_compiler.passes.regions import Region, example_value, is_body_call, regions
 
 __all__ = ["Candidate", "analyze", "source_fqn", "weight_source"]  # (source_fqn: from passes.naming)
 
@@ -147,12 +147,8 @@ def weight_source(node: Any, is_source: Callable[[fx.Node], bool]) -> tuple[fx.N
     return None
 
 
-def _resolve_param(node: Any, params: dict[fx.Node, int]) -> tuple[fx.Node, bool] | None:
-    return weight_source(node, params.__contains__)
-
-
 def _meta(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return example_value(node) if isinstance(node, fx.Node) else None
 
 
 def _dim_expr(d: Any) -> tuple[Any, int]:
@@ -189,7 +185,7 @@ def _match(node: fx.Node, params: dict[fx.Node, int]) -> tuple[str, Any, fx.Node
         x = node.args[0] if node.args else node.kwargs.get("input")
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        hit = _resolve_param(w, params)
+        hit = weight_source(w, params.__contains__)
         if hit is None:
             return None
         return "linear", x, hit[0], hit[1], bias, None
@@ -198,7 +194,7 @@ def _match(node: fx.Node, params: dict[fx.Node, int]) -> tuple[str, Any, fx.Node
         bias, x, w = (args[0] if args[0] is not None else node.kwargs.get("input"),
                       args[1] if args[1] is not None else node.kwargs.get("mat1"),
                       args[2] if args[2] is not None else node.kwargs.get("mat2"))
-        hit = _resolve_param(w, params)
+        hit = weight_source(w, params.__contains__)
         if hit is None:
             return None
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
@@ -215,7 +211,7 @@ def _match(node: fx.Node, params: dict[fx.Node, int]) -> tuple[str, Any, fx.Node
     if kind is None or len(node.args) != 2:
         return None
     x, w = node.args
-    hit = _resolve_param(w, params)
+    hit = weight_source(w, params.__contains__)
     if hit is None:
         return None
     return kind, x, hit[0], not hit[1], None, None
@@ -246,6 +242,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
     all_regions = regions(gm)
     uses = _uses(all_regions, list(params))
     candidates = []
+    occupancies: dict[int, BlockOccupancy | None] = {}  # parameter index -> of the parameter as stored
     matched: set[fx.Node] = set()  # candidate nodes, in whichever region
     for region, node, region_params in _region_nodes(all_regions, params):
         match = _match(node, region_params)
@@ -308,7 +305,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
                 blocker=blocker,
                 recomputed=not region.is_top,
                 name_known=name_known,
-                occupancy=None if existing else block_occupancy(weight.t() if stored_in_out else weight),
+                occupancy=None if existing else _occupancy(occupancies, index, weight, stored_in_out),
             )
         )
     # Remember parameters this graph uses in other ways (an embedding lookup of a tied table), so
@@ -318,6 +315,15 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Candidate
             if user not in matched:
                 state.mark_used_densely(example_inputs[index], f"{name} ({getattr(user.target, '__name__', user.target)})")
     return candidates
+
+
+def _occupancy(cache: dict, index: int, weight: torch.Tensor, stored_in_out: bool) -> BlockOccupancy | None:
+    """The occupancy of the ``(out, in)`` view of a parameter, its values read once per graph
+    however many nodes use it."""
+    if index not in cache:
+        cache[index] = block_occupancy(weight)
+    own = cache[index]
+    return own.transposed() if own is not None and stored_in_out else own
 
 
 def _region_nodes(all_regions: Sequence[Region], params: dict[fx.Node, int]) -> Iterator[tuple[Region, fx.Node, dict]]:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from sparse_compiler.passes.regions import propagate_example_values, regions
+from sparse_compiler.passes.regions import erase_unused, propagate_example_values, regions
 
 __all__ = ["expand_multihead_attention"]
 
@@ -156,14 +156,9 @@ def _expand(graph: fx.Graph, node: fx.Node, a: dict[str, Any]) -> None:
         user.replace_all_uses_with(outputs[user.args[1]])
         graph.erase_node(user)
     graph.erase_node(node)
-    unused = [weights.node] if weights is not None else []
-    written, erased = set(new_nodes), set()
-    while unused:  # weights nobody reads (``out, _ = mha(...)``): gone, so that the scores feed only the attention
-        n = unused.pop()
-        if n in written and n not in erased and not n.users and n.op in ("call_function", "call_method"):
-            unused.extend(n.all_input_nodes)
-            graph.erase_node(n)
-            erased.add(n)
+    if weights is not None:  # weights nobody reads (``out, _ = mha(...)``): gone, so that the scores feed only the attention
+        written = set(new_nodes)
+        erase_unused(graph, weights.node, set(), written.__contains__)
 
 
 def _decomposed(

@@ -20,13 +20,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from sparse_compiler.passes.regions import regions
+from sparse_compiler.passes.analyze_attention import _MATMUL_FUNCTIONS, _MATMUL_METHODS
+from sparse_compiler.passes.regions import mutates, regions
 
 __all__ = ["read_inplace_results"]
 
-_PRODUCTS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
-_PRODUCT_METHODS = {"matmul", "bmm", "__matmul__"}
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 # out-of-place steps that keep scores scores (``(q @ kᵀ) * c`` then ``s.masked_fill_(pad, -inf)``)
 _STEPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, torch.masked_fill}
 _STEP_METHODS = {"mul", "div", "add", "to", "float", "half", "bfloat16", "type_as", "masked_fill"}
@@ -40,16 +38,14 @@ def _is_step(node: fx.Node) -> bool:
 
 def _is_product(node: fx.Node) -> bool:
     if node.op == "call_method":
-        return node.target in _PRODUCT_METHODS
-    return node.op == "call_function" and node.target in _PRODUCTS
+        return node.target in _MATMUL_METHODS
+    return node.op == "call_function" and node.target in _MATMUL_FUNCTIONS
 
 
 def _writes_into_first_argument(node: fx.Node) -> bool:
-    """An in-place method (``masked_fill_``) or augmented operator (``s /= c``): returns its first
-    argument, written into."""
-    if node.op == "call_method":
-        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__")
-    return node.op == "call_function" and node.target in _INPLACE_OPERATORS
+    """An in-place method (``masked_fill_``) or augmented operator (``s /= c``): it returns its
+    first argument, written into (item assignments write too, but return nothing)."""
+    return mutates(node) and node.target not in (operator.setitem, operator.delitem)
 
 
 def read_inplace_results(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> int:

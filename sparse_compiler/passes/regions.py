@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import fx
 
-__all__ = ["Region", "example_value", "find_node", "is_body_call", "node_index", "pass_into", "propagate_example_values", "regions"]
+__all__ = [
+    "Region", "erase_unused", "example_value", "find_node", "is_body_call", "node_index", "pass_into", "propagate_example_values", "regions",
+]  # fmt: skip
 
 
 def _body_call_targets() -> tuple:
@@ -55,8 +58,8 @@ class Region:
     gm: fx.GraphModule
     prefix: str
     origin: dict[fx.Node, fx.Node] = field(default_factory=dict)  # placeholder -> top-level node
-    parent: Optional[Region] = None
-    call: Optional[fx.Node] = None  # the higher-order op node in the parent's graph
+    parent: Region | None = None
+    call: fx.Node | None = None  # the higher-order op node in the parent's graph
 
     @property
     def is_top(self) -> bool:
@@ -117,6 +120,21 @@ def mutates(node: fx.Node) -> bool:
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.endswith("__") and node.target not in (operator.and_, operator.or_)
+
+
+def erase_unused(graph: fx.Graph, node: fx.Node, erased: set[fx.Node], may_erase: Callable[[fx.Node], bool]) -> None:
+    """Erase ``node`` if nothing uses it, then its inputs that became unused, as far as the calls
+    ``may_erase`` allows (never placeholders; passes exclude in-place calls whose effect may
+    matter); ``erased`` collects what went."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in erased or n.users or n.op not in ("call_function", "call_method") or not may_erase(n):
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)
+        stack.extend(inputs)
 
 
 def find_node(gm: fx.GraphModule, qualified: str) -> tuple[Region, fx.Node]:

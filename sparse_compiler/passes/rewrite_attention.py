@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import guard_bool, guard_int
 
 from sparse_compiler.cost.attention import AttentionDecision
 from sparse_compiler.kernels.attention import block_sparse_attention
-from sparse_compiler.passes.regions import mutates, node_index
+from sparse_compiler.passes.regions import erase_unused, mutates, node_index
 
 __all__ = ["rewrite_attention"]
 
@@ -87,7 +87,7 @@ def rewrite_attention(
         # match's own in-place steps (``s /= c``) only wrote into its own intermediate scores
         owned = {nodes[name][1] for name in c.nodes}
         for name in (c.node, *reversed(c.nodes)):
-            _erase_cascade(graph, nodes[name][1], erased, owned)
+            erase_unused(graph, nodes[name][1], erased, lambda n, owned=owned: not mutates(n) or n in owned)
     for module in touched.values():
         module.graph.lint()
         module.recompile()
@@ -135,17 +135,3 @@ def _guard_lengths(nodes: dict, d: AttentionDecision) -> None:
         guard_bool(lengths[dim] < bound)
     if d.fixed_pattern and not c.kv_cache_step and c.cache_positions is None and len(lengths) == 2:
         guard_bool(lengths["q"] == lengths["k"])  # self-attention: the layout's rows are the queries
-
-
-def _erase_cascade(graph: fx.Graph, node: fx.Node, erased: set[fx.Node], owned: frozenset | set = frozenset()) -> None:
-    """Erase ``node`` if unused, then its inputs that became unused (out-of-place calls, and the
-    in-place calls among ``owned``)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in erased or n.users or n.op not in ("call_function", "call_method") or (mutates(n) and n not in owned):
-            continue  # (an in-place call's effect may matter)
-        inputs = list(n.all_input_nodes)
-        graph.erase_node(n)
-        erased.add(n)
-        stack.extend(inputs)
