@@ -18,7 +18,8 @@ sparse forward is checked against SDPA with the layout's element mask up to 4k. 
 speedup of at least 0.8/d at 8k tokens for d <= 1/4 (``target_met`` in the JSON).
 
 A time budget (``--budget-s``, default 165 s) skips the remaining lengths when compilation runs long;
-the JSON says what was skipped. Without CUDA the script prints a message and exits 0.
+the JSON says what was skipped. The JSON is rewritten after every row (``"complete": false`` until the
+end), so a run stopped at a time limit keeps what it measured. Without CUDA the script prints a message and exits 0.
 
 Usage: ``python benchmarks/bench_attention.py [--out results.json] [--budget-s 165]``
 """
@@ -115,7 +116,15 @@ def main() -> int:
         "extra": [],
         "skipped": [],
         "compile_s": {},
+        "complete": False,
     }
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(args.out.suffix + ".part")
+            tmp.write_text(json.dumps(out, indent=2))
+            tmp.replace(args.out)
 
     def run_len(L: int, causal: bool = False, densities=None, backend_path: bool = False) -> None:
         B = max(1, args.tokens // L)
@@ -160,6 +169,7 @@ def main() -> int:
                     want = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=mask)
                 row["max_abs_err_vs_masked_sdpa"] = float((got - want).abs().max())
             out["results"].append(row)
+            save()
             print(f"L={L:6d} B={B:2d} causal={causal!s:5} d={density:.3f} dense {dense_ms:8.3f} ms  "
                   f"sparse {sparse_ms:8.3f} ms  speedup {dense_ms / sparse_ms:5.2f}x (ideal {1 / density:5.2f}x)", flush=True)
             if backend_path and i == 0:
@@ -176,6 +186,7 @@ def main() -> int:
                 out["extra"].append({"what": "backend path (block tables op + BlockMask inside the compiled graph)",
                                      "seq_len": L, "density": density, "sparse_ms": ms, "speedup": dense_ms / ms})
                 print(f"   backend path: {ms:8.3f} ms  speedup {dense_ms / ms:5.2f}x", flush=True)
+                save()
 
     for L in args.lengths:
         if time.perf_counter() - t_start > args.budget_s * 0.8:
@@ -203,10 +214,10 @@ def main() -> int:
     out["target"] = "speedup >= 0.8/d at 8192 tokens for d <= 1/4 (non-causal)"
     out["target_met"] = bool(at_8k) and all(r["speedup_times_density"] >= 0.8 for r in at_8k)
     out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    out["complete"] = True
     print(f"target ({out['target']}): {'met' if out['target_met'] else 'NOT met'}; {out['elapsed_s']} s")
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
     return 0
 

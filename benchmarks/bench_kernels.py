@@ -22,7 +22,8 @@ block-128 layouts. A time budget
 (``--budget-s``) turns autotuning off, then skips rows, if compilation runs long; each row records
 how it was run.
 
-Without CUDA the script prints a message and exits 0; ``--interpret`` instead runs a tiny smoke
+The JSON is rewritten after every measured row (``"complete": false`` until the sweep ends), so a run
+stopped at a time limit keeps what it measured. Without CUDA the script prints a message and exits 0; ``--interpret`` instead runs a tiny smoke
 version on the CPU under ``TRITON_INTERPRET=1`` (to test the script itself).
 
 Usage: ``python benchmarks/bench_kernels.py [--out results.json] [--interpret] [--budget-s 200]``
@@ -160,6 +161,7 @@ def _run(args, torch, triton) -> int:
             "fwd_bwd_tflops": 3 * flops / t_fb / 1e9,
         }
 
+    result = {**info, "dense": dense, "rows": rows, "const_loop_ab": [], "complete": False}
     mode = {"autotune": not interpret, "const_loop": False}
     seen: dict[str, int] = {}
     for b in blocks:
@@ -188,15 +190,26 @@ def _run(args, torch, triton) -> int:
                     _measure(row, layout, x, w, bias, dy, d_ref, timer, torch, F, T)
                 row["elapsed_s"] = round(elapsed(), 1)
                 _print_row(row)
+                _write(args.out, result)
 
-    ab = [] if interpret else _const_loop_ab(data, timer, torch, T, nearest_flat_butterfly, elapsed, budget)
-    result = {**info, "dense": dense, "rows": rows, "const_loop_ab": ab, "total_s": round(elapsed(), 1)}
+    if not interpret:
+        _const_loop_ab(result["const_loop_ab"], data, timer, torch, T, nearest_flat_butterfly, elapsed, budget)
+    result.update(complete=True, total_s=round(elapsed(), 1))
     _print_table(result)
+    _write(args.out, result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     return 0
+
+
+def _write(path: Path | None, result: dict) -> None:
+    """(Re)write the results so far; a no-op without ``--out``."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 def _measure(row, layout, x, w, bias, dy, d_ref, timer, torch, F, T) -> None:
@@ -244,10 +257,9 @@ def _measure(row, layout, x, w, bias, dy, d_ref, timer, torch, F, T) -> None:
         row["bsr_error"] = f"{type(exc).__name__}: {exc}"[:300]
 
 
-def _const_loop_ab(data, timer, torch, T, nearest_flat_butterfly, elapsed, budget) -> list[dict]:
+def _const_loop_ab(out: list, data, timer, torch, T, nearest_flat_butterfly, elapsed, budget) -> None:
     """One fixed config, three loop forms on 4096×4096, block 128: row_ptr-driven bounds, a constexpr
-    trip count (pipelined), and the constexpr loop fully unrolled."""
-    out = []
+    trip count (pipelined), and the constexpr loop fully unrolled; entries appended to ``out``."""
     x, w, bias, dy = data[(4096, 4096)]
     forms = {"row_ptr": dict(const_loop=False), "const": dict(const_loop=True, unroll_max=0), "unrolled": dict(const_loop=True, unroll_max=64)}
     for density in (1 / 2, 1 / 4, 1 / 8, 1 / 16):
@@ -268,7 +280,6 @@ def _const_loop_ab(data, timer, torch, T, nearest_flat_butterfly, elapsed, budge
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
         out.append(entry)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- printing

@@ -5,21 +5,25 @@
 #
 # Steps (each runs even if an earlier one failed; the exit status is non-zero if any failed):
 #   1. pip install --no-deps --no-build-isolation -e .   (quiet)
-#   2. nvidia-smi summary
-#   3. the kernels' GPU tests (test_triton_kernels, _visible, _cache_step) -> $OUT/pytest_gpu_kernels.log
-#   4. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json (+ .log)
-#   5. python benchmarks/bench_attention.py, if present  -> $OUT/bench_attention.json (+ .log)
-#   6. python benchmarks/bench_decode.py (a cache step)  -> $OUT/bench_decode.json (+ .log)
-#   7. every other GPU test (backend, attention, ...)    -> $OUT/pytest_gpu_backend.log
+#   2. nvidia-smi summary, versions
+#   3. the kernels' GPU tests (test_triton_kernels, _visible, _cache_step)
+#   4. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json
+#   5. python benchmarks/bench_attention.py              -> $OUT/bench_attention.json
+#   6. python benchmarks/bench_decode.py (a cache step)  -> $OUT/bench_decode.json
+#   7. every other GPU test (backend, attention, ...)
 #   8. bench_decode.py --queries 512 (a chunked prefill)  -> $OUT/bench_decode_chunk.json, with the time left
 # Kernel correctness first, then the measurements (what the results/ JSON needs), then the
 # integration tests with the time that is left; pytest prints its slowest tests (--durations) so
-# that the next run can be sized.
-# Budget: 9 minutes in all (GPU_CHECK_BUDGET_S=540); each step also has its own limit, cut to what is left.
+# that the next run can be sized, and runs on 4 workers where pytest-xdist is installed.
+# The benchmarks rewrite their JSON after every measured row, so a step stopped at its limit still
+# leaves what it measured. Every step's log, the JSON and the versions are also bundled, after each
+# step, into $OUT/gpu_check_logs.tgz (a lent machine returns few files).
+# Budget: GPU_CHECK_BUDGET_S (default 540 s) in all; each step also has its own limit, cut to what is left.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/latest}"
 mkdir -p "$OUT"
+LOGS="$(mktemp -d)"  # every log and JSON; bundled into $OUT after each step
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -37,11 +41,17 @@ step() {  # step NAME TIMEOUT_S COMMAND... ; logs to $OUT/NAME.log
     echo "=== $name: $* (limit ${limit}s)"
     local t0=$SECONDS
     set -o pipefail
-    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     local rc=$?
     set +o pipefail
     echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
+    bundle
+}
+
+bundle() {  # the benchmarks' JSON straight into $OUT, everything into one archive beside it
+    for f in "$LOGS"/*.json; do [ -e "$f" ] && cp "$f" "$OUT/"; done
+    tar -C "$LOGS" -czf "$OUT/gpu_check_logs.tgz.part" . && mv "$OUT/gpu_check_logs.tgz.part" "$OUT/gpu_check_logs.tgz"
 }
 
 step pip_install 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
@@ -49,25 +59,27 @@ step pip_install 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 echo "=== nvidia-smi"
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-        --format=csv 2>&1 | tee "$OUT/nvidia_smi.csv"
+        --format=csv 2>&1 | tee "$LOGS/nvidia_smi.csv"
 else
     echo "nvidia-smi not found"; failed+=("nvidia-smi")
 fi
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee "$OUT/versions.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee "$LOGS/versions.txt"
 
+bundle
+
+PYTEST=("$PY" -m pytest -q -m gpu --durations=10)
+if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST+=(-n 4); fi  # compilation dominates: 4 processes
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_triton_visible.py tests/test_triton_cache_step.py)
-step pytest_gpu_kernels 120 "$PY" -m pytest -q -m gpu --durations=10 "${KERNEL_TESTS[@]}"
-step bench_kernels 240 "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
-if [ -f benchmarks/bench_attention.py ]; then
-    step bench_attention 150 "$PY" benchmarks/bench_attention.py --budget-s 120 --out "$OUT/bench_attention.json"
-fi
-step bench_decode 90 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
-    --out "$OUT/bench_decode.json"
-step pytest_gpu_backend 200 "$PY" -m pytest -q -m gpu --durations=10 tests \
+step pytest_gpu_kernels 110 "${PYTEST[@]}" "${KERNEL_TESTS[@]}"
+step bench_kernels 180 "$PY" benchmarks/bench_kernels.py --budget-s 150 --out "$LOGS/bench_kernels.json"
+step bench_attention 120 "$PY" benchmarks/bench_attention.py --budget-s 100 --out "$LOGS/bench_attention.json"
+step bench_decode 60 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
+    --out "$LOGS/bench_decode.json"
+step pytest_gpu_backend 200 "${PYTEST[@]}" tests \
     --ignore "${KERNEL_TESTS[0]}" --ignore "${KERNEL_TESTS[1]}" --ignore "${KERNEL_TESTS[2]}"
 
 step bench_decode_chunk 45 "$PY" benchmarks/bench_decode.py --device cuda --contexts 32768 --queries 512 \
-    --out "$OUT/bench_decode_chunk.json"
+    --out "$LOGS/bench_decode_chunk.json"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "FAILED steps: ${failed[*]}"

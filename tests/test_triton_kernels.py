@@ -320,7 +320,7 @@ def test_bench_script_smoke(tmp_path, interp_results):
     res = json.loads(out.read_text())
     for key in ("device", "torch", "triton", "dtype", "tokens", "dense", "rows", "mode"):
         assert key in res, key
-    assert res["mode"] == "interpret-smoke"
+    assert res["mode"] == "interpret-smoke" and res["complete"] is True
     measured = [row for row in res["rows"] if "fwd_ms" in row]
     assert measured, res["rows"]
     for row in measured:
