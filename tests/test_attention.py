@@ -1749,7 +1749,8 @@ def test_compiled_cpu_inference_through_flex_attention_matches_masked_sdpa(monke
 @pytest.mark.parametrize("mask_mode", ["keep", "drop", "add"])
 def test_compiled_cpu_flex_attention_reads_a_mask_computed_in_the_graph(mask_mode):
     """A padding mask computed inside the compiled graph (as models build theirs) reaches the C++
-    FlexAttention template, for each mask convention, equal to SDPA with the element mask."""
+    FlexAttention template, for each mask convention, equal to SDPA with the element mask. The
+    user's own ``torch.compile`` traces the op into one graph (no break at the op's internals)."""
     layout = attention_layout("butterfly+local+global", 96, 96, 16, density=0.4)
     q, k, v = (torch.randn(2, 4, 96, 16) for _ in range(3))
     lengths = torch.tensor([96, 70])
@@ -1760,7 +1761,7 @@ def test_compiled_cpu_flex_attention_reads_a_mask_computed_in_the_graph(mask_mod
         return block_sparse_attention(q, k, v, mask, layout=layout.key, mask_mode=mask_mode, lowering=lowering)
 
     with torch.no_grad():
-        got = torch.compile(attend)(q, k, v, lengths, "flex")
+        got = torch.compile(attend, fullgraph=True)(q, k, v, lengths, "flex")
         want = attend(q, k, v, lengths, "sdpa")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

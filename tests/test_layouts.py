@@ -155,6 +155,24 @@ def test_registry_rebuilds_parametric_keys_and_refuses_unknown_masks():
         get_layout("flat_butterfly:o=128,i=x")
 
 
+def test_layout_facts_first_read_while_tracing_are_computed_not_traced():
+    """A kernel launcher may first ask a fresh layout for its counts and tables inside make_fx (a
+    traced custom op): they are computed from the mask, and the trace holds plain numbers."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layout = flat_butterfly(512, 512, 4, 2, 64)
+    reference = flat_butterfly(512, 512, 4, 2, 64)
+
+    def f(x):
+        return x * layout.blocks_per_row + layout.nnz_blocks + layout.tables().row_ptr.numel()
+
+    gm = make_fx(f)(torch.ones(3))
+    expected = reference.blocks_per_row * 2.0 + reference.nnz_blocks + reference.grid[0] + 1
+    assert torch.equal(gm(torch.full((3,), 2.0)), torch.full((3,), expected))
+    assert "_local_scalar_dense" not in gm.code and "sum" not in gm.code
+    assert torch.equal(layout.tables().col_idx, reference.tables().col_idx)
+
+
 def test_layout_is_immutable_copy_of_the_mask():
     mask = torch.tensor([[True, False], [True, True]])
     layout = from_mask(mask, 4)

@@ -473,8 +473,13 @@ def block_sparse_attention(
     # graph with other shapes, or at once under compile(dynamic=True)), and its mask subgraph's
     # symbols then differ from the outer graph's: Inductor asserts ("A subgraph argument other than
     # striding has been modified"). The sizes a decision depends on are guarded, so static is right.
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, assume_static_by_default=True):
+    # Called from code Dynamo traces itself, flex_attention becomes a node of that graph instead (and
+    # Dynamo cannot trace a config patch).
+    if torch.compiler.is_dynamo_compiling():
         out = flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
+    else:
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, assume_static_by_default=True):
+            out = flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=enable_gqa)
     if q.device.type == "cpu":
         out = torch.ops.sparse_compiler.attention_barrier(out)
     return _from_4d(out, nd)

@@ -23,6 +23,25 @@ import torch
 __all__ = ["Band", "BandCover", "Layout", "LayoutTables", "Rect"]
 
 
+def _derived(getter):
+    """A cached property computed from the block mask with every tracing mode switched off.
+
+    A layout's statistics and tables are static facts about the layout, first asked for wherever a
+    kernel launcher needs them, which may be inside ``make_fx``, a fake mode or Dynamo's tracing of
+    a custom op: there, plain tensor arithmetic on the mask would be traced (and ``int()`` of it
+    refused as data-dependent) instead of computed.
+    """
+
+    @functools.wraps(getter)
+    def compute(self):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return getter(self)
+
+    return functools.cached_property(compute)
+
+
 @dataclass(frozen=True)
 class Rect:
     """An axis-aligned rectangle of kept elements: weight rows ``[r0, r1)`` × columns ``[c0, c1)``."""
@@ -130,7 +149,7 @@ class Layout:
         rows, cols = self.grid
         return (rows * self.block_size, cols * self.block_size)
 
-    @functools.cached_property
+    @_derived
     def nnz_blocks(self) -> int:
         """Number of kept blocks."""
         return int(self.block_mask.sum())
@@ -144,23 +163,23 @@ class Layout:
     def sparsity(self) -> float:
         return 1.0 - self.density
 
-    @functools.cached_property
+    @_derived
     def blocks_per_row(self) -> int | None:
         """The number of kept blocks in every block-row when it is the same for all; else ``None``."""
         counts = self.block_mask.sum(1)
         return int(counts[0]) if bool((counts == counts[0]).all()) else None
 
-    @functools.cached_property
+    @_derived
     def blocks_per_col(self) -> int | None:
         """The number of kept blocks in every block-column when it is the same for all; else ``None``."""
         counts = self.block_mask.sum(0)
         return int(counts[0]) if bool((counts == counts[0]).all()) else None
 
-    @functools.cached_property
+    @_derived
     def max_blocks_per_row(self) -> int:
         return int(self.block_mask.sum(1).max())
 
-    @functools.cached_property
+    @_derived
     def max_blocks_per_col(self) -> int:
         return int(self.block_mask.sum(0).max())
 
@@ -181,7 +200,7 @@ class Layout:
         return f"{self.kind}({args}) b={self.block_size}"
 
     # ---------------------------------------------------------------- tables
-    @functools.cached_property
+    @_derived
     def _cpu_tables(self) -> LayoutTables:
         mask = self.block_mask
         rows, cols = self.grid
@@ -230,7 +249,7 @@ class Layout:
             cache[device] = LayoutTables(**{k: getattr(t, k).to(device) for k in t.__dataclass_fields__})
         return cache[device]
 
-    @functools.cached_property
+    @_derived
     def rects(self) -> tuple[Rect, ...]:
         """A cover of the kept elements by few, large, disjoint rectangles.
 
@@ -242,18 +261,18 @@ class Layout:
         """
         return _rect_cover(self.block_mask, self.block_size)
 
-    @functools.cached_property
+    @_derived
     def rects_transposed(self) -> tuple[Rect, ...]:
         """The same cover computed on the transposed mask (for ``dx = dy · (W ⊙ M)``), in the
         coordinates of the *transposed* weight: ``r`` indexes input features, ``c`` output features."""
         return _rect_cover(self.block_mask.t().contiguous(), self.block_size)
 
-    @functools.cached_property
+    @_derived
     def bands(self) -> BandCover:
         """``rects`` grouped by row band, with the weight rows that keep nothing."""
         return _band_cover(self.rects, self.shape[0])
 
-    @functools.cached_property
+    @_derived
     def bands_transposed(self) -> BandCover:
         """``rects_transposed`` grouped by row band (rows of the transposed weight: input features)."""
         return _band_cover(self.rects_transposed, self.shape[1])
