@@ -11,7 +11,8 @@ Sweep: sequence lengths 8k first (the target), then 1k, 2k, 4k, 16k; a constant 
   (``kernels.attention.block_tables``), forward + backward. One compilation per length: layouts of the
   same length share the kernels (their index tables are inputs, the mask_mod is one function).
 
-At 8k and density 1/4 the backend's own path (``block_sparse_attention`` compiled, block tables from
+After 8k, an A/B of FlexAttention's kernel options (``USE_TMA``, ``fwd_BLOCK_N=128``) at densities
+1/8 and 1/16 (``kernel_options_ab``). At 8k and density 1/4 the backend's own path (``block_sparse_attention`` compiled, block tables from
 the custom op inside the graph) is timed too, and, budget permitting, the causal case (flash with
 ``is_causal=True`` against the causal layout). Times are medians over CUDA-event-timed repeats; the
 sparse forward is checked against SDPA with the layout's element mask up to 4k. The target is a
@@ -116,6 +117,7 @@ def main() -> int:
         "extra": [],
         "skipped": [],
         "compile_s": {},
+        "kernel_options_ab": [],
         "complete": False,
     }
 
@@ -188,7 +190,44 @@ def main() -> int:
                 print(f"   backend path: {ms:8.3f} ms  speedup {dense_ms / ms:5.2f}x", flush=True)
                 save()
 
+    def kernel_options_ab(L: int = 8192) -> None:
+        """FlexAttention's kernel options against its defaults, at ``L`` and the sparsest densities: the
+        copy engine (``USE_TMA``, off by default on CUDA) and forward tiles as large as a 128-block."""
+        B = max(1, args.tokens // L)
+        q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        g = torch.randn(B, H, L, D, device=dev, dtype=dtype)
+        variants = {"default": None, "USE_TMA": {"USE_TMA": True}, "fwd_BLOCK_N=128": {"fwd_BLOCK_N": 128},
+                    "USE_TMA+fwd_BLOCK_N=128": {"USE_TMA": True, "fwd_BLOCK_N": 128}}
+        for name, options in variants.items():
+            if time.perf_counter() - t_start > args.budget_s * 0.6:
+                out["kernel_options_ab"].append({"variant": name, "skipped": "time budget"})
+                continue
+            flex = torch.compile(flex_attention, dynamic=False)
+            for d in (1 / 8, 1 / 16):
+                entry = {"variant": name, "kernel_options": options, "seq_len": L, "density_target": d}
+                try:
+                    layout = attention_layout(args.pattern, L, L, b, density=d)
+                    bm = _make_block_mask(block_tables(layout.key, L, L, False, True, dev), b, L, L, noop_mask)
+
+                    def step(bm=bm, options=options, flex=flex):
+                        o = flex(q, k, v, block_mask=bm, kernel_options=options)
+                        torch.autograd.grad(o, (q, k, v), g)
+
+                    entry["density"] = float(layout.params["density"])
+                    entry["sparse_ms"] = _median_ms(step, args.reps)
+                except Exception as exc:  # noqa: BLE001  (an option this torch does not take: recorded)
+                    entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                out["kernel_options_ab"].append(entry)
+                save()
+                print(f"kernel options {name:24s} d={d:.3f}: {entry.get('sparse_ms', float('nan')):8.3f} ms"
+                      f" {entry.get('error', '')[:100]}", flush=True)
+
     for L in args.lengths:
+        if L != 8192 and 8192 in args.lengths and not out["kernel_options_ab"]:
+            try:
+                kernel_options_ab()
+            except Exception as exc:  # noqa: BLE001  (recorded; the sweep goes on)
+                out["kernel_options_ab"].append({"error": f"{type(exc).__name__}: {exc}"[:300]})
         if time.perf_counter() - t_start > args.budget_s * 0.8:
             out["skipped"].append({"seq_len": L, "why": "time budget"})
             continue

@@ -81,6 +81,45 @@ def per_call_seconds(fns: list, layers: list, repeat: int, device: str) -> list[
     return [statistics.median(t) for t in times]
 
 
+def graph_seconds(fns: list, layers: list, repeat: int) -> list:
+    """CUDA only: for each function, the median over ``repeat`` replays of a CUDA graph holding one
+    call per layer, per call: the GPU's time without Python's launch overhead (as a server replaying
+    captured decode steps sees it). ``None`` where a function cannot be captured."""
+    out = []
+    for fn in fns:
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for args in layers[:2]:
+                    fn(*args)  # warm-up outside the capture (compilation, caches)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for args in layers:
+                    fn(*args)
+            graph.replay()
+            times = []
+            for _ in range(repeat):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / len(layers))
+            out.append(statistics.median(times))
+        except Exception as exc:  # noqa: BLE001  (recorded by the caller as None)
+            print(f"  (not captured in a CUDA graph: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
+            out.append(None)
+    return out
+
+
+def write(path, result: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -96,14 +135,29 @@ def main() -> None:
     device, lq = args.device, args.queries
     batch, hq, hk, dim, dtype = SHAPES[device]
     total_bytes = args.bytes or (256e6 if device == "cpu" else 1e9)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     rows = []
+    info = machine()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    result = {
+        "benchmark": "decode step with a key/value cache, fixed block-sparse pattern vs dense SDPA",
+        "device": device,
+        "machine": info,
+        "shape": {"batch": batch, "query_heads": hq, "kv_heads": hk, "head_dim": dim, "dtype": str(dtype)},
+        "block": args.block,
+        "pattern": "butterfly+local+global",
+        "timing": "per call: wall clock over a sweep of layers, median of sweeps (Python launches included)"
+        + ("; graph_*: CUDA-graph replay of the sweep, median (GPU time)" if device == "cuda" else ""),
+        "rows": rows,
+        "complete": False,
+    }
     for context in args.contexts:
         cache_bytes = 2 * batch * hk * context * dim * dtype.itemsize
         n_layers = max(4, int(total_bytes // cache_bytes))
 
-        def make(*shape):
-            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        def make(*shape):  # drawn where they are used: a CPU draw of gigabytes takes minutes
+            return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
         layers = [(make(batch, hq, lq, dim), make(batch, hk, context, dim), make(batch, hk, context, dim))
                   for _ in range(n_layers)]  # fmt: skip
@@ -138,6 +192,7 @@ def main() -> None:
                 q, k, v = layers[0]
                 err = max((fn(q, k, v).float() - masked(q, k, v).float()).abs().max().item() for fn in fns[2:])
                 t_dense, t_masked, t_kept, *t_cuda = per_call_seconds(fns, layers, args.repeat, device)
+                graph = graph_seconds([dense, kept], layers, args.repeat) if device == "cuda" else None
             read, n_runs, pairs = cache_step_reads(layout, lq, context, causal=True)
             shape = dict(batch=batch, kv_heads=hk, heads=hq, seq_len_q=lq, seq_len_k=context, head_dim=dim,
                          value_dim=dim, dtype=dtype)  # fmt: skip
@@ -161,26 +216,22 @@ def main() -> None:
                 "predicted_speedup": predicted,
                 "max_abs_diff_vs_masked": err,
             }
+            if graph is not None:
+                row.update(graph_dense_ms=graph[0] and graph[0] * 1e3, graph_kept_blocks_ms=graph[1] and graph[1] * 1e3)
+                if graph[0] and graph[1]:
+                    row["graph_speedup"] = graph[0] / graph[1]
             rows.append(row)
+            write(args.out, result)
             print(f"context {context:6d}  queries {lq}  d={density:.3f}  read {read:.3f} ({n_runs} runs)  dense "
                   f"{row['dense_ms']:.3f} ms  masked {row['masked_ms']:.3f} ms  kept_blocks {row['kept_blocks_ms']:.3f} ms"
                   + (f"  by runs {row['by_runs_ms']:.3f} ms  static {row['static_ms']:.3f} ms" if t_cuda else "")
-                  + f"  -> {row['speedup']:.2f}x (predicted {predicted:.2f}x, |diff| {err:.1e})", flush=True)  # fmt: skip
-    info = machine()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    result = {
-        "benchmark": "decode step with a key/value cache, fixed block-sparse pattern vs dense SDPA",
-        "device": device,
-        "machine": info,
-        "shape": {"batch": batch, "query_heads": hq, "kv_heads": hk, "head_dim": dim, "dtype": str(dtype)},
-        "block": args.block,
-        "pattern": "butterfly+local+global",
-        "rows": rows,
-    }
+                  + f"  -> {row['speedup']:.2f}x (predicted {predicted:.2f}x, |diff| {err:.1e})"
+                  + (f"  graph: dense {row['graph_dense_ms']:.3f} ms kept_blocks {row['graph_kept_blocks_ms']:.3f} ms "
+                     f"-> {row['graph_speedup']:.2f}x" if "graph_speedup" in row else ""), flush=True)  # fmt: skip
+        del layers
+    result["complete"] = True
+    write(args.out, result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
 
 

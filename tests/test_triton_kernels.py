@@ -324,10 +324,12 @@ def test_bench_script_smoke(tmp_path, interp_results):
     measured = [row for row in res["rows"] if "fwd_ms" in row]
     assert measured, res["rows"]
     for row in measured:
-        for key in ("fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup", "fwd_tflops", "fwd_pct_dense_tflops", "density", "nnz_blocks"):
+        for key in ("fwd_bwd_ms", "dgrad_ms", "wgrad_ms", "eager_fwd_bwd_ms", "fwd_speedup", "fwd_bwd_speedup", "fwd_tflops",
+                    "fwd_pct_dense_tflops", "density", "nnz_blocks", "config"):
             assert key in row, key
         assert row["fwd_rel_err"] < 1e-4
-        assert "bsr_fwd_ms" in row or "bsr_error" in row
+        assert row["dgrad_rel_err"] < 1e-4 and row["wgrad_rel_err"] < 1e-4 and row["wgrad_dropped_exactly_zero"]
+        assert "bsr_eager_fwd_ms" in row or "bsr_error" in row
 
 
 def test_bench_script_without_cuda_exits_cleanly():
