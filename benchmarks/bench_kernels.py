@@ -3,7 +3,9 @@
 
 On CUDA (one run, bf16, 8192 tokens): weights (out, in) = 768×3072, 1024×4096 and 4096×4096, flat
 butterfly layouts from ``nearest_flat_butterfly`` at densities 1/2, 1/4, 1/8, 1/16 and blocks 32, 64,
-128 (layouts that come out identical are measured once). For each:
+128 (layouts that come out identical are measured once; ``kernel_block`` is the block the kernels
+run, the coarsest with the layout's mask: a 32-block butterfly whose cells span 128 elements runs
+128-blocks). For each:
 
 - dense cuBLAS: ``F.linear`` forward, the input gradient ``dy·W``, the weight gradient ``dyᵀ·x``, and
   the three together (forward + backward);
@@ -204,7 +206,8 @@ def _run(args, torch, triton) -> int:
                     row["skipped"] = "no flat butterfly layout for this shape/block/density"
                     continue
                 row.update(layout=layout.describe(), key=layout.key, density=layout.density, nnz_blocks=layout.nnz_blocks,
-                           blocks_per_row=layout.blocks_per_row, max_blocks_per_row=layout.max_blocks_per_row)
+                           blocks_per_row=layout.blocks_per_row, max_blocks_per_row=layout.max_blocks_per_row,
+                           kernel_block=T.kernel_layout(layout).block_size)
                 if layout.key in seen:
                     row["same_as_row"] = seen[layout.key]
                     continue
@@ -385,7 +388,7 @@ def _print_table(res: dict) -> None:
             f"fwd+bwd {d['eager_fwd_bwd_ms']:.3f} ms {d.get('gpu_timing_error', '')}"
         )
     hdr = (
-        f"{'shape':>10} {'b':>4} {'dens':>6} {'nnz':>5} | {'fwd ms':>7} {'x':>5} | {'dgrad':>5} {'wgrad':>5} | "
+        f"{'shape':>10} {'b':>4} {'kb':>4} {'dens':>6} {'nnz':>5} | {'fwd ms':>7} {'x':>5} | {'dgrad':>5} {'wgrad':>5} | "
         f"{'f+b ms':>7} {'x':>5} {'%TF':>4} | {'eager':>5} {'bsr':>5} | {'err':>7}"
     )
     print("speedups over dense (x); GPU time unless 'eager' (f+b); bsr = eager BSR fwd speedup")
@@ -395,16 +398,16 @@ def _print_table(res: dict) -> None:
         shape = f"{r['out']}x{r['in']}"
         if "skipped" in r or "same_as_row" in r:
             why = r.get("skipped") or f"same layout as row {r['same_as_row']}"
-            print(f"{shape:>10} {r['block']:>4} {r.get('density', r['target_density']):>6.3f} {'':>5} | {why}")
+            print(f"{shape:>10} {r['block']:>4} {'':>4} {r.get('density', r['target_density']):>6.3f} {'':>5} | {why}")
             continue
         if "error" in r:
-            print(f"{shape:>10} {r['block']:>4} {r['density']:>6.3f} {r['nnz_blocks']:>5} | ERROR {r['error'][:80]}")
+            print(f"{shape:>10} {r['block']:>4} {r.get('kernel_block', ''):>4} {r['density']:>6.3f} {r['nnz_blocks']:>5} | ERROR {r['error'][:80]}")
             continue
         err = max(r.get(k, 0.0) for k in ("fwd_rel_err", "dgrad_rel_err", "wgrad_rel_err"))
         if not r.get("wgrad_dropped_exactly_zero", True):
             err = float("nan")  # shown as nan: dropped blocks of dW not zero
         print(
-            f"{shape:>10} {r['block']:>4} {r['density']:>6.3f} {r['nnz_blocks']:>5} | "
+            f"{shape:>10} {r['block']:>4} {r.get('kernel_block', r['block']):>4} {r['density']:>6.3f} {r['nnz_blocks']:>5} | "
             f"{_fmt(r.get('fwd_ms')):>7} {_fmt(r.get('fwd_speedup'), '.2f'):>5} | "
             f"{_fmt(r.get('dgrad_speedup'), '.2f'):>5} {_fmt(r.get('wgrad_speedup'), '.2f'):>5} | "
             f"{_fmt(r.get('fwd_bwd_ms')):>7} {_fmt(r.get('fwd_bwd_speedup'), '.2f'):>5} {_fmt(r.get('fwd_bwd_pct_dense_tflops'), '.0f'):>4} | "

@@ -155,6 +155,30 @@ def test_registry_rebuilds_parametric_keys_and_refuses_unknown_masks():
         get_layout("flat_butterfly:o=128,i=x")
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 4), st.integers(1, 4), st.sampled_from([1, 2, 4]), st.sampled_from([16, 32]),
+    st.sampled_from([32, 64, 128]), st.integers(0, 2**16),
+)
+def test_coarsest_equivalent_keeps_the_mask_at_the_largest_block_that_describes_it(rows, cols, k, b, max_block, seed):
+    """A mask drawn at block ``k·b`` and written at block ``b``: its coarsest equivalent has the same
+    element mask, a block of at least ``min(k·b, …)`` within ``max_block``, and no coarser one fits."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(rows, cols, generator=g) < 0.5
+    coarse[0, 0] = True
+    fine = from_mask(coarse.repeat_interleave(k, 0).repeat_interleave(k, 1), b)
+    got = fine.coarsest_equivalent(max_block)
+    assert got.shape == fine.shape and torch.equal(got.element_mask(), fine.element_mask())
+    assert got.block_size <= max(max_block, b) and got.block_size % b == 0
+    if k * b <= max_block:
+        assert got.block_size >= k * b
+    r, c = got.grid
+    if got.block_size * 2 <= max_block and r % 2 == 0 and c % 2 == 0:  # maximal: no coarser block describes it
+        groups = got.block_mask.reshape(r // 2, 2, c // 2, 2)
+        assert not torch.equal(groups.any(3).any(1), groups.all(3).all(1))
+    assert fine.coarsest_equivalent(max_block) is got  # cached
+
+
 def test_layout_facts_first_read_while_tracing_are_computed_not_traced():
     """A kernel launcher may first ask a fresh layout for its counts and tables inside make_fx (a
     traced custom op): they are computed from the mask, and the trace holds plain numbers."""

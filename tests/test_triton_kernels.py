@@ -49,6 +49,10 @@ LAYOUTS = {
     "blockdiag_b32": lambda: block_diagonal(128, 64, 2, 32),  # tall, block 32
     "blockdiag_wide": lambda: block_diagonal(64, 128, 4, 16),
     "random": random_layout,  # row_ptr-driven loops
+    # 16-blocks whose mask is a 32-block one (not a 64-block one): dense weights run the 32-block kernels
+    "coarsenable": lambda: from_mask(
+        torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool).repeat_interleave(2, 0).repeat_interleave(2, 1), 16
+    ),
 }
 
 # id -> parameters. Base cases: every layout × {fp32, fp16}; weight storage and bias alternate so each
@@ -82,6 +86,7 @@ CASES.update(
         "public_signatures": dict(layout="butterfly_rect", dtype="float32", public=True),
         "through_custom_op_autograd": dict(layout="butterfly_rect", dtype="float32", custom_op=True),
         "gpu_test_helper_on_cpu": dict(layout="random", dtype="float32", gpu_helper=True),
+        "coarsened_kernel_blocks": {"layout": "coarsenable", "dtype": "float32", "transposed_weight": True, "kernel_block": 32},
     }
 )
 
@@ -141,7 +146,6 @@ def run_case(case: dict) -> None:
     layout = LAYOUTS[case["layout"]]()
     dtype = getattr(torch, case["dtype"])
     out_f, in_f = layout.shape
-    b = layout.block_size
     n = case.get("tokens", TOKENS)
 
     x = torch.randn(n, in_f).to(dtype)
@@ -163,8 +167,24 @@ def run_case(case: dict) -> None:
     b64 = bias.double().requires_grad_() if bias is not None else None
     y64 = masked_dense_linear(x64, w64, b64, layout)
     y64.backward(dy.double())
-    dropped = ~layout.element_mask()
 
+    launched: list[int] = []  # block sizes of the kernel launches, recorded when the case checks them
+    if "kernel_block" in case:
+        real = {name: getattr(T, name) for name in ("launch_dsd", "launch_sdd")}
+        for name, fn in real.items():
+            setattr(T, name, lambda *a, _fn=fn, **kw: launched.append(kw["block_size"]) or _fn(*a, **kw))
+    try:
+        _run_kernels(T, case, layout, x, weight, bias, dy, x64, w64, y64, dtype, launched)
+    finally:
+        if "kernel_block" in case:
+            for name, fn in real.items():
+                setattr(T, name, fn)
+
+
+def _run_kernels(T, case, layout, x, weight, bias, dy, x64, w64, y64, dtype, launched) -> None:
+    out_f, in_f = layout.shape
+    n, b = x.shape[0], layout.block_size
+    dropped = ~layout.element_mask()
     with T.settings(**case.get("settings", {})):
         if case.get("public"):
             y = T.linear_forward(x, weight, bias, layout)
@@ -181,6 +201,9 @@ def run_case(case: dict) -> None:
         _close("input grad", dx, x64.grad, dtype)
         _close("weight grad", dw, w64.grad, dtype)
         assert bool((dw[dropped] == 0).all()), "weight grad not exactly zero on dropped blocks"
+        if "kernel_block" in case:  # a dense weight runs the coarsest block with the same mask
+            assert launched and set(launched) == {case["kernel_block"]}, launched
+            launched.clear()
 
         # compressed weight: same kernels through the per-block offset tables
         blocks = T.compress_weight(weight, layout)
@@ -197,6 +220,8 @@ def run_case(case: dict) -> None:
         _close("compressed forward", yc, y64, dtype)
         _close("compressed input grad", dxc, x64.grad, dtype)
         _close("compressed weight grad", dwc, T.compress_weight(w64.grad, layout), dtype)
+        if "kernel_block" in case:  # a compressed weight keeps its own blocks
+            assert set(launched) == {b}, launched
 
 
 # ================================================================================ pytest side

@@ -44,7 +44,7 @@ from triton_interpreter import (  # noqa: E402
 
 from sparse_compiler.kernels.reference import masked_dense_linear  # noqa: E402
 from sparse_compiler.kernels.triton import visible as V  # noqa: E402
-from sparse_compiler.layouts.butterfly import block_diagonal, flat_butterfly  # noqa: E402
+from sparse_compiler.layouts.butterfly import block_diagonal, flat_butterfly, from_mask  # noqa: E402
 from sparse_compiler.layouts.registry import register  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -57,6 +57,10 @@ LAYOUTS = {
     "butterfly_rect": lambda: flat_butterfly(64, 128, 4, 2, 16),  # 6 per row, 3 per col: constexpr loops
     "blockdiag_b32": lambda: block_diagonal(128, 64, 2, 32),
     "random": random_layout,  # row_ptr-driven loops, an empty row and column
+    # 16-blocks whose mask is a 32-block one: the kernels run 32-blocks
+    "coarsenable": lambda: from_mask(
+        torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool).repeat_interleave(2, 0).repeat_interleave(2, 1), 16
+    ),
 }
 
 
@@ -113,6 +117,19 @@ def test_schema_and_table_args():
     assert [a is getattr(t, n) for a, n in zip(tables, V.TABLE_NAMES)] == [True] * len(V.TABLE_NAMES)
     assert all(a.dtype == torch.int32 for a in tables)
     assert V.VISIBLE == hasattr(torch.library, "triton_op")
+
+
+def test_tables_are_those_of_the_coarsest_block_with_the_same_mask():
+    """The kernels run the coarsest block that describes a layout's mask: the op's tables and static
+    facts are that layout's (same shape and element mask), whatever block the layout was made with."""
+    layout = register(LAYOUTS["coarsenable"]())
+    coarse = layout.coarsest_equivalent(128)
+    assert coarse.block_size == 32 and torch.equal(coarse.element_mask(), layout.element_mask())
+    tables = dict(zip(V.TABLE_NAMES, V.table_args(layout.key, "cpu")))
+    assert tables["row_ptr"].numel() == coarse.grid[0] + 1
+    assert torch.equal(tables["col_idx"], coarse.tables().col_idx)
+    st = V._static(layout.key)
+    assert (st.block_size, st.grid, st.nnz, st.shape) == (32, coarse.grid, coarse.nnz_blocks, layout.shape)
 
 
 def test_cpu_tensors_take_the_opaque_path():
@@ -437,6 +454,7 @@ CASES = {
     "butterfly_rect_row_ptr_loops": dict(layout="butterfly_rect", dtype="float32", shape=(33,), settings=dict(const_loop=False)),
     "random_fp16": dict(layout="random", dtype="float16", shape=(3, 7), transposed=True),
     "zero_tokens": dict(layout="butterfly_rect", dtype="float32", shape=(0,)),
+    "coarsened_blocks_3d_transposed_weight": {"layout": "coarsenable", "dtype": "float32", "shape": (2, 20), "transposed": True},
 }
 
 

@@ -46,7 +46,9 @@ replaced by measured profiles (``cost/hardware.py``): with ``F = 2·B·H·(D + D
 - dense fused kernel (flash SDPA): ``F · pairs / (peak · dense_efficiency) + launch``, where
   ``pairs = Lq·Lk``, or the causal lower triangle (the kernel skips the rest);
 - block-sparse kernel (FlexAttention): ``F · kept·b² / (peak · sparse_efficiency) + launch +
-  sparse_overhead + per_block · B·H · kept``;
+  sparse_overhead + per_block · B·H · kept + per_row · B·H · ⌈Lq/b⌉`` (a block row's fixed work:
+  loading its queries, writing its output, and the backward's passes over it, which weigh more the
+  fewer blocks a row keeps);
 - training multiplies the work by ``1 + backward_factor`` (the backward is about 2.5 forwards);
 - a key/value cache step (:func:`estimate_cache_step_time`) is bound by reading the cache (decoding)
   or, for a long chunk of queries, by its FLOPs, whichever takes longer: ``B·Hkv·Lk·(D + Dv)``
@@ -119,22 +121,29 @@ class AttentionProfile:
     memory_bandwidth: float = 25e9  # bytes/s at which dense attention reads a key/value cache (decoding)
     kept_read_efficiency: float = 0.85  # the kept_blocks lowering's reading speed, fraction of the dense one's
     per_run_s: float = 8e-5  # the kept_blocks lowering's cost per run of adjacent kept blocks (0: one kernel)
+    per_row_s: float = 0.0  # fixed cost of one block row of one (batch, head) in the block-sparse kernel
 
     def peak(self, dtype: torch.dtype | None) -> float:
         return float(self.peak_flops.get(dtype, min(self.peak_flops.values())))
 
 
+# Fitted to an NVIDIA H200 (torch 2.11, triton 3.6; benchmarks/results/attention_h200.json and
+# decode_h200.json, GPU times): flash SDPA forward+backward at 8k-16k tokens, 16 heads of 128, bf16,
+# runs at 0.32 of the bf16 peak; compiled FlexAttention at 0.46 on its kept blocks plus about 0.12 us
+# per block row, head and unit of work (0.87 ms of the 1.5 ms at 8k tokens and density 0.077). A
+# dense cache step reads at 4.4 TB/s, the split-K kernel the kept blocks at 0.4 of that, plus 15 us.
 CUDA_PROFILE = AttentionProfile(
     name="cuda-generic",
     peak_flops={torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 60e12},
-    dense_efficiency=0.40,
-    sparse_efficiency=0.34,
+    dense_efficiency=0.32,
+    sparse_efficiency=0.46,
     launch_s=10e-6,
     sparse_overhead_s=15e-6,
-    per_block_s=2e-9,
-    memory_bandwidth=2.5e12,
-    kept_read_efficiency=0.7,
+    per_block_s=0.0,
+    memory_bandwidth=4.4e12,
+    kept_read_efficiency=0.4,
     per_run_s=0.0,  # one split-K kernel and a merge read every run (kernels/triton/cache_step.py)
+    per_row_s=1.2e-7,
 )
 
 # Calibrated roughly on a 2-core AVX-512 machine (fp32, 4 heads of 64, 4096 tokens: SDPA 106 ms;
@@ -183,7 +192,9 @@ def estimate_attention_time(
         return per_pair * pairs * work / (peak * profile.dense_efficiency) + profile.launch_s
     assert block_size is not None
     compute = per_pair * kept_blocks * block_size * block_size * work / (peak * profile.sparse_efficiency)
-    return compute + profile.launch_s + profile.sparse_overhead_s + profile.per_block_s * batch_heads * kept_blocks * work
+    rows = batch_heads * -(-seq_len_q // block_size)
+    per_unit = profile.per_block_s * batch_heads * kept_blocks + getattr(profile, "per_row_s", 0.0) * rows
+    return compute + profile.launch_s + profile.sparse_overhead_s + per_unit * work
 
 
 def estimate_cache_step_time(

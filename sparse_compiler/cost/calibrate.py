@@ -5,10 +5,11 @@
 - the call overheads: the time of ``F.linear`` and of the block-sparse op on a tiny problem;
 - the dense efficiency: achieved ``F.linear`` FLOP/s over the profile's peak, on one large product;
 - per tile size (16 … 256), the block-sparse efficiency: the FLOP/s the op achieves on the tiles it
-  computes, over the dense FLOP/s measured right beside it, after removing ``calls · λ``. On GPUs the tile is the
-  block size (flat butterflies at densities 1/4 and 1/8, averaged); on the CPU it is the size of the
-  layout's rectangles (``cost.estimate.granularity``), measured at density 1/4 on layouts whose
-  rectangles are squares of that size (:func:`cpu_tile_layout`).
+  computes, over the dense FLOP/s measured right beside it, after removing ``calls · λ``, at density
+  1/4 on layouts of isolated ``tile × tile`` blocks (:func:`tile_layout`). On GPUs the tile is the
+  block the kernels run (isolated blocks: no coarser block describes the mask, which would run
+  coarser kernels); on the CPU it is the size of the layout's rectangles
+  (``cost.estimate.granularity``), here the blocks themselves.
 
 It writes them to ``cost.hardware.cache_path(name)``, which ``cost.hardware.profile`` loads from
 then on. Run it as ``sparse-compiler calibrate``, on an otherwise idle machine (a busy one gives
@@ -33,7 +34,7 @@ from sparse_compiler.layouts.butterfly import from_mask, nearest_flat_butterfly
 from sparse_compiler.layouts.layout import Layout
 from sparse_compiler.layouts.registry import register
 
-__all__ = ["calibrate", "cpu_tile_layout"]
+__all__ = ["calibrate", "tile_layout"]
 
 _op = torch.ops.sparse_compiler.blocksparse_linear
 
@@ -57,10 +58,11 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]
     return measure
 
 
-def cpu_tile_layout(size: int, tile: int) -> Layout:
-    """A ``size × size`` layout at density 1/4 whose rectangles are all ``tile × tile`` squares:
-    block-row ``i`` keeps the blocks ``j ≡ i (mod 4)``, so no two kept blocks touch in a row or a
-    column and the rectangle cover has one rectangle per block (``granularity == tile``).
+def tile_layout(size: int, tile: int) -> Layout:
+    """A ``size × size`` layout at density 1/4 of isolated ``tile × tile`` blocks: block-row ``i``
+    keeps the blocks ``j ≡ i (mod 4)``, so no two kept blocks touch in a row or a column, the
+    rectangle cover has one rectangle per block, and no coarser block describes the mask
+    (``granularity == tile`` on the CPU and on GPUs).
 
     At a density near the planner's, the op's fixed costs (allocating and writing the output) weigh
     on the measurement as they do in use; a block diagonal of the same squares (density
@@ -93,10 +95,7 @@ def calibrate(
     tiles = (16, 32, 64, 128) if device.type != "cpu" else (16, 32, 64, 128, 256)
 
     def layouts_for(tile: int) -> list[Layout]:
-        if device.type != "cpu":
-            found = [nearest_flat_butterfly(size, size, d, tile) for d in (1 / 4, 1 / 8)]
-            return [layout for layout in found if layout is not None]
-        return [cpu_tile_layout(size, tile)] if size // tile >= 4 else []
+        return [tile_layout(size, tile)] if size // tile >= 4 else []
 
     steps = 2 + len(tiles)
 

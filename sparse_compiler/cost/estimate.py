@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sparse_compiler.cost.hardware import HardwareProfile
+from sparse_compiler.kernels import GPU_KERNEL_MAX_BLOCK
 from sparse_compiler.layouts.layout import Layout
 
 __all__ = ["LinearEstimate", "charged_tiles", "estimate_linear"]
@@ -33,13 +34,15 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 def granularity(layout: Layout, device_type: str) -> int:
     """The tile size that sets a layout's block-sparse efficiency.
 
-    On GPUs the kernels compute one block at a time: the block size. On the CPU the rectangle path
+    On GPUs the kernels compute one block at a time: the block they run, the coarsest with the
+    layout's mask up to ``GPU_KERNEL_MAX_BLOCK`` (a finer layout whose mask a coarser block describes
+    runs the coarser kernels). On the CPU the rectangle path
     runs one BLAS call per rectangle of the layout, whose efficiency depends on the rectangle's size:
     the area-weighted mean of ``sqrt(height · width)`` over the rectangles, rounded down to a power
     of two (calibration measures square rectangles of each such size).
     """
     if device_type != "cpu":
-        return layout.block_size
+        return layout.coarsest_equivalent(GPU_KERNEL_MAX_BLOCK).block_size
     areas = [(r.r1 - r.r0) * (r.c1 - r.c0) for r in layout.rects]
     mean = sum(a * math.sqrt(a) for a in areas) / max(sum(areas), 1)
     return 1 << max(0, int(math.log2(max(mean, 1))))

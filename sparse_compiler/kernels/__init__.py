@@ -5,6 +5,11 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes every block-sparse implementation (CPU rectangles, Triton, attention) accepts."""
 
+#: The largest block the GPU kernels run: a dense weight's layout runs at the coarsest block with the
+#: same mask up to this size (``Layout.coarsest_equivalent``), the fastest of 32, 64 and 128 on every
+#: layout measured (benchmarks/results/kernels_h200.json).
+GPU_KERNEL_MAX_BLOCK = 128
+
 
 def tracing(*tensors) -> bool:
     """Whether this call is being traced (Dynamo, make_fx, fake tensors, AOTAutograd) rather than run."""

@@ -189,6 +189,35 @@ class Layout:
         m = self.block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
         return m.to(device=device, dtype=dtype)
 
+    def coarsest_equivalent(self, max_block: int) -> Layout:
+        """The layout of the same element mask at the largest block size ``b' = b·2^j <= max_block``:
+        ``self`` when no coarser block describes the mask.
+
+        ``b'`` describes it when every ``2^j × 2^j`` group of blocks is kept or dropped as a whole, as
+        in a flat butterfly whose grid cells span several blocks. Kernels run fastest on the largest
+        tiles the pattern allows. Cached per ``max_block``; the coarser layout is not registered (its
+        key is its mask's hash) and serves kernels only."""
+        cache: dict[int, Layout] = self.__dict__.setdefault("_coarsest", {})
+        if max_block not in cache:
+            cache[max_block] = self._coarsen(max_block)
+        return cache[max_block]
+
+    def _coarsen(self, max_block: int) -> Layout:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        best, (rows, cols), k = self, self.grid, 2
+        with _disable_current_modes():
+            # uniform on 2^j-groups implies uniform on smaller ones: stop at the first factor that fails
+            while self.block_size * k <= max_block and rows % k == 0 and cols % k == 0:
+                groups = self.block_mask.reshape(rows // k, k, cols // k, k)
+                kept = groups.any(dim=3).any(dim=1)
+                if not torch.equal(kept, groups.all(dim=3).all(dim=1)):
+                    break
+                params = {**self.params, "block_size": self.block_size * k, "coarsened_from": self.key}
+                best = Layout(kept, self.block_size * k, kind=self.kind, params=params)
+                k *= 2
+        return best
+
     def transposed(self) -> Layout:
         """The layout of the transposed weight (an explicit-mask layout; register it before use)."""
         params = {"block_size": self.block_size, "transpose_of": self.key}

@@ -51,7 +51,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from sparse_compiler.kernels import SUPPORTED_DTYPES, rects, tracing
+from sparse_compiler.kernels import GPU_KERNEL_MAX_BLOCK, SUPPORTED_DTYPES, rects, tracing
 from sparse_compiler.layouts.layout import Layout, LayoutTables
 
 try:  # guarded: the package must import on machines without Triton
@@ -400,6 +400,13 @@ def _sm_count_cached(index: int) -> int:
 
 
 # ============================================================================================ per-layout data
+def kernel_layout(layout: Layout) -> Layout:
+    """The layout the kernels run for a dense weight: the same element mask at the coarsest block up
+    to ``GPU_KERNEL_MAX_BLOCK`` (``Layout.coarsest_equivalent``). A compressed ``(nnz, b, b)`` weight
+    keeps its own blocks."""
+    return layout.coarsest_equivalent(GPU_KERNEL_MAX_BLOCK)
+
+
 def _tables(layout: Layout, device: torch.device) -> LayoutTables:
     """The layout's index tables on ``device`` (built once, cached by the layout), as real tensors
     even when first reached inside make_fx or a fake mode."""
@@ -495,6 +502,8 @@ def _dsd_on_layout(
 ) -> torch.Tensor:  # fmt: skip
     """The DSD kernel over the layout's CSR rows (forward) or CSC columns (``transposed``: the input
     gradient; ``csc_to_csr`` maps a column's blocks to their offsets in a compressed weight)."""
+    if not compressed:
+        layout = kernel_layout(layout)
     t = _tables(layout, a.device)
     if transposed:
         ptr, idx, blk, n_blocks, count = t.col_ptr, t.row_idx, t.csc_to_csr, layout.grid[1], layout.blocks_per_col
@@ -616,8 +625,8 @@ def _check_layout(name: str, layout: Layout) -> None:
         raise TypeError(f"{name}: layout must be a Layout, got {type(layout).__name__}")
 
 
-def _dense_fallback_needed(layout: Layout) -> bool:
-    return not supports_block_size(layout.block_size)
+def _dense_fallback_needed(layout: Layout, compressed: bool = False) -> bool:
+    return not supports_block_size((layout if compressed else kernel_layout(layout)).block_size)
 
 
 def _rects_fallback(name: str, layout: Layout, compressed: bool, out: Optional[torch.Tensor], compute) -> torch.Tensor:
@@ -655,7 +664,7 @@ def forward(
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({out_f},)")
     _check_dtypes(name, x2d, weight, bias)
-    if _dense_fallback_needed(layout):
+    if _dense_fallback_needed(layout, compressed):
         return _rects_fallback(name, layout, compressed, out, lambda: rects.linear_forward(x2d, weight, bias, layout))
     _check_device(x2d, weight, bias)
     if out is None:
@@ -679,7 +688,7 @@ def input_grad(
     if dy2d.dim() != 2 or dy2d.shape[1] != out_f:
         raise ValueError(f"{name}: grad_out has shape {tuple(dy2d.shape)}, expected (tokens, {out_f})")
     _check_dtypes(name, dy2d, weight)
-    if _dense_fallback_needed(layout):
+    if _dense_fallback_needed(layout, compressed):
         return _rects_fallback(name, layout, compressed, out, lambda: rects.linear_input_grad(dy2d, weight, layout))
     _check_device(dy2d, weight)
     if out is None:
@@ -706,7 +715,7 @@ def weight_grad(
         raise ValueError(f"{name}: input has shape {tuple(x2d.shape)}, expected ({dy2d.shape[0]}, {in_f})")
     _check_dtypes(name, dy2d, x2d)
     b = layout.block_size
-    if _dense_fallback_needed(layout):
+    if _dense_fallback_needed(layout, compressed):
         return _rects_fallback(name, layout, compressed, out, lambda: rects.linear_weight_grad(dy2d, x2d, layout))
     _check_device(dy2d, x2d)
     if out is None:
@@ -714,6 +723,9 @@ def weight_grad(
         out = dy2d.new_empty(shape)
     elif compressed and not out.is_contiguous():
         raise ValueError(f"{name}: a compressed out must be contiguous")
+    if not compressed:
+        layout = kernel_layout(layout)
+        b = layout.block_size
     t = _tables(layout, dy2d.device)
     with _on_device(dy2d.device):
         return launch_sdd(

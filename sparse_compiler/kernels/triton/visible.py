@@ -127,10 +127,11 @@ _no_tracing = _T._no_tracing
 def table_args(layout: Layout | str, device: torch.device | str) -> tuple[Tensor, ...]:
     """The index tables of ``layout`` on ``device`` in the op's argument order (:data:`TABLE_NAMES`).
 
-    The tensors come from ``Layout.tables(device)``: built once per layout and device, then cached.
+    The tensors come from ``Layout.tables(device)`` of the layout the kernels run
+    (``linear.kernel_layout``: the same mask at the coarsest block): built once, then cached.
     """
     with _no_tracing():
-        lay = get_layout(layout) if isinstance(layout, str) else layout
+        lay = _T.kernel_layout(get_layout(layout) if isinstance(layout, str) else layout)
     t = _T._tables(lay, torch.device(device))  # real tensors, even when first reached while tracing
     return tuple(getattr(t, name) for name in TABLE_NAMES)
 
@@ -151,9 +152,10 @@ class _Static:
 
 @functools.cache
 def _static(key: str) -> _Static:
+    """The facts of the layout the kernels run for ``key`` (``linear.kernel_layout``; same shape)."""
     # The layout's mask is a real CPU tensor: reduce it outside any fake/proxy mode that is tracing.
     with _no_tracing():
-        lay = get_layout(key)
+        lay = _T.kernel_layout(get_layout(key))
         return _Static(
             key=key,
             block_size=lay.block_size,
