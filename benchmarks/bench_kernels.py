@@ -3,9 +3,9 @@
 
 On CUDA (one run, bf16, 8192 tokens): weights (out, in) = 768×3072, 1024×4096 and 4096×4096, flat
 butterfly layouts from ``nearest_flat_butterfly`` at densities 1/2, 1/4, 1/8, 1/16 and blocks 32, 64,
-128 (layouts that come out identical are measured once; ``kernel_block`` is the block the kernels
-run, the coarsest with the layout's mask: a 32-block butterfly whose cells span 128 elements runs
-128-blocks). For each:
+128 (``kernel_block`` is the block the kernels run, the coarsest with the layout's mask: a 32-block
+butterfly whose cells span 128 elements runs 128-blocks; layouts the kernels run identically are
+measured once). For each:
 
 - dense cuBLAS: ``F.linear`` forward, the input gradient ``dy·W``, the weight gradient ``dyᵀ·x``, and
   the three together (forward + backward);
@@ -133,6 +133,7 @@ def _run(args, torch, triton) -> int:
 
     from sparse_compiler.kernels.triton import linear as T
     from sparse_compiler.layouts.butterfly import nearest_flat_butterfly
+    from sparse_compiler.layouts.layout import mask_key
 
     interpret = args.interpret
     if interpret:
@@ -208,10 +209,12 @@ def _run(args, torch, triton) -> int:
                 row.update(layout=layout.describe(), key=layout.key, density=layout.density, nnz_blocks=layout.nnz_blocks,
                            blocks_per_row=layout.blocks_per_row, max_blocks_per_row=layout.max_blocks_per_row,
                            kernel_block=T.kernel_layout(layout).block_size)
-                if layout.key in seen:
-                    row["same_as_row"] = seen[layout.key]
+                ran = T.kernel_layout(layout)
+                same = mask_key(ran.block_mask, ran.block_size)  # what the kernels compute, whatever the key
+                if same in seen:
+                    row["same_as_row"] = seen[same]
                     continue
-                seen[layout.key] = len(rows) - 1
+                seen[same] = len(rows) - 1
                 if elapsed() > budget:
                     row["skipped"] = f"time budget of {budget:.0f} s spent"
                     continue
@@ -397,7 +400,7 @@ def _print_table(res: dict) -> None:
     for r in res["rows"]:
         shape = f"{r['out']}x{r['in']}"
         if "skipped" in r or "same_as_row" in r:
-            why = r.get("skipped") or f"same layout as row {r['same_as_row']}"
+            why = r.get("skipped") or f"same kernels and mask as row {r['same_as_row']}"
             print(f"{shape:>10} {r['block']:>4} {'':>4} {r.get('density', r['target_density']):>6.3f} {'':>5} | {why}")
             continue
         if "error" in r:
