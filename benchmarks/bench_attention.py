@@ -28,12 +28,13 @@ Usage: ``python benchmarks/bench_attention.py [--out results.json] [--budget-s 1
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,13 +122,6 @@ def main() -> int:
         "complete": False,
     }
 
-    def save() -> None:
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(args.out.suffix + ".part")
-            tmp.write_text(json.dumps(out, indent=2))
-            tmp.replace(args.out)
-
     def run_len(L: int, causal: bool = False, densities=None, backend_path: bool = False) -> None:
         B = max(1, args.tokens // L)
         q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -171,7 +165,7 @@ def main() -> int:
                     want = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=mask)
                 row["max_abs_err_vs_masked_sdpa"] = float((got - want).abs().max())
             out["results"].append(row)
-            save()
+            write_results(args.out, out)
             print(f"L={L:6d} B={B:2d} causal={causal!s:5} d={density:.3f} dense {dense_ms:8.3f} ms  "
                   f"sparse {sparse_ms:8.3f} ms  speedup {dense_ms / sparse_ms:5.2f}x (ideal {1 / density:5.2f}x)", flush=True)
             if backend_path and i == 0:
@@ -188,7 +182,7 @@ def main() -> int:
                 out["extra"].append({"what": "backend path (block tables op + BlockMask inside the compiled graph)",
                                      "seq_len": L, "density": density, "sparse_ms": ms, "speedup": dense_ms / ms})
                 print(f"   backend path: {ms:8.3f} ms  speedup {dense_ms / ms:5.2f}x", flush=True)
-                save()
+                write_results(args.out, out)
 
     def kernel_options_ab(L: int = 8192) -> None:
         """FlexAttention's kernel options against its defaults, at ``L`` and the sparsest densities: the
@@ -218,7 +212,7 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001  (an option this torch does not take: recorded)
                     entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 out["kernel_options_ab"].append(entry)
-                save()
+                write_results(args.out, out)
                 print(f"kernel options {name:24s} d={d:.3f}: {entry.get('sparse_ms', float('nan')):8.3f} ms"
                       f" {entry.get('error', '')[:100]}", flush=True)
 
@@ -255,7 +249,7 @@ def main() -> int:
     out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     out["complete"] = True
     print(f"target ({out['target']}): {'met' if out['target_met'] else 'NOT met'}; {out['elapsed_s']} s")
-    save()
+    write_results(args.out, out)
     if args.out:
         print(f"wrote {args.out}")
     return 0

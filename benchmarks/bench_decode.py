@@ -36,7 +36,6 @@ with the machine named. A benchmark, not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_cpu_linear import machine
+from results_json import write_results
 
 from sparse_compiler.cost.attention import estimate_cache_step_time, profile_for
 from sparse_compiler.kernels.attention import block_sparse_attention
@@ -81,43 +81,22 @@ def per_call_seconds(fns: list, layers: list, repeat: int, device: str) -> list[
     return [statistics.median(t) for t in times]
 
 
-def graph_seconds(fns: list, layers: list, repeat: int) -> list:
-    """CUDA only: for each function, the median over ``repeat`` replays of a CUDA graph holding one
-    call per layer, per call: the GPU's time without Python's launch overhead (as a server replaying
-    captured decode steps sees it). ``None`` where a function cannot be captured."""
+def graph_seconds(fns: list, layers: list) -> list:
+    """CUDA only: for each function, the time of one call when a sweep of calls over the layers is
+    replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``, median): the GPU's time
+    without Python's launch overhead, as a server replaying captured decode steps sees it. ``None``
+    where a function cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
     out = []
     for fn in fns:
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for args in layers[:2]:
-                    fn(*args)  # warm-up outside the capture (compilation, caches)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for args in layers:
-                    fn(*args)
-            graph.replay()
-            times = []
-            for _ in range(repeat):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3 / len(layers))
-            out.append(statistics.median(times))
+            ms = do_bench_cudagraph(lambda fn=fn: [fn(*args) for args in layers], return_mode="median")
+            out.append(ms / 1e3 / len(layers))
         except Exception as exc:  # noqa: BLE001  (recorded by the caller as None)
             print(f"  (not captured in a CUDA graph: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
             out.append(None)
     return out
-
-
-def write(path, result: dict) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -148,7 +127,8 @@ def main() -> None:
         "block": args.block,
         "pattern": "butterfly+local+global",
         "timing": "per call: wall clock over a sweep of layers, median of sweeps (Python launches included)"
-        + ("; graph_*: CUDA-graph replay of the sweep, median (GPU time)" if device == "cuda" else ""),
+        + ("; graph_*: CUDA-graph replays of the sweep, triton.testing.do_bench_cudagraph median (GPU time)"
+           if device == "cuda" else ""),
         "rows": rows,
         "complete": False,
     }
@@ -192,7 +172,7 @@ def main() -> None:
                 q, k, v = layers[0]
                 err = max((fn(q, k, v).float() - masked(q, k, v).float()).abs().max().item() for fn in fns[2:])
                 t_dense, t_masked, t_kept, *t_cuda = per_call_seconds(fns, layers, args.repeat, device)
-                graph = graph_seconds([dense, kept], layers, args.repeat) if device == "cuda" else None
+                graph = graph_seconds([dense, kept], layers) if device == "cuda" else None
             read, n_runs, pairs = cache_step_reads(layout, lq, context, causal=True)
             shape = dict(batch=batch, kv_heads=hk, heads=hq, seq_len_q=lq, seq_len_k=context, head_dim=dim,
                          value_dim=dim, dtype=dtype)  # fmt: skip
@@ -221,7 +201,7 @@ def main() -> None:
                 if graph[0] and graph[1]:
                     row["graph_speedup"] = graph[0] / graph[1]
             rows.append(row)
-            write(args.out, result)
+            write_results(args.out, result)
             print(f"context {context:6d}  queries {lq}  d={density:.3f}  read {read:.3f} ({n_runs} runs)  dense "
                   f"{row['dense_ms']:.3f} ms  masked {row['masked_ms']:.3f} ms  kept_blocks {row['kept_blocks_ms']:.3f} ms"
                   + (f"  by runs {row['by_runs_ms']:.3f} ms  static {row['static_ms']:.3f} ms" if t_cuda else "")
@@ -230,7 +210,7 @@ def main() -> None:
                      f"-> {row['graph_speedup']:.2f}x" if "graph_speedup" in row else ""), flush=True)  # fmt: skip
         del layers
     result["complete"] = True
-    write(args.out, result)
+    write_results(args.out, result)
     if args.out:
         print(f"wrote {args.out}")
 

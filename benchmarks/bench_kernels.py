@@ -44,13 +44,14 @@ Usage: ``python benchmarks/bench_kernels.py [--out results.json] [--interpret] [
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("fwd", "dgrad", "wgrad", "fwd_bwd")
@@ -115,16 +116,6 @@ def _make_timers(interpret: bool):
 def _rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _write(path: Path | None, result: dict) -> None:
-    """(Re)write the results so far; a no-op without ``--out``."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -225,14 +216,14 @@ def _run(args, torch, triton) -> int:
                     _measure(row, layout, x, w, bias, dy, d_ref, gpu_timer, eager_timer, torch, F, T)
                 row["elapsed_s"] = round(elapsed(), 1)
                 _print_row(row)
-                _write(args.out, result)
+                write_results(args.out, result)
 
     if not interpret:
         _const_loop_ab(result["const_loop_ab"], data, gpu_timer, T, nearest_flat_butterfly, elapsed, budget)
     result["targets"] = _targets(rows)
     result.update(complete=True, total_s=round(elapsed(), 1))
     _print_table(result)
-    _write(args.out, result)
+    write_results(args.out, result)
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -193,7 +193,7 @@ def estimate_attention_time(
     assert block_size is not None
     compute = per_pair * kept_blocks * block_size * block_size * work / (peak * profile.sparse_efficiency)
     rows = batch_heads * -(-seq_len_q // block_size)
-    per_unit = profile.per_block_s * batch_heads * kept_blocks + getattr(profile, "per_row_s", 0.0) * rows
+    per_unit = profile.per_block_s * batch_heads * kept_blocks + profile.per_row_s * rows
     return compute + profile.launch_s + profile.sparse_overhead_s + per_unit * work
 
 

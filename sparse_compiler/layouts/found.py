@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_compiler.layouts.butterfly import flat_butterfly
-from sparse_compiler.layouts.layout import Layout
+from sparse_compiler.layouts.layout import Layout, coarsen_block_mask
 
 __all__ = [
     "FINEST_BLOCK", "LARGEST_BLOCK", "BlockOccupancy", "block_occupancy", "find_layout", "is_block_diagonal_like",
@@ -133,12 +133,9 @@ def _coarser(occupancy: BlockOccupancy) -> Iterator[tuple[int, torch.Tensor]]:
     while b <= LARGEST_BLOCK and out_features % b == 0 and in_features % b == 0:
         sizes.append(b)
         b *= 2
-    fine = occupancy.nonzero
     for b in reversed(sizes):
-        k = b // occupancy.block_size
-        rows, cols = fine.shape[0] // k, fine.shape[1] // k
-        coarse = fine.reshape(rows, k, cols, k).any(3).any(1)
-        if torch.equal(coarse.repeat_interleave(k, 0).repeat_interleave(k, 1), fine):
+        coarse = coarsen_block_mask(occupancy.nonzero, b // occupancy.block_size)
+        if coarse is not None:
             yield b, coarse
 
 

@@ -20,26 +20,44 @@ from typing import Any
 
 import torch
 
-__all__ = ["Band", "BandCover", "Layout", "LayoutTables", "Rect"]
+__all__ = ["Band", "BandCover", "Layout", "LayoutTables", "Rect", "coarsen_block_mask", "untraced"]
 
 
-def _derived(getter):
-    """A cached property computed from the block mask with every tracing mode switched off.
+def untraced():
+    """A context in which tensor arithmetic is computed, not traced: every dispatch mode (``make_fx``'s
+    proxy mode, a fake mode) switched off.
 
     A layout's statistics and tables are static facts about the layout, first asked for wherever a
     kernel launcher needs them, which may be inside ``make_fx``, a fake mode or Dynamo's tracing of
     a custom op: there, plain tensor arithmetic on the mask would be traced (and ``int()`` of it
     refused as data-dependent) instead of computed.
     """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def _derived(getter):
+    """A cached property computed from the block mask :func:`untraced`."""
 
     @functools.wraps(getter)
     def compute(self):
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        with _disable_current_modes():
+        with untraced():
             return getter(self)
 
     return functools.cached_property(compute)
+
+
+def coarsen_block_mask(block_mask: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The block mask at blocks ``k`` times larger when it describes the same elements: every
+    ``k × k`` group of blocks kept or dropped as a whole (the grid divisible by ``k``); else None.
+    Uniform on groups of ``k`` implies uniform on groups of every divisor of ``k``."""
+    rows, cols = block_mask.shape
+    if rows % k or cols % k:
+        return None
+    groups = block_mask.reshape(rows // k, k, cols // k, k)
+    kept = groups.any(dim=3).any(dim=1)
+    return kept if torch.equal(kept, groups.all(dim=3).all(dim=1)) else None
 
 
 @dataclass(frozen=True)
@@ -203,15 +221,11 @@ class Layout:
         return cache[max_block]
 
     def _coarsen(self, max_block: int) -> Layout:
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        best, (rows, cols), k = self, self.grid, 2
-        with _disable_current_modes():
-            # uniform on 2^j-groups implies uniform on smaller ones: stop at the first factor that fails
-            while self.block_size * k <= max_block and rows % k == 0 and cols % k == 0:
-                groups = self.block_mask.reshape(rows // k, k, cols // k, k)
-                kept = groups.any(dim=3).any(dim=1)
-                if not torch.equal(kept, groups.all(dim=3).all(dim=1)):
+        best, k = self, 2
+        with untraced():
+            while self.block_size * k <= max_block:  # the first factor that fails ends it (coarsen_block_mask)
+                kept = coarsen_block_mask(self.block_mask, k)
+                if kept is None:
                     break
                 params = {**self.params, "block_size": self.block_size * k, "coarsened_from": self.key}
                 best = Layout(kept, self.block_size * k, kind=self.kind, params=params)

@@ -17,29 +17,20 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import fx
 
-from sparse_compiler.passes.analyze_attention import _MATMUL_FUNCTIONS, _MATMUL_METHODS
+from sparse_compiler.passes.analyze_attention import _ADD, _CAST_METHODS, _DIV, _MASKED_FILL, _MUL, _label, _target_in
 from sparse_compiler.passes.regions import mutates, regions
 
 __all__ = ["read_inplace_results"]
 
-# out-of-place steps that keep scores scores (``(q @ kᵀ) * c`` then ``s.masked_fill_(pad, -inf)``)
-_STEPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, torch.masked_fill}
-_STEP_METHODS = {"mul", "div", "add", "to", "float", "half", "bfloat16", "type_as", "masked_fill"}
 
-
-def _is_step(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _STEP_METHODS
-    return node.op == "call_function" and node.target in _STEPS
-
-
-def _is_product(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _MATMUL_METHODS
-    return node.op == "call_function" and node.target in _MATMUL_FUNCTIONS
+def _keeps_scores(node: fx.Node) -> bool:
+    """An out-of-place step that keeps scores scores (``(q @ kᵀ) * c``, a cast, an out-of-place
+    mask), as the attention analysis knows them."""
+    if mutates(node):
+        return False
+    return _target_in(node, _MUL | _DIV | _ADD | _MASKED_FILL) or (node.op == "call_method" and node.target in _CAST_METHODS)
 
 
 def _writes_into_first_argument(node: fx.Node) -> bool:
@@ -58,7 +49,7 @@ def read_inplace_results(gm: fx.GraphModule, example_inputs: Sequence[Any] = ())
         scores: set[fx.Node] = set()
         changed = False
         for step in list(graph.nodes):
-            if _is_product(step) or (_is_step(step) and step.args and step.args[0] in scores):
+            if _label(step) == "matmul" or (_keeps_scores(step) and step.args and step.args[0] in scores):
                 scores.add(step)
                 continue
             if not _writes_into_first_argument(step) or not step.args or step.args[0] not in scores:

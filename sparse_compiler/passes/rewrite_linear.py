@@ -102,6 +102,15 @@ def keep_dropped_blocks_at_zero_(param: torch.Tensor, layout: Layout, stored: st
     param.register_post_accumulate_grad_hook(hook)
 
 
+def _make_sparse_(param: torch.Tensor, layout: Layout, stored: str, rescale_init: bool) -> None:
+    """Zero the dropped blocks of ``param`` (read as ``stored``) and keep them at zero through later
+    backward passes; rescale its kept blocks with ``rescale_init``, unless ``param`` was registered
+    in the place of a sparse parameter (it holds loaded values, not a fresh initialisation)."""
+    rescale = rescale_init and not state.replaces_a_sparse_parameter(param)
+    sparsify_parameter_(_out_in(param, stored), layout, rescale)
+    keep_dropped_blocks_at_zero_(param, layout, stored)
+
+
 def _bias_arg(node: fx.Node, kind: str) -> Any:
     if kind == "linear":
         return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -176,10 +185,7 @@ def rewrite_linear(
 
         if state.layout_of(param) is None:
             # zeroed when the compilation succeeds (state.staged), never by an abandoned attempt
-            view = _out_in(param, c.weight_stored)
-            rescale = plan.options.rescale_init and not state.replaces_a_sparse_parameter(param)
-            state.defer(functools.partial(sparsify_parameter_, view, layout, rescale))
-            state.defer(functools.partial(keep_dropped_blocks_at_zero_, param, layout, c.weight_stored))
+            state.defer(functools.partial(_make_sparse_, param, layout, c.weight_stored, plan.options.rescale_init))
             state.mark_sparsified(param, key, c.weight_stored)
     touched[id(gm)] = gm
     for module in touched.values():
@@ -267,8 +273,7 @@ def sparse_at_every_call(compiled: Callable[..., Any], plan: Plan) -> Callable[.
                         f"reusing for it) computes with {layout.key!r}; compile this module separately "
                         "(torch._dynamo.reset()), or set keep_found_layouts=False to re-mask it"
                     )
-                sparsify_parameter_(_out_in(param, stored), layout, rescale and not state.replaces_a_sparse_parameter(param))
-                keep_dropped_blocks_at_zero_(param, layout, stored)
+                _make_sparse_(param, layout, stored, rescale)
                 state.mark_sparsified(param, layout.key, stored)
             else:
                 have, want = _parameter_mask(get_layout(existing[0]), existing[1]), _parameter_mask(layout, stored)

@@ -52,7 +52,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from sparse_compiler.kernels import GPU_KERNEL_MAX_BLOCK, SUPPORTED_DTYPES, rects, tracing
-from sparse_compiler.layouts.layout import Layout, LayoutTables
+from sparse_compiler.layouts.layout import Layout, LayoutTables, untraced
 
 try:  # guarded: the package must import on machines without Triton
     import triton as _triton
@@ -414,13 +414,7 @@ def _tables(layout: Layout, device: torch.device) -> LayoutTables:
         return layout.tables(device)
 
 
-def _no_tracing():
-    try:
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        return _disable_current_modes()
-    except Exception:  # pragma: no cover
-        return contextlib.nullcontext()
+_no_tracing = untraced
 
 
 # ============================================================================================ DSD launcher
