@@ -98,6 +98,10 @@ class Options:
             that padded and unpadded calls, cached or not, share one pattern. The model's own mask
             and causality are applied either way; this only chooses the pattern's blocks and how
             they were fitted.
+        attention_kernel: which kernels run block-sparse attention on CUDA. ``"auto"``: the
+            project's Triton kernels (longest block rows first) where they apply (no model mask,
+            as many key as query heads, blocks of 16 to 128, head dims up to 128), else
+            FlexAttention; ``"flex"``: FlexAttention always.
     """
 
     enabled: bool = True
@@ -132,6 +136,7 @@ class Options:
     attention_min_seq_len: int | None = None
     attention_seq_len: int | None = None
     attention_causal: bool | None = None
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -144,6 +149,8 @@ class Options:
                 fail(name, "expected True or False")
         if self.attention_causal is not None and not isinstance(self.attention_causal, bool):
             fail("attention_causal", "expected None (from each node), True or False")
+        if self.attention_kernel not in ("auto", "flex"):
+            fail("attention_kernel", "expected 'auto' (own Triton kernels where they apply) or 'flex'")
         d = self.density
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
             fail("density", "expected None (cost model) or a number in (0, 1]")

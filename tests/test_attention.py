@@ -5,6 +5,7 @@ FlexAttention forward, and a training graph traced by AOTAutograd). GPU tests ar
 """
 
 import dataclasses
+import importlib.util
 import itertools
 import math
 import warnings
@@ -1040,10 +1041,27 @@ def test_plan_reasons():
     n = timed.pays_from_seq_len * 2
     long = dataclasses.replace(c, seq_len_q=n, seq_len_k=n, seq_len_q_hint=n, seq_len_k_hint=n, device="cuda")
     chosen = plan_attention([long], opts)[0]
-    assert chosen.sparse and chosen.lowering == "flex" and chosen.estimate.speedup > 1
+    assert chosen.sparse and chosen.estimate.speedup > 1
     assert "butterfly+local+global" in chosen.reason and chosen.to_row()["layout_kind"] == "butterfly+local+global"
+    # CUDA kernels: the own ones where they apply (with triton installed), FlexAttention for the rest
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert chosen.lowering == ("triton" if has_triton else "flex")
+    assert ("own Triton kernels" if has_triton else "triton is not installed") in chosen.reason
+    as_flex = plan_attention([long], Options(targets=("attention",), attention_kernel="flex"))[0]
+    assert as_flex.lowering == "flex" and "attention_kernel='flex'" in as_flex.reason
+    masked = dataclasses.replace(long, mask="m", mask_mode="keep", mask_origin="argument", mask_shape=(n, n))
+    for variant, why in ((masked, "model's mask"), (dataclasses.replace(long, kv_heads=1, enable_gqa=True), "grouped-query")):
+        d = plan_attention([variant], opts)[0]
+        assert d.sparse and d.lowering == "flex" and why in d.reason, d.reason
+    on_256 = plan_attention([long], Options(targets=("attention",), attention_block_size=256))[0]
+    assert on_256.sparse and on_256.lowering == "flex" and "blocks of 256" in on_256.reason
+    # 64-blocks: only the own kernels take them on CUDA; FlexAttention's tiles need multiples of 128
     on_64 = plan_attention([long], Options(targets=("attention",), attention_block_size=64))[0]
-    assert not on_64.sparse and "multiple of 128" in on_64.reason
+    assert on_64.sparse == has_triton and on_64.lowering == ("triton" if has_triton else None)
+    on_64_flex = plan_attention([long], Options(targets=("attention",), attention_block_size=64, attention_kernel="flex"))[0]
+    assert not on_64_flex.sparse and "multiple of 128" in on_64_flex.reason
+    with pytest.raises(ValueError, match="attention_kernel"):
+        Options(attention_kernel="cuda")
     assert "disabled" in plan_attention([c], Options(targets=("attention",), enabled=False))[0].reason
     assert "exclude" in plan_attention([c], Options(targets=("attention",), exclude=("*",)))[0].reason
     # CPU training stays dense at every length unless forced: no speed-up to be had there
@@ -1067,7 +1085,7 @@ def test_a_fixed_pattern_is_applied_where_block_sparse_kernels_do_not_pay():
     assert short.layout is attention_layout_at(fitted, 1024, 1024) and "attention_seq_len=8192" in short.reason
     n = 16384
     long = plan_attention([_at_length(c, n)], fixed, profile=CUDA_PROFILE)[0]
-    assert long.sparse and long.lowering == "flex" and long.layout is attention_layout_at(fitted, n, n)
+    assert long.sparse and long.lowering in ("triton", "flex") and long.layout is attention_layout_at(fitted, n, n)
     assert long.density < fitted.params["density"]  # fixed parameters: sparser at a longer length
     # CPU training applies it too (unfixed, it stays dense there)
     cpu = plan_attention([dataclasses.replace(c, device="cpu", requires_grad=True)], fixed)[0]

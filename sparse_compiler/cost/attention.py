@@ -1,8 +1,9 @@
 """Planning attention: does a static block-sparse pattern pay at this sequence length, and which?
 
 ``plan_attention(candidates, options) -> list[AttentionDecision]``, one decision per candidate: a
-layout (``sparse_compiler.layouts.attention``) and a lowering (``"flex"`` or ``"sdpa"``, see
-``kernels/attention.py``), or ``None`` with the reason the node stays dense. The rules, in order:
+layout (``sparse_compiler.layouts.attention``) and a lowering (``"triton"``, ``"flex"``, ``"sdpa"`` or
+``"kept_blocks"``, see ``kernels/attention.py``; on CUDA the own kernels where they apply, see
+``attention_kernel``), or ``None`` with the reason the node stays dense. The rules, in order:
 
 1. attention sparsity is off unless ``"attention" in options.targets`` (it changes what the model
    computes more than weight sparsity does); ``enabled=False`` turns everything off;
@@ -68,6 +69,8 @@ with the same options; ``None`` when it never does in that range.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import fnmatch
 import functools
@@ -310,7 +313,7 @@ class AttentionDecision:
     candidate: AttentionCandidate
     layout: Layout | None
     reason: str
-    lowering: str | None = None  # "flex" | "sdpa" | "kept_blocks" when sparse
+    lowering: str | None = None  # "triton" | "flex" | "sdpa" | "kept_blocks" when sparse
     estimate: AttentionEstimate | None = None
     pays_from_seq_len: int | None = None
     specialize: bool = False  # symbolic lengths: the rewrite guards the graph on their current values
@@ -480,9 +483,11 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
         exact = "; one block, which every pattern keeps" if fixed is not None else ""
         return _dense(c, f"too short: {lq}x{lk} is less than two blocks of attention_block_size={b} each way{exact}",
                       short_of=("q" if -(-lq // b) < 2 else "k", b + 1))
-    if c.device == "cuda" and b % 128:
+    cuda_lowering, cuda_note = _cuda_lowering(c, o) if c.device == "cuda" else ("", "")
+    if c.device == "cuda" and b % 128 and cuda_lowering != "triton":
         return _dense(c, f"attention_block_size={b} is not a multiple of 128: FlexAttention's default CUDA tiles "
-                         "(up to 128) must divide the block size")
+                         f"(up to 128) must divide the block size, and the own kernels do not run this node "
+                         f"({cuda_note})")
     causal = _pattern_causal(c, o)
     layout = _layout_or_dense(c, o, lq, lk, causal, shorter)
     if isinstance(layout, AttentionDecision):
@@ -523,10 +528,34 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
     elif c.device == "cpu" and training:  # (forced: attention_min_seq_len)
         lowering = "sdpa"
         why += "; CPU training: FlexAttention has no CPU backward, so SDPA with the equivalent element mask (same result, no speedup)"
+    elif c.device == "cuda":
+        lowering = cuda_lowering
+        why += f"; {cuda_note}"
     else:
         lowering = "flex"
     return AttentionDecision(c, layout, why, lowering=lowering, estimate=est, pays_from_seq_len=pays,
                              fixed_pattern=fixed is not None and lowering == "sdpa", short_of=short_of)
+
+
+def _cuda_lowering(c: AttentionCandidate, o: Options) -> tuple[str, str]:
+    """``("triton" | "flex", what the report says)`` for a block-sparse node on CUDA: the own kernels
+    (``kernels/triton/attention.py``) where they apply, FlexAttention elsewhere."""
+    b = o.attention_block_size
+    if o.attention_kernel == "flex":
+        return "flex", "FlexAttention (attention_kernel='flex')"
+    if importlib.util.find_spec("triton") is None:
+        why = "triton is not installed"
+    elif c.mask_mode != "none":
+        why = "the model's mask, which FlexAttention reads"
+    elif c.enable_gqa or c.kv_heads != c.heads:
+        why = "grouped-query heads"
+    elif not 16 <= b <= 128 or b & (b - 1):
+        why = f"blocks of {b}: the own kernels take powers of two from 16 to 128"
+    elif max(c.head_dim, c.value_dim) > 128:
+        why = f"head dims {c.head_dim}, {c.value_dim}: the own kernels take up to 128"
+    else:
+        return "triton", "own Triton kernels, longest block rows first"
+    return "flex", f"FlexAttention ({why})"
 
 
 def _first_skipping_length(o: Options, causal: bool, length: int, dim: str, look_ahead: int = 32) -> tuple[str, int]:

@@ -13,6 +13,10 @@ The model's mask and causality are always combined with the layout, never droppe
 
 Lowerings, chosen by the planner and named in the report:
 
+- ``"triton"``: the project's own Triton kernels, forward and backward, which launch the longest
+  block rows first (``kernels/triton/attention.py``): on CUDA, without a model mask, with as many
+  key as query heads, blocks of 16 to 128 and head dims up to 128. A call they do not cover (or on
+  a machine without CUDA and Triton) takes ``"flex"``.
 - ``"flex"``: FlexAttention (``torch.nn.attention.flex_attention``) with a ``BlockMask`` whose index
   tables skip the dropped blocks. On CUDA, Inductor turns it into generated Triton kernels for the
   forward and the backward; on CPU, into its C++ template (forward only: FlexAttention has no CPU
@@ -89,7 +93,7 @@ __all__ = [
     "masked_sdpa",
 ]
 
-LOWERINGS = ("flex", "sdpa", "kept_blocks")
+LOWERINGS = ("triton", "flex", "sdpa", "kept_blocks")
 MASK_MODES = ("none", "keep", "drop", "add")
 
 # Tests set this (with torch's CPU check patched out) to trace FlexAttention's training graph on CPU,
@@ -439,6 +443,14 @@ def block_sparse_attention(
     lq, lk = int(q.shape[-2]), int(k.shape[-2])
     lay = get_attention_layout(layout)
     b = lay.block_size
+    if lowering == "triton":
+        from sparse_compiler.kernels.triton import attention as triton_attention
+
+        q4, k4, v4, _ = _to_4d(q, k, v, None)
+        if triton_attention.unsupported(q4, k4, v4, lay, enable_gqa=enable_gqa, has_mask=mask is not None) is None:
+            layout_geometry(lay, lq, lk, causal)  # lengths that do not fit the layout fail here, as below
+            return _from_4d(triton_attention.block_attention(q4, k4, v4, layout, causal, scale), nd)
+        lowering = "flex"
     if lowering == "flex" and (q.device.type == "cpu" and wants_grad and not _CPU_FLEX_TRAINING or not flex_available()):
         lowering = "sdpa"  # FlexAttention has no CPU backward: same result through SDPA
     split_full = mask_mode in ("none", "add")

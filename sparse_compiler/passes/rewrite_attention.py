@@ -4,13 +4,14 @@ For each sparse :class:`~sparse_compiler.cost.attention.AttentionDecision`, the 
 (the SDPA call, or the final ``· v`` of a hand-written attention) is replaced by::
 
     block_sparse_attention(q, k, v, mask, layout=<key>, causal=…, scale=…, enable_gqa=…,
-                           mask_mode=…, lowering="flex" | "sdpa" | "kept_blocks"[, fixed=True])
+                           mask_mode=…, lowering="triton" | "flex" | "sdpa" | "kept_blocks"[, fixed=True])
 
 (``sparse_compiler.kernels.attention``), whose arguments are the graph's own q, k, v and mask nodes
 and constants; the layout travels as its key. The nodes of a hand-written attention that nothing else
 uses any more (scores, softmax, casts, dropout, the mask computation) are removed. Nothing is baked
 into the graph: when Inductor compiles it, AOTAutograd traces through the lowering, so the
-FlexAttention kernels (forward and backward) are generated for the graph's own shapes.
+FlexAttention kernels (forward and backward) are generated for the graph's own shapes, and the own
+kernels' ops (``"triton"``) are called as external kernels with their autograd formula.
 
 A decision made on symbolic lengths guards the graph on what it assumed of them: a sparse one on
 their exact values (a static layout is made for one length), a too-short one on staying below the

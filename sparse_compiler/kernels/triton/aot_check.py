@@ -114,6 +114,7 @@ def variants(dtypes=("bfloat16",), blocks=(64, 128), full: bool = False) -> Iter
                 yield (label, K.finish_kernel, types, consts, ["ws_ptr", "out_ptr", "stride_o0"], 4, 3, {})
             if b >= 64:  # (attention blocks: FlexAttention's tiles want 128)
                 yield from _cache_step_variants(dt, b)
+                yield from _attention_variants(dt, b, full)
 
 
 def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
@@ -144,6 +145,33 @@ def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
     types = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": ptr}
     yield (f"cache-merge {dt}", C.combine_kernel, types, {"BLOCK_S": 16, "BLOCK_DV": 128, "stride_od": 1},
            ["acc_ptr", "m_ptr", "l_ptr", "out_ptr"], 4, 1, {})  # fmt: skip
+
+
+def _attention_variants(dt: str, b: int, full: bool) -> Iterator[tuple]:
+    """The block-sparse attention kernels (``attention.py``) at heads of 128 (64 on 64-blocks), with
+    the first config of each list (every config with ``full``), causal and not."""
+    from sparse_compiler.kernels.triton import attention as A
+    from sparse_compiler.kernels.triton import attention_kernels as K
+
+    ptr = _TYPES[dt]
+    dim = 128 if b >= 128 else 64
+    wide = dt == "float32"
+    for kind, fn in (("forward", K.forward_kernel), ("backward", K.backward_kernel)):
+        listed = A._FLOAT32_CONFIGS[kind] if wide else A.FORWARD_CONFIGS if kind == "forward" else A.BACKWARD_CONFIGS
+        for cfg in listed if full else listed[:1]:
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            cfg = {name: min(size, b) for name, size in cfg.items()}
+            for causal in (False, True):
+                types = {name: ptr for name in fn.arg_names if name.endswith("_ptr")}
+                types.update({name: "*i32" for name in ("row_ptr", "cols", "order", "col_ptr", "rows", "items")})
+                types.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"})
+                consts = {"D": dim, "DV": dim, "B": b, "BLOCK_D": dim, "BLOCK_DV": dim, "CAUSAL": causal,
+                          "PRECISION": "tf32", "HEADS_FASTEST": True, "EVEN_N": True, **cfg}  # fmt: skip
+                consts.update({n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")})
+                div = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("stride") and not n.endswith("d"))]
+                label = f"attention-{kind} {dt} b={b} d={dim}{' causal' if causal else ''}"
+                yield (label, fn, types, consts, div, warps, stages, cfg)
 
 
 def run(dtypes=("bfloat16",), blocks=(64, 128), full: bool = False, arch: int = 90, verbose: bool = False) -> list[dict]:

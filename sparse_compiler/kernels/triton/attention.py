@@ -1,0 +1,397 @@
+"""Static block-sparse attention on our own Triton kernels, launched longest work first.
+
+``block_attention(q, k, v, layout, causal, scale)`` computes ``softmax(q·kᵀ·scale)·v`` over the
+(query, key) pairs whose block the attention layout keeps (and ``key <= query`` when ``causal``),
+as ``kernels.attention.block_sparse_attention`` does through FlexAttention, with a backward. It is
+the ``"triton"`` lowering of the planner on CUDA for what it covers (:func:`unsupported` says why
+not otherwise; FlexAttention runs the rest): no model mask, as many key as query heads, block sizes
+16 to 128 (powers of two), head dims up to ``MAX_HEAD_DIM``, 16- or 32-bit floats.
+
+What it adds over FlexAttention is the **work order** (``attention_kernels.py``). A layout is static,
+so its schedule is computed once per (layout, lengths, causality, device) (:func:`schedule`):
+
+- the CSR lists of the kept key blocks of each query block row and the CSC lists of the query blocks
+  of each key block column (blocks entirely above the diagonal dropped when causal);
+- ``order``: the query block rows by decreasing number of kept blocks (the forward's items);
+- ``items``: the backward's items, key block columns (``dK``, ``dV``) and query block rows (``dQ``)
+  in one list by decreasing cost (4 products per kept block for a column, 3 for a row);
+
+and program ``p`` takes item ``p // (batch · heads)`` for batch · head ``p % (batch · heads)``: the
+long items of every head start first. A layout whose rows are all alike (a butterfly with a local
+window) runs as it would in any order; a global row (a token that attends everywhere), which takes
+``n_k`` blocks' time, no longer runs alone at the end of the launch.
+
+Tiles: a program holds a whole block row (or column) of ``b`` queries (keys) and walks the other
+side in tiles of ``BLOCK_N`` (forward), ``BLOCK_M1`` (key columns), ``BLOCK_N2`` (query rows), with
+warps and pipeline stages from short lists autotuned per (block, head dims, causality, dtype)
+(``sparse_compiler.kernels.triton.linear.SETTINGS``: ``autotune``, and ``configs`` overrides under
+``"attention_forward"`` / ``"attention_backward"``). float32 products use TF32 only where torch
+allows it for matmuls.
+
+The ops ``torch.ops.sparse_compiler.block_attention`` (``(out, lse)``) and
+``block_attention_backward`` (``(dq, dk, dv)``) are opaque custom ops with fake kernels and an
+autograd formula: a compiled graph calls them as external kernels (the schedule is looked up at run
+time, never baked into the graph), and a CUDA graph can hold them after a first call has built the
+schedule. ``lse`` is the log-sum-exp of each query's scores in base 2 (``+inf`` for a query that
+may see no key); it is saved for the backward and has no gradient. Outputs keep the memory order
+of ``q`` (``out``, ``dq``), ``k`` and ``v`` when that is ``(batch, length, heads, dim)``, the
+order a projection leaves them in, so the transposes around attention stay views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import threading
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from sparse_compiler.kernels import SUPPORTED_DTYPES
+from sparse_compiler.kernels.triton import linear as _linear
+from sparse_compiler.layouts.attention import get_attention_layout, layout_geometry
+from sparse_compiler.layouts.layout import Layout, untraced
+
+__all__ = [
+    "BACKWARD_CONFIGS",
+    "FORWARD_CONFIGS",
+    "MAX_HEAD_DIM",
+    "WORK_ORDER",
+    "WORK_ORDERS",
+    "Schedule",
+    "block_attention",
+    "schedule",
+    "tuned_configs",
+    "unsupported",
+]
+
+MAX_HEAD_DIM = 128
+WORK_ORDERS = ("longest_first", "head_major")
+#: ``"longest_first"`` (module docstring), or ``"head_major"``: each head's block rows (columns,
+#: then rows, in the backward) in index order, the order FlexAttention launches in; for measuring.
+WORK_ORDER = "longest_first"
+LOG2_E = math.log2(math.e)
+
+#: Forward tiles (keys per step, warps, stages), first = the default; clipped to the block size.
+FORWARD_CONFIGS = (
+    {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
+)
+#: Backward tiles (queries per step of a key column, keys per step of a query row, warps, stages).
+BACKWARD_CONFIGS = (
+    {"BLOCK_M1": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M1": 32, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M1": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M1": 32, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 4},
+)
+_FLOAT32_CONFIGS = {  # float32 tiles are twice the bytes: smaller steps, fewer stages
+    "forward": ({"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}, {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}),
+    "backward": ({"BLOCK_M1": 32, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 2},
+                 {"BLOCK_M1": 16, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 1}),
+}  # fmt: skip
+
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        _linear._kernels()  # raises the import error when Triton is missing
+        from sparse_compiler.kernels.triton import attention_kernels
+
+        _KERNELS = attention_kernels
+    return _KERNELS
+
+
+def unsupported(
+    q: Tensor, k: Tensor, v: Tensor, layout: Layout, *, enable_gqa: bool = False, has_mask: bool = False
+) -> Optional[str]:
+    """Why these kernels cannot run this call (``None`` when they can): the lowering then falls back
+    to FlexAttention."""
+    if not _linear.available():
+        return "Triton cannot launch here (no CUDA device, or triton missing)"
+    if q.device.type != "cuda" and not _kernels().INTERPRETED:
+        return f"tensors on {q.device.type}, not CUDA"
+    if has_mask:
+        return "the model's own mask (FlexAttention reads it)"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v not 4-D"
+    if enable_gqa or q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
+        return "grouped-query heads"
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    b = layout.block_size
+    if not 16 <= b <= 128 or b & (b - 1):
+        return f"block size {b} (the kernels take powers of two from 16 to 128)"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims {q.shape[-1]}, {v.shape[-1]} above {MAX_HEAD_DIM}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The index tables and work order of one layout at one (lengths, causality), on one device."""
+
+    row_ptr: Tensor  # (n_q + 1,) int32: query block row i keeps cols[row_ptr[i]:row_ptr[i + 1]]
+    cols: Tensor  # (nnz,) int32, ascending within a row
+    col_ptr: Tensor  # (n_k + 1,) int32: key block column j is kept by rows[col_ptr[j]:col_ptr[j + 1]]
+    rows: Tensor  # (nnz,) int32
+    order: Tensor  # (n_q,) int32: the query block rows, longest first (forward items)
+    items: Tensor  # (n_k + n_q,) int32: backward items, costliest first; j < n_k: key column j, else row j - n_k
+    n_q: int
+    n_k: int
+
+
+def kept_blocks(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool) -> Tensor:
+    """The ``(n_q, n_k)`` blocks the kernels visit: the layout's kept blocks, less those entirely
+    above the diagonal when causal (their first key is after their last query)."""
+    lq, _, causal = layout_geometry(layout, seq_len_q, seq_len_k, causal)
+    keep = layout.block_mask.clone()
+    if causal:
+        n_q, n_k = layout.grid
+        b = layout.block_size
+        last_query = torch.clamp((torch.arange(n_q) + 1) * b, max=lq) - 1
+        keep &= (torch.arange(n_k) * b)[None, :] <= last_query[:, None]
+    return keep
+
+
+def _longest_first(cost: Tensor) -> Tensor:
+    return torch.argsort(-cost, stable=True).to(torch.int32)
+
+
+def _build_schedule(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool) -> Schedule:
+    keep = kept_blocks(layout, seq_len_q, seq_len_k, causal)
+    n_q, n_k = keep.shape
+    per_row, per_col = keep.sum(1), keep.sum(0)
+    zero = torch.zeros(1, dtype=torch.int64)
+    row_ptr = torch.cat([zero, per_row.cumsum(0)]).to(torch.int32)
+    col_ptr = torch.cat([zero, per_col.cumsum(0)]).to(torch.int32)
+    cols = keep.nonzero()[:, 1].to(torch.int32)  # row-major: each row's columns ascending
+    rows = keep.t().nonzero()[:, 1].to(torch.int32)
+    # a program's own loads and stores cost about one block's work beside its loop
+    items = _longest_first(torch.cat([4 * per_col + 1, 3 * per_row + 1]))
+    return Schedule(row_ptr, cols, col_ptr, rows, _longest_first(per_row), items, n_q, n_k)
+
+
+_SCHEDULES: dict[tuple[Any, ...], Schedule] = {}
+_LOCK = threading.Lock()
+
+
+def schedule(layout: str, seq_len_q: int, seq_len_k: int, causal: bool, device: torch.device | str) -> Schedule:
+    """The :class:`Schedule` of the layout key ``layout``, built once per (lengths, causality,
+    device) and cached (shared: do not modify)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (layout, int(seq_len_q), int(seq_len_k), bool(causal), device)
+    found = _SCHEDULES.get(key)
+    if found is None:
+        with untraced():
+            cpu = _build_schedule(get_attention_layout(layout), seq_len_q, seq_len_k, causal)
+            moved = {f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)}
+            found = Schedule(**{name: t.to(device) if isinstance(t, Tensor) else t for name, t in moved.items()})
+        with _LOCK:
+            found = _SCHEDULES.setdefault(key, found)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- tiles
+class _Tuners:
+    """One autotuner per (kernel, block size, 16- or 32-bit), each with its own clipped config list."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[Any, ...], Any] = {}
+
+    def __call__(self, kind: str, b: int, dtype: torch.dtype):
+        K = _kernels()
+        override = _linear.SETTINGS.configs.get(f"attention_{kind}")
+        autotune = _linear.SETTINGS.autotune and not K.INTERPRETED and override is None
+        wide = dtype == torch.float32
+        key = (kind, b, wide, autotune, tuple(sorted(override.items())) if override else None)
+        tuner = self.by_key.get(key)
+        if tuner is None:
+            import triton
+
+            if override is not None:
+                dicts = [dict(override)]
+            else:
+                dicts = list(_FLOAT32_CONFIGS[kind] if wide else FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS)
+            configs, seen = [], set()
+            for d in dicts if autotune or override is not None else dicts[:1]:
+                d = dict(d)
+                warps, stages = d.pop("num_warps", 4), d.pop("num_stages", 2)
+                d = {name: min(size, b) for name, size in d.items()}  # a tile never spans two blocks
+                if (tuple(sorted(d.items())), warps, stages) not in seen:
+                    seen.add((tuple(sorted(d.items())), warps, stages))
+                    configs.append(triton.Config(d, num_warps=warps, num_stages=stages))
+            fn = K.forward_kernel if kind == "forward" else K.backward_kernel
+            kwargs: dict[str, Any] = {"configs": configs, "key": ["D", "DV", "B", "CAUSAL", "LQ", "LK", "HEADS_FASTEST"]}
+            if len(configs) > 1 and "do_bench" in inspect.signature(triton.autotune).parameters:
+                kwargs["do_bench"] = _linear._autotune_bench
+            tuner = triton.autotune(**kwargs)(fn)
+            self.by_key[key] = tuner
+        return tuner
+
+
+_TUNERS = _Tuners()
+
+
+def tuned_configs() -> dict[str, list[str]]:
+    """The configs the autotuners chose so far, per kernel (for benchmark records)."""
+    found: dict[str, list[str]] = {}
+    for (kind, b, *_), tuner in _TUNERS.by_key.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            found.setdefault(f"{kind} b={b}", []).append(f"{key}: {cfg}")
+    return found
+
+
+def _like(t: Tensor, last: int, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty ``(batch, heads, length, last)`` tensor in ``t``'s memory order when that is
+    ``(batch, length, heads, dim)``, else contiguous."""
+    b, h, n, _ = t.shape
+    dtype = dtype or t.dtype
+    if h > 1 and n > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
+        return torch.empty((b, n, h, last), dtype=dtype, device=t.device).transpose(1, 2)
+    return torch.empty((b, h, n, last), dtype=dtype, device=t.device)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, lay: Layout) -> None:
+    why = unsupported(q, k, v, lay)
+    if why is not None:
+        raise ValueError(f"block_attention: {why}")
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def _work(sch: Schedule, backward: bool) -> tuple[Tensor, bool]:
+    """(the items in launch order, whether batch · heads vary fastest) under ``WORK_ORDER``."""
+    if WORK_ORDER not in WORK_ORDERS:
+        raise ValueError(f"WORK_ORDER={WORK_ORDER!r}, expected one of {WORK_ORDERS}")
+    if WORK_ORDER == "longest_first":
+        return (sch.items if backward else sch.order), True
+    n = sch.n_k + sch.n_q if backward else sch.n_q
+    return torch.arange(n, dtype=torch.int32, device=sch.order.device), False
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of the kept blocks (module docstring); ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``."""
+    lay = get_attention_layout(layout)
+    _check(q, k, v, lay)
+    bsz, heads, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[-1]
+    sch = schedule(layout, lq, lk, causal, q.device)
+    out = _like(q, dv)
+    lse = torch.empty((bsz, heads, lq), dtype=torch.float32, device=q.device)
+    bh = bsz * heads
+    if out.numel() == 0:
+        return out, lse
+    kernel = _TUNERS("forward", lay.block_size, q.dtype)
+    order, heads_fastest = _work(sch, backward=False)
+    with _linear._on_device(q.device):
+        kernel[(sch.n_q * bh,)](
+            q, k, v, out, lse, sch.row_ptr, sch.cols, order,
+            bh, heads, lq, lk, sch.n_q, scale * LOG2_E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            D=d, DV=dv, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), CAUSAL=bool(causal),
+            EVEN_N=lk % lay.block_size == 0,
+            PRECISION=_linear._precision(q.dtype), HEADS_FASTEST=heads_fastest,
+        )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` for the output gradient ``dout`` (module docstring)."""
+    lay = get_attention_layout(layout)
+    _check(q, k, v, lay)
+    bsz, heads, lq, d = q.shape
+    lk, dv_dim = k.shape[2], v.shape[-1]
+    sch = schedule(layout, lq, lk, causal, q.device)
+    dq, dk, dv = _like(q, d), _like(k, d), _like(v, dv_dim)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    bh = bsz * heads
+    delta = torch.empty((bsz, heads, lq), dtype=torch.float32, device=q.device)  # Δ = rowsum(dO ⊙ O)
+    kernel = _TUNERS("backward", lay.block_size, q.dtype)
+    items, heads_fastest = _work(sch, backward=True)
+    with _linear._on_device(q.device):
+        rows_per_program = max(1, min(64, 8192 // _pow2(dv_dim)))
+        _kernels().delta_kernel[(_cdiv(lq, rows_per_program), bh)](
+            out, dout, delta, heads, lq, *out.stride(), *dout.stride(),
+            DV=dv_dim, BLOCK_R=rows_per_program, BLOCK_DV=_pow2(dv_dim), num_warps=4,
+        )  # fmt: skip
+        kernel[((sch.n_q + sch.n_k) * bh,)](
+            q, k, v, dout, lse, delta, dq, dk, dv,
+            sch.row_ptr, sch.cols, sch.col_ptr, sch.rows, items,
+            bh, heads, lq, lk, sch.n_k, sch.n_k + sch.n_q, scale * LOG2_E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            D=d, DV=dv_dim, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), CAUSAL=bool(causal),
+            EVEN_N=lk % lay.block_size == 0,
+            PRECISION=_linear._precision(q.dtype), HEADS_FASTEST=heads_fastest,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------- ops
+@torch.library.custom_op("sparse_compiler::block_attention", mutates_args=())
+def _block_attention_op(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return forward(q, k, v, layout, causal, scale)
+
+
+@_block_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    get_attention_layout(layout)  # a bad key fails while tracing
+    return _like(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_compiler::block_attention_backward", mutates_args=())
+def _block_attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return backward(dout, q, k, v, out, lse, layout, causal, scale)
+
+
+@_block_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, layout, causal, scale):
+    return _like(q, q.shape[-1]), _like(k, k.shape[-1]), _like(v, v.shape[-1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, layout, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Optional[Tensor]):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_compiler.block_attention_backward(
+        grad_out, q, k, v, out, lse, ctx.layout, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+_block_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool = False, scale: float | None = None) -> Tensor:
+    """Block-sparse attention of ``(batch, heads, length, dim)`` tensors under the layout key
+    ``layout`` on the kernels (module docstring), differentiable in ``q``, ``k``, ``v``."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.sparse_compiler.block_attention(q, k, v, layout, bool(causal), float(scale))[0]

@@ -1,0 +1,265 @@
+"""Tests of the own block-sparse attention kernels (``kernels/triton/attention.py``).
+
+On the CPU the kernels run under Triton's interpreter in a worker subprocess (``triton_interpreter.py``
+says why), at tiny shapes; every case compares the output and the three gradients with float64 SDPA
+under the layout's element mask. The schedule (index lists, work order) is checked without Triton.
+GPU tests (``-m gpu``) run realistic shapes on CUDA and are skipped without it.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":  # worker mode: must precede any import of the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpreter import check_case, collect_results, needs_triton, run_worker
+
+from sparse_compiler.layouts.attention import attention_element_mask, attention_layout
+
+# id -> (pattern, lq, lk, block, density, causal, dtype, head dim, value dim, memory order, config, work order)
+CASES = {
+    "global_rows_16": ("butterfly+local+global", 256, 256, 16, 0.25, False, "float32", 32, 32, "bhld", None, "longest_first"),
+    "causal_bigbird_16": ("bigbird", 256, 256, 16, 0.3, True, "float32", 16, 16, "bhld", None, "longest_first"),
+    # queries stored (batch, length, heads, dim), as a projection leaves them; a ragged last block
+    "ragged_causal_transposed": ("butterfly+local+global", 200, 200, 32, 0.3, True, "float32", 32, 32, "blhd", None, "longest_first"),
+    # tiles smaller than the block (two steps per block), head dims that are not powers of two
+    "sub_tiles_odd_dims": ("butterfly+local+global", 192, 192, 32, 0.4, False, "float32", 24, 40, "bhld",
+                           {"attention_forward": {"BLOCK_N": 16}, "attention_backward": {"BLOCK_M1": 16, "BLOCK_N2": 16}},
+                           "longest_first"),  # fmt: skip
+    "head_major_order": ("butterfly+local+global", 256, 256, 16, 0.25, False, "float32", 16, 16, "bhld", None, "head_major"),
+    "fewer_queries_than_keys": ("local+global", 48, 128, 16, 0.5, False, "float32", 16, 16, "bhld", None, "longest_first"),
+    "float16": ("butterfly+local", 128, 128, 16, 0.5, True, "float16", 16, 16, "bhld", None, "longest_first"),
+}
+
+
+def _qkv(batch, heads, lq, lk, d, dv, dtype, order, device="cpu"):
+    def make(length, dim):
+        if order == "blhd":
+            return torch.randn(batch, length, heads, dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+        return torch.randn(batch, heads, length, dim, device=device, dtype=dtype, requires_grad=True)
+
+    return make(lq, d), make(lk, d), make(lk, dv)
+
+
+def _reference(layout, causal, q, k, v, grad, dtype=torch.float64):
+    """(out, dq, dk, dv) of SDPA in ``dtype`` under the layout's element mask."""
+    mask = attention_element_mask(layout, q.shape[-2], k.shape[-2], causal, device=q.device)
+    q64, k64, v64 = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
+    return (out, *torch.autograd.grad(out, (q64, k64, v64), grad.to(dtype)))
+
+
+def run_case(case: tuple) -> None:
+    from sparse_compiler.kernels.triton import attention as T
+
+    assert T._kernels().INTERPRETED, "worker kernels are not interpreted"
+    pattern, lq, lk, b, density, causal, dtype, d, dv, order, config, work_order = case
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    layout = attention_layout(pattern, lq, lk, b, density=density, causal=causal)
+    q, k, v = _qkv(2, 2, lq, lk, d, dv, dtype, order)
+    T._linear.SETTINGS.configs.update(config or {})
+    T.WORK_ORDER = work_order
+    try:
+        out = T.block_attention(q, k, v, layout.key, causal)
+        grad = torch.randn_like(out)
+        got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    finally:
+        T._linear.SETTINGS.configs.clear()
+        T.WORK_ORDER = "longest_first"
+    want = _reference(layout, causal, q, k, v, grad)
+    assert out.dtype == dtype and out.shape == (2, 2, lq, dv)
+    if order == "blhd":  # the outputs keep the inputs' memory order: the transposes around stay views
+        assert out.transpose(1, 2).is_contiguous() and got[1].transpose(1, 2).is_contiguous()
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (a.double() - w).abs().max().item()
+        assert err < tol * max(1.0, w.abs().max().item()), f"{name}: max abs error {err:.2e}"
+
+
+def run_lowering_case() -> None:
+    """The lowering ``"triton"`` of ``block_sparse_attention``, eager and compiled by Inductor (the ops
+    as external kernels, their autograd formula in the joint graph), against the element-mask SDPA."""
+    from sparse_compiler.kernels.attention import block_sparse_attention
+
+    torch.manual_seed(0)
+    layout = attention_layout("butterfly+local+global", 128, 128, 16, density=0.4, causal=True)
+    q, k, v = _qkv(1, 2, 128, 128, 16, 16, torch.float32, "blhd")
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, layout=layout.key, causal=True, lowering="triton")
+
+    grad = torch.randn(1, 2, 128, 16)
+    want = _reference(layout, True, q, k, v, grad)
+    for fn in (attend, torch.compile(attend, backend="inductor", fullgraph=True)):
+        out = fn(q, k, v)
+        got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+        for a, w in zip(got, want):
+            assert (a.double() - w).abs().max().item() < 2e-5
+
+
+ALL_CASES = {**CASES, "lowering_eager_and_compiled": None}
+
+
+def _run(case_id_case):
+    if case_id_case is None:
+        run_lowering_case()
+    else:
+        run_case(case_id_case)
+
+
+@pytest.fixture(scope="module")
+def interp_results(tmp_path_factory):
+    return collect_results(tmp_path_factory.mktemp("triton_attention"), __file__, list(ALL_CASES), workers=2)
+
+
+@needs_triton
+@pytest.mark.parametrize("case_id", list(ALL_CASES))
+def test_interpreter_case(interp_results, case_id):
+    check_case(interp_results, case_id)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_schedule_lists_and_longest_first_order():
+    """The CSR and CSC lists hold exactly the kept blocks (less those above the diagonal when causal),
+    the forward's rows come longest first, and the backward's items by decreasing cost (4 per block
+    of a key column, 3 per block of a query row), ties in index order."""
+    from sparse_compiler.kernels.triton.attention import _build_schedule, kept_blocks
+
+    for causal in (False, True):
+        layout = attention_layout("butterfly+local+global", 1024, 1024, 64, density=0.3, causal=causal)
+        sch = _build_schedule(layout, 1024, 1024, causal)
+        keep = kept_blocks(layout, 1024, 1024, causal)
+        n_q, n_k = keep.shape
+        assert keep.sum() > 0 and (keep <= layout.block_mask).all()
+        if causal:
+            assert not torch.triu(keep, diagonal=1).any() and keep.diagonal().all()
+        rebuilt = torch.zeros_like(keep)
+        for i in range(n_q):
+            cols = sch.cols[sch.row_ptr[i] : sch.row_ptr[i + 1]]
+            assert (cols[1:] > cols[:-1]).all()
+            rebuilt[i, cols.long()] = True
+        assert torch.equal(rebuilt, keep)
+        rebuilt.zero_()
+        for j in range(n_k):
+            rebuilt[sch.rows[sch.col_ptr[j] : sch.col_ptr[j + 1]].long(), j] = True
+        assert torch.equal(rebuilt, keep)
+        per_row, per_col = keep.sum(1), keep.sum(0)
+        assert sorted(sch.order.tolist()) == list(range(n_q))
+        lengths = per_row[sch.order.long()]
+        assert (lengths[1:] <= lengths[:-1]).all()
+        if not causal:  # the global row (kept in full) comes first
+            assert sch.order[0] == 0 and per_row[0] == n_k
+        cost = torch.cat([4 * per_col + 1, 3 * per_row + 1])
+        assert sorted(sch.items.tolist()) == list(range(n_q + n_k))
+        ordered = cost[sch.items.long()]
+        assert (ordered[1:] <= ordered[:-1]).all()
+    ragged = attention_layout("butterfly+local", 200, 200, 32, density=0.5, causal=True)
+    keep = kept_blocks(ragged, 200, 200, True)
+    assert keep.shape == (7, 7) and not torch.triu(keep, diagonal=1).any()
+
+
+def test_unsupported_calls_say_why_and_the_lowering_falls_back():
+    """What the kernels do not take is named (so the lowering and the report can fall back to
+    FlexAttention), and ``block_sparse_attention(lowering="triton")`` on such a call gives the same
+    result as the fallback."""
+    from sparse_compiler.kernels.attention import block_sparse_attention
+    from sparse_compiler.kernels.triton import attention as T
+
+    layout = attention_layout("butterfly+local+global", 256, 256, 32, density=0.4)
+    q = k = v = torch.randn(1, 2, 256, 16)
+    why = T.unsupported(q, k, v, layout)
+    assert why is not None and ("CUDA" in why or "Triton" in why)  # CPU tensors outside the interpreter
+    if torch.cuda.is_available() and T._linear.available():
+        qc = q.cuda().half()
+        assert T.unsupported(qc, qc, qc, layout) is None
+        assert "mask" in T.unsupported(qc, qc, qc, layout, has_mask=True)
+        assert "grouped-query" in T.unsupported(qc, qc[:, :1], qc[:, :1], layout, enable_gqa=True)
+        assert "head dims" in T.unsupported(torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.half), qc, qc, layout)
+        wide = attention_layout("butterfly+local+global", 1024, 1024, 256, density=0.5)
+        assert "block size 256" in T.unsupported(qc, qc, qc, wide)
+        assert "dtypes" in T.unsupported(qc.double(), qc.double(), qc.double(), layout)
+    with torch.no_grad():
+        got = block_sparse_attention(q, k, v, layout=layout.key, lowering="triton")
+        want = block_sparse_attention(q, k, v, layout=layout.key, lowering="sdpa")
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+# (pattern, length, block, density, causal, dtype, batch, heads, head dim, memory order)
+_GPU_CASES = (
+    ("butterfly+local+global", 2048, 128, 0.125, False, torch.bfloat16, 2, 4, 128, "blhd"),
+    ("butterfly+local+global", 2048, 128, 0.25, True, torch.bfloat16, 1, 4, 128, "bhld"),
+    ("bigbird", 2000, 64, 0.2, True, torch.float16, 2, 2, 64, "bhld"),  # ragged last block, 64-blocks
+    ("butterfly+local", 1024, 32, 0.25, False, torch.float32, 1, 2, 64, "bhld"),
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{'causal' if c[4] else 'full'}-{c[5]}")
+def test_gpu_kernels_match_sdpa(case):
+    """Training shapes on CUDA: output and gradients against float64 SDPA with the element mask, in
+    both work orders (the order changes which program runs when, never a result)."""
+    from sparse_compiler.kernels.triton import attention as T
+
+    if T._kernels().INTERPRETED:
+        pytest.skip("kernels were imported under TRITON_INTERPRET=1")
+    pattern, length, b, density, causal, dtype, batch, heads, d, order = case
+    layout = attention_layout(pattern, length, length, b, density=density, causal=causal)
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        q, k, v = _qkv(batch, heads, length, length, d, d, dtype, order, device="cuda")
+        grad = torch.randn(batch, heads, length, d, device="cuda", dtype=dtype)
+        want = _reference(layout, causal, q, k, v, grad)
+        results = {}
+        for work_order in T.WORK_ORDERS:
+            T.WORK_ORDER = work_order
+            out = T.block_attention(q, k, v, layout.key, causal)
+            results[work_order] = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    finally:
+        T.WORK_ORDER = "longest_first"
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    for got in results.values():
+        for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+            scale = w.abs().max().item()
+            err = (a.double() - w).abs().max().item()
+            assert err <= tol * max(1.0, scale), f"{name}: max abs error {err:.3e} (largest value {scale:.3e})"
+    for a, w in zip(*results.values()):  # same programs, same sums: identical bits whatever the order
+        assert torch.equal(a, w)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_runs_the_own_kernels_in_a_compiled_training_step():
+    """``backend="sparsify"`` with attention targets plans the own kernels for a mask-free CUDA
+    attention, and the compiled step's output and gradients equal the eager model's with the
+    layout's element mask."""
+    import sparse_compiler
+    from sparse_compiler.layouts.attention import get_attention_layout
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    options = {"targets": ("attention",), "attention_min_seq_len": 1024, "attention_density": 0.25}
+    q, k, v = _qkv(2, 4, 2048, 2048, 64, 64, torch.bfloat16, "blhd", device="cuda")
+    out = torch.compile(Attend(), backend="sparsify", options=options)(q, k, v)
+    (row,) = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
+    assert row["decision"] == "sparse" and row["lowering"] == "triton", row["reason"]
+    layout = get_attention_layout(row["layout"])
+    grad = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    want = _reference(layout, False, q, k, v, grad)
+    for a, w in zip(got, want):
+        assert (a.double() - w).abs().max().item() < 3e-2 * max(1.0, w.abs().max().item())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+        run_worker(sys.argv[2], sys.argv[3:] or list(ALL_CASES), ALL_CASES, _run)
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
