@@ -14,9 +14,9 @@ Sweep: sequence lengths 8k first (the target), then 1k, 2k, 4k, 16k; a constant 
   same length share the kernels (their index tables are inputs, the mask_mod is one function).
 
 Each row has both (``triton_ms``, ``flex_ms``, forward-only times beside them); ``sparse_ms`` and
-``speedup`` are the own kernels'. At 8k an A/B of the own kernels' work order (``work_order_ab``:
-longest rows first against FlexAttention's order, each head's rows in turn) measures what the order
-is worth.
+``speedup`` are the own kernels' (in their default work order). Rows from 8k on also time the own
+kernels in every work order (``work_orders``: heavy items first, longest first, FlexAttention's
+order), one after the other on the same tensors.
 
 At 8k and density 1/4 the backend's own path (``block_sparse_attention`` compiled, with either
 lowering) is timed too, and, budget permitting, the causal case (flash with
@@ -125,7 +125,6 @@ def main() -> int:
         "extra": [],
         "skipped": [],
         "compile_s": {},
-        "work_order_ab": [],
         "complete": False,
     }
 
@@ -186,7 +185,17 @@ def main() -> int:
                 triton_ms, triton_fwd_ms = _median_ms(triton_step, args.reps), _median_ms(triton_fwd, args.reps)
                 row.update({"sparse_ms": triton_ms, "speedup": dense_ms / triton_ms,
                             "speedup_times_density": dense_ms / triton_ms * density, "triton_ms": triton_ms,
-                            "triton_fwd_ms": triton_fwd_ms, "triton_configs": own.tuned_configs()})
+                            "triton_fwd_ms": triton_fwd_ms, "work_order": own.WORK_ORDER})
+                if L >= 8192 and not causal:  # the other work orders, timed right here
+                    row["work_orders"] = {}
+                    for order in own.WORK_ORDERS:
+                        default, own.WORK_ORDER = own.WORK_ORDER, order
+                        try:
+                            row["work_orders"][order] = {"ms": _median_ms(triton_step, args.reps),
+                                                         "fwd_ms": _median_ms(triton_fwd, args.reps)}
+                        finally:
+                            own.WORK_ORDER = default
+                row["triton_configs"] = own.tuned_configs()
             except Exception as exc:  # noqa: BLE001
                 row["triton_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 triton_ms = triton_fwd_ms = float("nan")
@@ -204,6 +213,8 @@ def main() -> int:
                   f"own {triton_ms:8.3f} ms ({dense_ms / triton_ms:5.2f}x)  flex {flex_ms:8.3f} ms "
                   f"({dense_ms / flex_ms:5.2f}x)  ideal {1 / density:5.2f}x;  fwd dense/own/flex "
                   f"{dense_fwd_ms:.3f}/{triton_fwd_ms:.3f}/{flex_fwd_ms:.3f} ms {row.get('triton_error', '')}", flush=True)
+            for order, t in row.get("work_orders", {}).items():
+                print(f"   work order {order:14s} {t['ms']:8.3f} ms (forward {t['fwd_ms']:.3f} ms)", flush=True)
             if backend_path and i == 0:
                 for lowering in ("triton", "flex"):
                     fn = torch.compile(
@@ -223,41 +234,7 @@ def main() -> int:
                     print(f"   backend path ({lowering}): {ms:8.3f} ms  speedup {dense_ms / ms:5.2f}x", flush=True)
                     write_results(args.out, out)
 
-    def work_order_ab(L: int = 8192) -> None:
-        """The own kernels in both work orders at ``L`` and the sparsest densities: longest rows
-        first against each head's rows in turn (FlexAttention's order), forward and forward+backward."""
-        B = max(1, args.tokens // L)
-        q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-        g = torch.randn(B, H, L, D, device=dev, dtype=dtype)
-        for d in (1 / 8, 1 / 16):
-            layout = attention_layout(args.pattern, L, L, b, density=d)
-            for order in own.WORK_ORDERS:
-                own.WORK_ORDER = order
-                try:
-                    def step():
-                        o = own.block_attention(q, k, v, layout.key)
-                        torch.autograd.grad(o, (q, k, v), g)
-
-                    def fwd():
-                        with torch.no_grad():
-                            own.block_attention(q, k, v, layout.key)
-
-                    entry = {"work_order": order, "seq_len": L, "density_target": d,
-                             "density": float(layout.params["density"]), "sparse_ms": _median_ms(step, args.reps),
-                             "fwd_ms": _median_ms(fwd, args.reps)}
-                finally:
-                    own.WORK_ORDER = "longest_first"
-                out["work_order_ab"].append(entry)
-                write_results(args.out, out)
-                print(f"work order {order:14s} d={entry['density']:.3f}: {entry['sparse_ms']:8.3f} ms "
-                      f"(forward {entry['fwd_ms']:.3f} ms)", flush=True)
-
     for L in args.lengths:
-        if L != 8192 and 8192 in args.lengths and not out["work_order_ab"]:
-            try:
-                work_order_ab()
-            except Exception as exc:  # noqa: BLE001  (recorded; the sweep goes on)
-                out["work_order_ab"].append({"error": f"{type(exc).__name__}: {exc}"[:300]})
         if time.perf_counter() - t_start > args.budget_s * 0.8:
             out["skipped"].append({"seq_len": L, "why": "time budget"})
             continue

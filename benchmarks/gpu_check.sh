@@ -6,20 +6,20 @@
 # Steps (each runs even if an earlier one failed; the exit status is non-zero if any failed):
 #   1. pip install --no-deps --no-build-isolation -e .   (quiet)
 #   2. nvidia-smi summary, versions
-#   3. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json
-#   4. python benchmarks/bench_attention.py              -> $OUT/bench_attention.json
-#   5. every GPU test (pytest -m gpu)
+#   3. python benchmarks/bench_attention.py              -> $OUT/bench_attention.json
+#   4. every GPU test (pytest -m gpu)
+#   5. python benchmarks/bench_kernels.py                -> $OUT/bench_kernels.json
 #   6. python benchmarks/bench_decode.py (a cache step)  -> $OUT/bench_decode.json
 #   7. bench_decode.py --queries 512 (a chunked prefill)  -> $OUT/bench_decode_chunk.json
-# The measurements the results/ JSON needs come first, then the tests, then the decoding steps, each
-# with the time left. pytest prints its slowest tests (--durations) so that the next run can be
-# sized, and runs on 8 workers where pytest-xdist is installed (a 15-minute lease, machine start
-# included: on an H200 this order took 302 s, the tests 120 s of it; with the tests first on 4
-# workers, 450 s).
+# The attention measurements come first (they decide the attention lowering), then the tests, the
+# linear kernels and the decoding steps, each with the time left. pytest prints its slowest tests
+# (--durations) so that the next run can be sized, and runs on 8 workers where pytest-xdist is
+# installed (a 15-minute lease, machine start included: on an H200 the tests took 120 s; with the
+# tests first on 4 workers, the whole script 450 s).
 # The benchmarks rewrite their JSON after every measured row, so a step stopped at its limit still
 # leaves what it measured. Every step's log, the JSON and the versions are also bundled, after each
 # step, into $OUT/gpu_check_logs.tgz (a lent machine returns few files).
-# Budget: GPU_CHECK_BUDGET_S (default 330 s) in all; each step also has its own limit, cut to what is left.
+# Budget: GPU_CHECK_BUDGET_S (default 400 s) in all; each step also has its own limit, cut to what is left.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/latest}"
@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 failed=()
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-330}))  # whole script, seconds
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-400}))  # whole script, seconds
 
 step() {  # step NAME TIMEOUT_S COMMAND... ; logs to $OUT/NAME.log
     local name="$1" limit="$2"
@@ -55,7 +55,7 @@ bundle() {  # the benchmarks' JSON straight into $OUT, everything into one archi
     tar -C "$LOGS" -czf "$OUT/gpu_check_logs.tgz.part" . && mv "$OUT/gpu_check_logs.tgz.part" "$OUT/gpu_check_logs.tgz"
 }
 
-step pip_install 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+step pip_install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
 
 echo "=== nvidia-smi"
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -70,9 +70,9 @@ bundle
 
 PYTEST=("$PY" -m pytest -q -m gpu --durations=15)
 if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST+=(-n 8); fi  # compilation dominates: 8 processes
-step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --budget-s 110 --out "$LOGS/bench_kernels.json"
-step bench_attention 75 "$PY" benchmarks/bench_attention.py --budget-s 55 --out "$LOGS/bench_attention.json"
+step bench_attention 150 "$PY" benchmarks/bench_attention.py --budget-s 120 --out "$LOGS/bench_attention.json"
 step pytest_gpu 150 "${PYTEST[@]}" tests
+step bench_kernels 110 "$PY" benchmarks/bench_kernels.py --budget-s 80 --out "$LOGS/bench_kernels.json"
 step bench_decode 45 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
     --out "$LOGS/bench_decode.json"
 step bench_decode_chunk 30 "$PY" benchmarks/bench_decode.py --device cuda --contexts 32768 --queries 512 \

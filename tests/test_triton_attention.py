@@ -21,17 +21,18 @@ from sparse_compiler.layouts.attention import attention_element_mask, attention_
 
 # id -> (pattern, lq, lk, block, density, causal, dtype, head dim, value dim, memory order, config, work order)
 CASES = {
-    "global_rows_16": ("butterfly+local+global", 256, 256, 16, 0.25, False, "float32", 32, 32, "bhld", None, "longest_first"),
-    "causal_bigbird_16": ("bigbird", 256, 256, 16, 0.3, True, "float32", 16, 16, "bhld", None, "longest_first"),
+    "global_rows_16": ("butterfly+local+global", 256, 256, 16, 0.25, False, "float32", 32, 32, "bhld", None, "heavy_first"),
+    "causal_bigbird_16": ("bigbird", 256, 256, 16, 0.3, True, "float32", 16, 16, "bhld", None, "heavy_first"),
     # queries stored (batch, length, heads, dim), as a projection leaves them; a ragged last block
-    "ragged_causal_transposed": ("butterfly+local+global", 200, 200, 32, 0.3, True, "float32", 32, 32, "blhd", None, "longest_first"),
+    "ragged_causal_transposed": ("butterfly+local+global", 200, 200, 32, 0.3, True, "float32", 32, 32, "blhd", None, "heavy_first"),
     # tiles smaller than the block (two steps per block), head dims that are not powers of two
     "sub_tiles_odd_dims": ("butterfly+local+global", 192, 192, 32, 0.4, False, "float32", 24, 40, "bhld",
                            {"attention_forward": {"BLOCK_N": 16}, "attention_backward": {"BLOCK_M1": 16, "BLOCK_N2": 16}},
-                           "longest_first"),  # fmt: skip
+                           "heavy_first"),  # fmt: skip
     "head_major_order": ("butterfly+local+global", 256, 256, 16, 0.25, False, "float32", 16, 16, "bhld", None, "head_major"),
-    "fewer_queries_than_keys": ("local+global", 48, 128, 16, 0.5, False, "float32", 16, 16, "bhld", None, "longest_first"),
-    "float16": ("butterfly+local", 128, 128, 16, 0.5, True, "float16", 16, 16, "bhld", None, "longest_first"),
+    "longest_first_order": ("bigbird", 256, 256, 16, 0.3, False, "float32", 16, 16, "blhd", None, "longest_first"),
+    "fewer_queries_than_keys": ("local+global", 48, 128, 16, 0.5, False, "float32", 16, 16, "bhld", None, "heavy_first"),
+    "float16": ("butterfly+local", 128, 128, 16, 0.5, True, "float16", 16, 16, "bhld", None, "heavy_first"),
 }
 
 
@@ -69,7 +70,7 @@ def run_case(case: tuple) -> None:
         got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     finally:
         T._linear.SETTINGS.configs.clear()
-        T.WORK_ORDER = "longest_first"
+        T.WORK_ORDER = "heavy_first"
     want = _reference(layout, causal, q, k, v, grad)
     assert out.dtype == dtype and out.shape == (2, 2, lq, dv)
     if order == "blhd":  # the outputs keep the inputs' memory order: the transposes around stay views
@@ -123,11 +124,12 @@ def test_interpreter_case(interp_results, case_id):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-def test_schedule_lists_and_longest_first_order():
-    """The CSR and CSC lists hold exactly the kept blocks (less those above the diagonal when causal),
-    the forward's rows come longest first, and the backward's items by decreasing cost (4 per block
-    of a key column, 3 per block of a query row), ties in index order."""
-    from sparse_compiler.kernels.triton.attention import _build_schedule, kept_blocks
+def test_schedule_lists_and_work_orders():
+    """The CSR and CSC lists hold exactly the kept blocks (less those above the diagonal when causal);
+    every work order lists each item once: ``longest_first`` by decreasing cost, ``head_major`` in
+    index order, ``heavy_first`` the items above twice the mean cost (longest first: the global row
+    and column) and then the rest in index order."""
+    from sparse_compiler.kernels.triton.attention import _build_schedule, kept_blocks, work_orders
 
     for causal in (False, True):
         layout = attention_layout("butterfly+local+global", 1024, 1024, 64, density=0.3, causal=causal)
@@ -148,15 +150,23 @@ def test_schedule_lists_and_longest_first_order():
             rebuilt[sch.rows[sch.col_ptr[j] : sch.col_ptr[j + 1]].long(), j] = True
         assert torch.equal(rebuilt, keep)
         per_row, per_col = keep.sum(1), keep.sum(0)
-        assert sorted(sch.order.tolist()) == list(range(n_q))
-        lengths = per_row[sch.order.long()]
-        assert (lengths[1:] <= lengths[:-1]).all()
-        if not causal:  # the global row (kept in full) comes first
-            assert sch.order[0] == 0 and per_row[0] == n_k
-        cost = torch.cat([4 * per_col + 1, 3 * per_row + 1])
-        assert sorted(sch.items.tolist()) == list(range(n_q + n_k))
-        ordered = cost[sch.items.long()]
-        assert (ordered[1:] <= ordered[:-1]).all()
+        for orders, cost in ((sch.forward, 2 * per_row + 1), (sch.backward, torch.cat([4 * per_col + 1, 3 * per_row + 1]))):
+            assert set(orders) == {"heavy_first", "longest_first", "head_major"}
+            for items, n_heavy in orders.values():
+                assert sorted(items.tolist()) == list(range(len(cost)))
+            items, n_heavy = orders["longest_first"]
+            assert n_heavy == len(cost) and (cost[items.long()][1:] <= cost[items.long()][:-1]).all()
+            items, n_heavy = orders["head_major"]
+            assert n_heavy == 0 and items.tolist() == list(range(len(cost)))
+            items, n_heavy = orders["heavy_first"]
+            heavy, rest = cost[items[:n_heavy].long()], items[n_heavy:]
+            assert (heavy > 2 * cost.float().mean()).all() and (heavy[1:] <= heavy[:-1]).all()
+            assert (cost[rest.long()] <= 2 * cost.float().mean()).all() and (rest[1:] > rest[:-1]).all()
+        if not causal:  # the global row and column (kept in full) are the heavy items
+            assert per_row[0] == n_k and per_col[0] == n_q
+            assert sch.forward["heavy_first"][0][:1].tolist() == [0] and sch.forward["heavy_first"][1] == 1
+            assert sorted(sch.backward["heavy_first"][0][:2].tolist()) == [0, n_k]
+    assert work_orders(torch.ones(5, dtype=torch.int64))["heavy_first"][1] == 0  # all alike: none heavy
     ragged = attention_layout("butterfly+local", 200, 200, 32, density=0.5, causal=True)
     keep = kept_blocks(ragged, 200, 200, True)
     assert keep.shape == (7, 7) and not torch.triu(keep, diagonal=1).any()
@@ -221,7 +231,7 @@ def test_gpu_kernels_match_sdpa(case):
             out = T.block_attention(q, k, v, layout.key, causal)
             results[work_order] = (out, *torch.autograd.grad(out, (q, k, v), grad))
     finally:
-        T.WORK_ORDER = "longest_first"
+        T.WORK_ORDER = "heavy_first"
         torch.backends.cuda.matmul.allow_tf32 = allow
     tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     for got in results.values():
@@ -239,6 +249,7 @@ def test_gpu_backend_runs_the_own_kernels_in_a_compiled_training_step():
     attention, and the compiled step's output and gradients equal the eager model's with the
     layout's element mask."""
     import sparse_compiler
+    from sparse_compiler.backend import sparsify
     from sparse_compiler.layouts.attention import get_attention_layout
 
     class Attend(torch.nn.Module):
@@ -247,7 +258,8 @@ def test_gpu_backend_runs_the_own_kernels_in_a_compiled_training_step():
 
     options = {"targets": ("attention",), "attention_min_seq_len": 1024, "attention_density": 0.25}
     q, k, v = _qkv(2, 4, 2048, 2048, 64, 64, torch.bfloat16, "blhd", device="cuda")
-    out = torch.compile(Attend(), backend="sparsify", options=options)(q, k, v)
+    # (the backend function itself: this test must not depend on the entry point of an installed copy)
+    out = torch.compile(Attend(), backend=lambda gm, inputs: sparsify(gm, inputs, options=options))(q, k, v)
     (row,) = [r for r in sparse_compiler.last_report().rows if r["kind"] == "attention"]
     assert row["decision"] == "sparse" and row["lowering"] == "triton", row["reason"]
     layout = get_attention_layout(row["layout"])

@@ -12,14 +12,17 @@ so its schedule is computed once per (layout, lengths, causality, device) (:func
 
 - the CSR lists of the kept key blocks of each query block row and the CSC lists of the query blocks
   of each key block column (blocks entirely above the diagonal dropped when causal);
-- ``order``: the query block rows by decreasing number of kept blocks (the forward's items);
-- ``items``: the backward's items, key block columns (``dK``, ``dV``) and query block rows (``dQ``)
-  in one list by decreasing cost (4 products per kept block for a column, 3 for a row);
+- the forward's items (query block rows) and the backward's (key block columns for ``dK``, ``dV``
+  and query block rows for ``dQ``, in one list), each with its cost: 2 products per kept block of a
+  forward row, 4 of a key column, 3 of a backward row, plus one for the program's own loads and stores;
+- the order the programs take them in (:data:`WORK_ORDER`): by default the heavy items (more than
+  twice the mean cost: a global token's row or column, kept in full) first, every head's at once
+  and longest first, then the others head by head in index order, so that programs running together
+  share a head's keys and values in L2.
 
-and program ``p`` takes item ``p // (batch · heads)`` for batch · head ``p % (batch · heads)``: the
-long items of every head start first. A layout whose rows are all alike (a butterfly with a local
-window) runs as it would in any order; a global row (a token that attends everywhere), which takes
-``n_k`` blocks' time, no longer runs alone at the end of the launch.
+A layout whose rows are all alike (a butterfly with a local window) runs in FlexAttention's order; a
+global row, which takes ``n_k`` blocks' time, no longer starts at the end of the launch and runs
+alone after everything else.
 
 Tiles: a program holds a whole block row (or column) of ``b`` queries (keys) and walks the other
 side in tiles of ``BLOCK_N`` (forward), ``BLOCK_M1`` (key columns), ``BLOCK_N2`` (query rows), with
@@ -68,10 +71,12 @@ __all__ = [
 ]
 
 MAX_HEAD_DIM = 128
-WORK_ORDERS = ("longest_first", "head_major")
-#: ``"longest_first"`` (module docstring), or ``"head_major"``: each head's block rows (columns,
-#: then rows, in the backward) in index order, the order FlexAttention launches in; for measuring.
-WORK_ORDER = "longest_first"
+WORK_ORDERS = ("heavy_first", "longest_first", "head_major")
+#: How programs take the work items (``attention_kernels.py``): ``"heavy_first"`` (items more than
+#: twice the mean cost first, every head's at once, longest first; then the rest head by head, in
+#: index order, for L2 locality), ``"longest_first"`` (every item by decreasing cost, heads fastest)
+#: or ``"head_major"`` (each head's items in index order: FlexAttention's order). For measuring.
+WORK_ORDER = "heavy_first"
 LOG2_E = math.log2(math.e)
 
 #: Forward tiles (keys per step, warps, stages), first = the default; clipped to the block size.
@@ -135,16 +140,18 @@ def unsupported(
 # ---------------------------------------------------------------------------------------------- schedule
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """The index tables and work order of one layout at one (lengths, causality), on one device."""
+    """The index tables and work orders of one layout at one (lengths, causality), on one device."""
 
     row_ptr: Tensor  # (n_q + 1,) int32: query block row i keeps cols[row_ptr[i]:row_ptr[i + 1]]
     cols: Tensor  # (nnz,) int32, ascending within a row
     col_ptr: Tensor  # (n_k + 1,) int32: key block column j is kept by rows[col_ptr[j]:col_ptr[j + 1]]
     rows: Tensor  # (nnz,) int32
-    order: Tensor  # (n_q,) int32: the query block rows, longest first (forward items)
-    items: Tensor  # (n_k + n_q,) int32: backward items, costliest first; j < n_k: key column j, else row j - n_k
     n_q: int
     n_k: int
+    #: per work order: (forward items: query block rows, how many of them are heavy); backward items
+    #: are key block columns j < n_k and query block rows n_k + i, likewise
+    forward: dict[str, tuple[Tensor, int]]
+    backward: dict[str, tuple[Tensor, int]]
 
 
 def kept_blocks(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool) -> Tensor:
@@ -160,8 +167,21 @@ def kept_blocks(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool) ->
     return keep
 
 
-def _longest_first(cost: Tensor) -> Tensor:
-    return torch.argsort(-cost, stable=True).to(torch.int32)
+def work_orders(cost: Tensor) -> dict[str, tuple[Tensor, int]]:
+    """``{order: (items, n_heavy)}`` for items of the given costs (see :data:`WORK_ORDERS`): the
+    programs take the first ``n_heavy`` items with the batch · head index fastest, the rest head by
+    head. Heavy: more than twice the mean cost."""
+    by_cost = torch.argsort(-cost, stable=True)
+    heavy = by_cost[cost[by_cost] > 2 * cost.float().mean()]
+    light = torch.ones_like(cost, dtype=torch.bool)
+    light[heavy] = False
+    everything = torch.arange(len(cost))
+    i32 = torch.int32
+    return {
+        "heavy_first": (torch.cat([heavy, everything[light]]).to(i32), len(heavy)),
+        "longest_first": (by_cost.to(i32), len(cost)),
+        "head_major": (everything.to(i32), 0),
+    }
 
 
 def _build_schedule(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool) -> Schedule:
@@ -173,9 +193,11 @@ def _build_schedule(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool
     col_ptr = torch.cat([zero, per_col.cumsum(0)]).to(torch.int32)
     cols = keep.nonzero()[:, 1].to(torch.int32)  # row-major: each row's columns ascending
     rows = keep.t().nonzero()[:, 1].to(torch.int32)
-    # a program's own loads and stores cost about one block's work beside its loop
-    items = _longest_first(torch.cat([4 * per_col + 1, 3 * per_row + 1]))
-    return Schedule(row_ptr, cols, col_ptr, rows, _longest_first(per_row), items, n_q, n_k)
+    # a key column costs 4 products per kept block, a query row 3 (dQ) in the backward and 2 in the
+    # forward; a program's own loads and stores about one block's work beside its loop
+    forward = work_orders(2 * per_row + 1)
+    backward = work_orders(torch.cat([4 * per_col + 1, 3 * per_row + 1]))
+    return Schedule(row_ptr, cols, col_ptr, rows, n_q, n_k, forward, backward)
 
 
 _SCHEDULES: dict[tuple[Any, ...], Schedule] = {}
@@ -193,8 +215,11 @@ def schedule(layout: str, seq_len_q: int, seq_len_k: int, causal: bool, device: 
     if found is None:
         with untraced():
             cpu = _build_schedule(get_attention_layout(layout), seq_len_q, seq_len_k, causal)
-            moved = {f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)}
-            found = Schedule(**{name: t.to(device) if isinstance(t, Tensor) else t for name, t in moved.items()})
+            found = dataclasses.replace(
+                cpu, row_ptr=cpu.row_ptr.to(device), cols=cpu.cols.to(device), col_ptr=cpu.col_ptr.to(device),
+                rows=cpu.rows.to(device), forward={k: (t.to(device), n) for k, (t, n) in cpu.forward.items()},
+                backward={k: (t.to(device), n) for k, (t, n) in cpu.backward.items()},
+            )
         with _LOCK:
             found = _SCHEDULES.setdefault(key, found)
     return found
@@ -230,7 +255,7 @@ class _Tuners:
                     seen.add((tuple(sorted(d.items())), warps, stages))
                     configs.append(triton.Config(d, num_warps=warps, num_stages=stages))
             fn = K.forward_kernel if kind == "forward" else K.backward_kernel
-            kwargs: dict[str, Any] = {"configs": configs, "key": ["D", "DV", "B", "CAUSAL", "LQ", "LK", "HEADS_FASTEST"]}
+            kwargs: dict[str, Any] = {"configs": configs, "key": ["D", "DV", "B", "CAUSAL", "LQ", "LK", "N_HEAVY"]}
             if len(configs) > 1 and "do_bench" in inspect.signature(triton.autotune).parameters:
                 kwargs["do_bench"] = _linear._autotune_bench
             tuner = triton.autotune(**kwargs)(fn)
@@ -268,14 +293,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, lay: Layout) -> None:
         raise ValueError(f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
-def _work(sch: Schedule, backward: bool) -> tuple[Tensor, bool]:
-    """(the items in launch order, whether batch · heads vary fastest) under ``WORK_ORDER``."""
+def _work(sch: Schedule, backward: bool) -> tuple[Tensor, int]:
+    """(the item list, how many heavy items lead it) under ``WORK_ORDER``."""
     if WORK_ORDER not in WORK_ORDERS:
         raise ValueError(f"WORK_ORDER={WORK_ORDER!r}, expected one of {WORK_ORDERS}")
-    if WORK_ORDER == "longest_first":
-        return (sch.items if backward else sch.order), True
-    n = sch.n_k + sch.n_q if backward else sch.n_q
-    return torch.arange(n, dtype=torch.int32, device=sch.order.device), False
+    return (sch.backward if backward else sch.forward)[WORK_ORDER]
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -291,15 +313,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: f
     if out.numel() == 0:
         return out, lse
     kernel = _TUNERS("forward", lay.block_size, q.dtype)
-    order, heads_fastest = _work(sch, backward=False)
+    order, n_heavy = _work(sch, backward=False)
     with _linear._on_device(q.device):
         kernel[(sch.n_q * bh,)](
             q, k, v, out, lse, sch.row_ptr, sch.cols, order,
-            bh, heads, lq, lk, sch.n_q, scale * LOG2_E,
+            bh, heads, lq, lk, sch.n_q, n_heavy, scale * LOG2_E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             D=d, DV=dv, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), CAUSAL=bool(causal),
-            EVEN_N=lk % lay.block_size == 0,
-            PRECISION=_linear._precision(q.dtype), HEADS_FASTEST=heads_fastest,
+            EVEN_M=lq % lay.block_size == 0, EVEN_N=lk % lay.block_size == 0, SAFE_D=_pow2(d) == d and _pow2(dv) == dv,
+            PRECISION=_linear._precision(q.dtype),
         )  # fmt: skip
     return out, lse
 
@@ -320,7 +342,7 @@ def backward(
     bh = bsz * heads
     delta = torch.empty((bsz, heads, lq), dtype=torch.float32, device=q.device)  # Δ = rowsum(dO ⊙ O)
     kernel = _TUNERS("backward", lay.block_size, q.dtype)
-    items, heads_fastest = _work(sch, backward=True)
+    items, n_heavy = _work(sch, backward=True)
     with _linear._on_device(q.device):
         rows_per_program = max(1, min(64, 8192 // _pow2(dv_dim)))
         _kernels().delta_kernel[(_cdiv(lq, rows_per_program), bh)](
@@ -330,11 +352,11 @@ def backward(
         kernel[((sch.n_q + sch.n_k) * bh,)](
             q, k, v, dout, lse, delta, dq, dk, dv,
             sch.row_ptr, sch.cols, sch.col_ptr, sch.rows, items,
-            bh, heads, lq, lk, sch.n_k, sch.n_k + sch.n_q, scale * LOG2_E, scale,
+            bh, heads, lq, lk, sch.n_k, sch.n_k + sch.n_q, n_heavy, scale * LOG2_E, scale,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             D=d, DV=dv_dim, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), CAUSAL=bool(causal),
-            EVEN_N=lk % lay.block_size == 0,
-            PRECISION=_linear._precision(q.dtype), HEADS_FASTEST=heads_fastest,
+            EVEN_M=lq % lay.block_size == 0, EVEN_N=lk % lay.block_size == 0,
+            SAFE_D=_pow2(d) == d and _pow2(dv_dim) == dv_dim, PRECISION=_linear._precision(q.dtype),
         )  # fmt: skip
     return dq, dk, dv
 

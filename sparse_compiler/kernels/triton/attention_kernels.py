@@ -1,4 +1,4 @@
-"""Triton kernels of static block-sparse attention, forward and backward, in a length-sorted order.
+"""Triton kernels of static block-sparse attention, forward and backward, in a planned work order.
 
 This module imports Triton at the top: import it only through
 ``sparse_compiler.kernels.triton.attention``, which guards the import and launches the kernels.
@@ -7,8 +7,9 @@ Notation: ``B`` is the layout's block size (a program owns one block row of quer
 column of keys: ``B`` rows), ``Lq``/``Lk`` the lengths, ``s = q·kᵀ · scale · log2(e)`` the scores in
 base 2. A (query, key) pair takes part when its block is kept (the CSR lists ``row_ptr``/``cols``
 of the query block rows, the CSC lists ``col_ptr``/``rows`` of the key block columns), the key
-exists (``< Lk``; ``EVEN_N``: ``Lk`` is a multiple of ``B``, every key of a block exists) and, with
-``CAUSAL``, ``key <= query``.
+exists (``< Lk``) and, with ``CAUSAL``, ``key <= query``. ``EVEN_M`` / ``EVEN_N``: ``Lq`` / ``Lk``
+is a multiple of ``B``; ``SAFE_D``: the head dims are the tile widths. Together they let every load
+and store go unmasked (no mask tensors held in registers).
 
 ``forward_kernel``: one program per (work item, batch · head), the item a query block row. It walks
 the row's kept key blocks in tiles of ``BLOCK_N`` keys with the online softmax (running max ``m``,
@@ -29,16 +30,13 @@ whose output is then zero: the backward's ``2^(s − lse)`` is zero there too).
 Every gradient is written by the one program that owns it: no atomics, deterministic. ``delta_kernel``
 computes ``Δ`` first, one program per (tile of ``BLOCK_R`` queries, batch · head), in float32.
 
-Why a work order: the programs of a launch start in ``program_id`` order, and a block row kept in
-full (a global token row) takes ``n_k`` times a one-block row's time. In the order FlexAttention
-launches (query blocks fastest, then batch, then head) the last head's long row starts near the end
-of the launch and runs alone after everything else (at 8k tokens, 32 batch · heads and density
-0.077, rows of 4.9 blocks on average and one of 64 per head, that tail nearly doubles the
-forward). Here the items are sorted by decreasing length
-once per layout (the layout is static), and the batch · head index varies fastest, so every long row
-starts in the first wave and the short ones fill in behind it (longest-processing-time-first).
-``HEADS_FASTEST=False`` gives each head's items in turn instead (with the items in index order:
-FlexAttention's order, kept for measuring the difference).
+The work order (``_work_item``): the programs of a launch start in ``program_id`` order, and a block
+row kept in full (a global token row) takes ``n_k`` times a one-block row's time. Launched as
+FlexAttention does (each head's items in turn), the last head's long row starts near the end and runs
+alone after everything else. So the launcher lists the items with the ``N_HEAVY`` long ones first
+(longest first) and the programs ``pid < N_HEAVY · BH`` take them with the batch · head index
+fastest: every long item starts in the first wave. The other programs take the short items head by
+head, in index order, so that programs running together share a head's keys and values in L2.
 """
 
 import triton
@@ -48,25 +46,67 @@ __all__ = ["INTERPRETED", "backward_kernel", "delta_kernel", "forward_kernel"]
 
 
 @triton.jit
+def _work_item(pid, BH, N_ITEMS, N_HEAVY):
+    """``(index into the item list, batch · head)`` of program ``pid`` (module docstring)."""
+    heavy = N_HEAVY * BH
+    if pid < heavy:
+        idx = pid // BH
+        bh = pid % BH
+    else:
+        rest = pid - heavy
+        light = N_ITEMS - N_HEAVY
+        idx = N_HEAVY + rest % light
+        bh = rest // light
+    return idx, bh
+
+
+@triton.jit
+def _load(ptrs, offs0, offs1, n0, n1, SAFE0: tl.constexpr, SAFE1: tl.constexpr):
+    """A 2-D tile, zero where ``offs0 >= n0`` or ``offs1 >= n1`` unless that side is known safe."""
+    if SAFE0 and SAFE1:
+        x = tl.load(ptrs)
+    elif SAFE0:
+        x = tl.load(ptrs, mask=offs1[None, :] < n1, other=0.0)
+    elif SAFE1:
+        x = tl.load(ptrs, mask=offs0[:, None] < n0, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(offs0[:, None] < n0) & (offs1[None, :] < n1), other=0.0)
+    return x
+
+
+@triton.jit
+def _store(ptrs, x, offs0, offs1, n0, n1, SAFE0: tl.constexpr, SAFE1: tl.constexpr):
+    if SAFE0 and SAFE1:
+        tl.store(ptrs, x)
+    else:
+        tl.store(ptrs, x, mask=(offs0[:, None] < n0) & (offs1[None, :] < n1))
+
+
+@triton.jit
+def _load_rows(ptrs, offs, n, fill, SAFE: tl.constexpr):
+    if SAFE:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs < n, other=fill)
+    return x
+
+
+@triton.jit
 def forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    row_ptr, cols, order,  # CSR of the kept key blocks per query block row; the rows, longest first
-    BH, H, LQ, LK, N_ITEMS, qk_scale,
+    row_ptr, cols, order,  # CSR of the kept key blocks per query block row; the rows in launch order
+    BH, H, LQ, LK, N_ITEMS, N_HEAVY, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     D: tl.constexpr, DV: tl.constexpr,
     B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, SAFE_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if HEADS_FASTEST:
-        bh = pid % BH
-        row = tl.load(order + pid // BH)
-    else:  # each head's items in turn (FlexAttention's order: for comparison)
-        bh = pid // N_ITEMS
-        row = tl.load(order + pid % N_ITEMS)
+    idx, bh = _work_item(tl.program_id(0), BH, N_ITEMS, N_HEAVY)
+    row = tl.load(order + idx)
     off_b = (bh // H).to(tl.int64)  # (batch offsets can pass 2^31 elements)
     off_h = (bh % H).to(tl.int64)
     start = tl.load(row_ptr + row)
@@ -76,11 +116,10 @@ def forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = tl.arange(0, BLOCK_N)
-    q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
     k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
+    q = _load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+              offs_m, offs_d, LQ, D, EVEN_M, SAFE_D)
 
     m_i = tl.full([B], float("-inf"), tl.float32)
     l_i = tl.zeros([B], tl.float32)
@@ -89,8 +128,8 @@ def forward_kernel(
     for t in range(start * SUBS, end * SUBS):
         blk = tl.load(cols + t // SUBS)
         offs_n = blk * B + (t % SUBS) * BLOCK_N + offs_t
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
+        kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn, offs_d, offs_n, D, LK,
+                   SAFE_D, EVEN_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if not EVEN_N:
             s = tl.where(offs_n[None, :] < LK, s, float("-inf"))
@@ -101,18 +140,20 @@ def forward_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
+        v = _load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n, offs_dv, LK, DV,
+                  EVEN_N, SAFE_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_base = out_ptr + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV))
+    _store(out_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+           out.to(out_ptr.dtype.element_ty), offs_m, offs_dv, LQ, DV, EVEN_M, SAFE_D)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+    if EVEN_M:
+        tl.store(lse_ptr + bh.to(tl.int64) * LQ + offs_m, lse)
+    else:
+        tl.store(lse_ptr + bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
 @triton.jit
@@ -140,7 +181,7 @@ def delta_kernel(
 def backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
     row_ptr, cols, col_ptr, rows, items,  # CSR, CSC; items: < NK a key block column, else NK + query block row
-    BH, H, LQ, LK, NK, N_ITEMS, qk_scale, sm_scale,
+    BH, H, LQ, LK, NK, N_ITEMS, N_HEAVY, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -150,15 +191,11 @@ def backward_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     D: tl.constexpr, DV: tl.constexpr,
     B: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, SAFE_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if HEADS_FASTEST:
-        bh = pid % BH
-        item = tl.load(items + pid // BH)
-    else:
-        bh = pid // N_ITEMS
-        item = tl.load(items + pid % N_ITEMS)
+    idx, bh = _work_item(tl.program_id(0), BH, N_ITEMS, N_HEAVY)
+    item = tl.load(items + idx)
     off_b = (bh // H).to(tl.int64)  # (batch offsets can pass 2^31 elements)
     off_h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -173,10 +210,10 @@ def backward_kernel(
 
     if item < NK:  # dK, dV of key block column `item`
         offs_n = item * B + offs_b
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
+        k = _load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, offs_d, LK, D,
+                  EVEN_N, SAFE_D)
+        v = _load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n, offs_dv, LK, DV,
+                  EVEN_N, SAFE_D)
         dk = tl.zeros([B, BLOCK_D], tl.float32)
         dv = tl.zeros([B, BLOCK_DV], tl.float32)
         offs_qt = tl.arange(0, BLOCK_M1)
@@ -186,13 +223,12 @@ def backward_kernel(
         for t in range(c_start * SUBS1, c_end * SUBS1):
             q_blk = tl.load(rows + t // SUBS1)
             offs_q = q_blk * B + (t % SUBS1) * BLOCK_M1 + offs_qt
-            q_in = offs_q < LQ
-            qt = tl.load(q_base + offs_q[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=q_in[None, :] & (offs_d[:, None] < D), other=0.0)
-            do_q = tl.load(do_base + offs_q[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                           mask=q_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse_q = tl.load(lse_base + offs_q, mask=q_in, other=float("inf"))
-            delta_q = tl.load(delta_base + offs_q, mask=q_in, other=0.0)
+            qt = _load(q_base + offs_d[:, None] * stride_qd + offs_q[None, :] * stride_qm, offs_d, offs_q, D, LQ,
+                       SAFE_D, EVEN_M)
+            do_q = _load(do_base + offs_q[:, None] * stride_om + offs_dv[None, :] * stride_od, offs_q, offs_dv, LQ, DV,
+                         EVEN_M, SAFE_D)
+            lse_q = _load_rows(lse_base + offs_q, offs_q, LQ, float("inf"), EVEN_M)
+            delta_q = _load_rows(delta_base + offs_q, offs_q, LQ, 0.0, EVEN_M)
             st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (keys, queries)
             pt = tl.math.exp2(st - lse_q[None, :])  # (0 for a query past LQ: its lse reads +inf)
             if not EVEN_N:
@@ -204,22 +240,19 @@ def backward_kernel(
             dst = pt * (dpt - delta_q[None, :])
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         dk = dk * sm_scale
-        dk_base = dk_ptr + off_b * stride_dkb + off_h * stride_dkh
-        dv_base = dv_ptr + off_b * stride_dvb + off_h * stride_dvh
-        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty),
-                 mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D))
-        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty),
-                 mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV))
+        _store(dk_ptr + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn
+               + offs_d[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty), offs_n, offs_d, LK, D, EVEN_N, SAFE_D)
+        _store(dv_ptr + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn
+               + offs_dv[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), offs_n, offs_dv, LK, DV, EVEN_N, SAFE_D)
     else:  # dQ of query block row `item - NK`
         row = item - NK
         offs_m = row * B + offs_b
-        in_q = offs_m < LQ
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                     mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=in_q, other=float("inf"))
-        delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
+        q = _load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, offs_d, LQ, D,
+                  EVEN_M, SAFE_D)
+        do = _load(do_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, offs_m, offs_dv, LQ, DV,
+                   EVEN_M, SAFE_D)
+        lse = _load_rows(lse_base + offs_m, offs_m, LQ, float("inf"), EVEN_M)
+        delta = _load_rows(delta_base + offs_m, offs_m, LQ, 0.0, EVEN_M)
         dq = tl.zeros([B, BLOCK_D], tl.float32)
         offs_kt = tl.arange(0, BLOCK_N2)
         r_start = tl.load(row_ptr + row)
@@ -228,24 +261,22 @@ def backward_kernel(
         for t in range(r_start * SUBS2, r_end * SUBS2):
             k_blk = tl.load(cols + t // SUBS2)
             offs_k = k_blk * B + (t % SUBS2) * BLOCK_N2 + offs_kt
-            k_in = offs_k < LK
-            kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=k_in[None, :] & (offs_d[:, None] < D), other=0.0)
-            vt = tl.load(v_base + offs_k[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                         mask=k_in[None, :] & (offs_dv[:, None] < DV), other=0.0)
+            kt = _load(k_base + offs_d[:, None] * stride_kd + offs_k[None, :] * stride_kn, offs_d, offs_k, D, LK,
+                       SAFE_D, EVEN_N)
+            vt = _load(v_base + offs_dv[:, None] * stride_vd + offs_k[None, :] * stride_vn, offs_dv, offs_k, DV, LK,
+                       SAFE_D, EVEN_N)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN_N:
-                p = tl.where(k_in[None, :], p, 0.0)
+                p = tl.where(offs_k[None, :] < LK, p, 0.0)
             if CAUSAL:
                 p = tl.where(offs_k[None, :] <= offs_m[:, None], p, 0.0)
             dp = tl.dot(do, vt, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
         dq = dq * sm_scale
-        dq_base = dq_ptr + off_b * stride_dqb + off_h * stride_dqh
-        tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty),
-                 mask=in_q[:, None] & (offs_d[None, :] < D))
+        _store(dq_ptr + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), offs_m, offs_d, LQ, D, EVEN_M, SAFE_D)
 
 
 def _interpreted() -> bool:
