@@ -16,7 +16,8 @@ Sweep: sequence lengths 8k first (the target), then 1k, 2k, 4k, 16k; a constant 
 Each row has both (``triton_ms``, ``flex_ms``, forward-only times beside them); ``sparse_ms`` and
 ``speedup`` are the own kernels' (in their default work order). Rows from 8k on also time the own
 kernels in every work order (``work_orders``: heavy items first, longest first, FlexAttention's
-order), one after the other on the same tensors.
+order), one after the other on the same tensors, and the GPU time of dense, own and FlexAttention
+steps replayed from CUDA graphs (``graph_ms``: no Python launch overhead).
 
 At 8k and density 1/4 the backend's own path (``block_sparse_attention`` compiled, with either
 lowering) is timed too, and, budget permitting, the causal case (flash with
@@ -79,6 +80,17 @@ def _median_ms(fn, reps: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _graph_ms(fn) -> float | str:
+    """GPU time of ``fn`` replayed from a CUDA graph (no Python launch overhead, as in a model
+    compiled with CUDA graphs), or why it could not be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=20))
+    except Exception as exc:  # noqa: BLE001  (recorded)
+        return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def main() -> int:
@@ -196,6 +208,9 @@ def main() -> int:
                         finally:
                             own.WORK_ORDER = default
                 row["triton_configs"] = own.tuned_configs()
+                if L >= 8192 and not causal:  # GPU time without Python: CUDA-graph replays of each step
+                    row["graph_ms"] = {"dense": _graph_ms(dense_step), "triton": _graph_ms(triton_step),
+                                       "flex": _graph_ms(flex_step)}
             except Exception as exc:  # noqa: BLE001
                 row["triton_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 triton_ms = triton_fwd_ms = float("nan")
@@ -213,6 +228,8 @@ def main() -> int:
                   f"own {triton_ms:8.3f} ms ({dense_ms / triton_ms:5.2f}x)  flex {flex_ms:8.3f} ms "
                   f"({dense_ms / flex_ms:5.2f}x)  ideal {1 / density:5.2f}x;  fwd dense/own/flex "
                   f"{dense_fwd_ms:.3f}/{triton_fwd_ms:.3f}/{flex_fwd_ms:.3f} ms {row.get('triton_error', '')}", flush=True)
+            if "graph_ms" in row:
+                print(f"   CUDA-graph GPU time: {row['graph_ms']}", flush=True)
             for order, t in row.get("work_orders", {}).items():
                 print(f"   work order {order:14s} {t['ms']:8.3f} ms (forward {t['fwd_ms']:.3f} ms)", flush=True)
             if backend_path and i == 0:

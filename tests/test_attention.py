@@ -1827,11 +1827,13 @@ def test_gpu_flex_forward_backward_matches_masked_sdpa(causal, padding):
 
 
 @pytest.mark.gpu
-def test_gpu_backend_path_trains_a_block(monkeypatch):
+@pytest.mark.parametrize("kernel", ["auto", "flex"])
+def test_gpu_backend_path_trains_a_block(monkeypatch, kernel):
+    """Both CUDA lowerings (the own kernels, FlexAttention) train a block through the backend."""
     record = []
     model = Block(d=256, heads=4).cuda()
     x = torch.randn(2, 1024, 256, device="cuda")
-    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
+    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3, attention_kernel=kernel)
     compiled = torch.compile(model, backend=_backend(options=options, record=record, compiled=True))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
@@ -1840,25 +1842,27 @@ def test_gpu_backend_path_trains_a_block(monkeypatch):
         loss.backward()
         opt.step()
     (d,) = record
-    assert d.sparse and d.lowering == "flex" and torch.isfinite(loss)
+    assert d.sparse and d.lowering == {"auto": "triton", "flex": "flex"}[kernel] and torch.isfinite(loss)
     monkeypatch.setattr(F, "scaled_dot_product_attention", _masked_sdpa(d.layout))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu
-def test_gpu_dynamic_lengths_train_with_a_layout_per_length():
-    """The specialised dynamic-length path on CUDA: FlexAttention kernels forward and backward,
-    each length with its own layout."""
+@pytest.mark.parametrize("kernel", ["auto", "flex"])
+def test_gpu_dynamic_lengths_train_with_a_layout_per_length(kernel):
+    """The specialised dynamic-length path on CUDA: the own kernels or FlexAttention's, forward and
+    backward, each length with its own layout."""
     record = []
     model = Block(d=256, heads=4).cuda()
-    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
+    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3, attention_kernel=kernel)
     compiled = torch.compile(model, backend=_backend(options=options, record=record, compiled=True), dynamic=True)
     for n in (512, 896):
         x = torch.randn(2, n, 256, device="cuda")
         got = compiled(x)
         d = record[-1]
-        assert d.specialize and d.sparse and d.lowering == "flex" and d.layout.grid == (n // 128, n // 128)
+        assert d.specialize and d.sparse and d.layout.grid == (n // 128, n // 128)
+        assert d.lowering == {"auto": "triton", "flex": "flex"}[kernel]
         _assert_trains_like_masked_sdpa(model, x, got, d.layout, (1e-3, 1e-3), (1e-2, 1e-2))
 
 

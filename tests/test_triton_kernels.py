@@ -321,9 +321,8 @@ def test_kernels_compile_for_sm90_without_gpu():
     assert not errors, "\n".join(f"{r['variant']}: {r['error'][-600:]}" for r in errors)
     for r in rows:
         spilled = r.get("stack", 0) + r.get("local", 0)
-        # the cache-step kernels: none with triton 3.9; triton 3.6 spills up to 56 B with a mask at heads of 128;
-        # the attention backward holds dK and dV of a 128-block (as FlexAttention's): 8 B, 64 B when causal (triton 3.9)
-        allowed = 64 if r["variant"].startswith(("cache-step", "attention-backward")) else 0
+        # the cache-step kernels: none with triton 3.9; triton 3.6 spills up to 56 B with a mask at heads of 128
+        allowed = 64 if r["variant"].startswith("cache-step") else 0
         assert spilled <= allowed, f"{r['variant']} spills ({r.get('stack')} B of stack, {r.get('local')} B of local memory)"
         assert r["shared"] <= 227 * 1024, f"{r['variant']} needs {r['shared']} B of shared memory"
         if r["variant"].startswith(("dsd", "attention")) or (r["variant"].startswith("sdd") and "b=128" in r["variant"]):

@@ -165,7 +165,7 @@ def _attention_variants(dt: str, b: int, full: bool) -> Iterator[tuple]:
             cfg = {name: min(size, b) for name, size in cfg.items()}
             for causal in (False, True):
                 types = {name: ptr for name in fn.arg_names if name.endswith("_ptr")}
-                types.update({name: "*i32" for name in ("row_ptr", "cols", "order", "col_ptr", "rows", "items")})
+                types.update({name: "*i32" for name in ("cols", "rows", "work")})
                 types.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"})
                 consts = {"D": dim, "DV": dim, "B": b, "BLOCK_D": dim, "BLOCK_DV": dim, "CAUSAL": causal,
                           "PRECISION": "tf32", "EVEN_M": True, "EVEN_N": not causal, "SAFE_D": True, **cfg}  # fmt: skip

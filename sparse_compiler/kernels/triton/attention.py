@@ -87,9 +87,9 @@ FORWARD_CONFIGS = (
     {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
 )
 #: Backward tiles (queries per step of a key column, keys per step of a query row, warps, stages).
-BACKWARD_CONFIGS = (
-    {"BLOCK_M1": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 3},
+BACKWARD_CONFIGS = (  # (the first holds dK, dV and its pipeline in registers without spilling: sm_90, triton 3.6-3.9)
     {"BLOCK_M1": 32, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M1": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M1": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M1": 32, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 4},
 )
@@ -148,8 +148,10 @@ class Schedule:
     rows: Tensor  # (nnz,) int32
     n_q: int
     n_k: int
-    #: per work order: (forward items: query block rows, how many of them are heavy); backward items
-    #: are key block columns j < n_k and query block rows n_k + i, likewise
+    #: per work order: (the forward's work table, how many heavy items lead it): one int32 row
+    #: (query block row, start, end, first kept column) per item in launch order, so that a program
+    #: reads what it needs to start in one round trip; ``backward``: likewise, the item a key block
+    #: column j < n_k (start, end into ``rows``) or a query block row n_k + i (into ``cols``)
     forward: dict[str, tuple[Tensor, int]]
     backward: dict[str, tuple[Tensor, int]]
 
@@ -195,9 +197,21 @@ def _build_schedule(layout: Layout, seq_len_q: int, seq_len_k: int, causal: bool
     rows = keep.t().nonzero()[:, 1].to(torch.int32)
     # a key column costs 4 products per kept block, a query row 3 (dQ) in the backward and 2 in the
     # forward; a program's own loads and stores about one block's work beside its loop
-    forward = work_orders(2 * per_row + 1)
-    backward = work_orders(torch.cat([4 * per_col + 1, 3 * per_row + 1]))
+    rows_table = _work_table(torch.arange(n_q), row_ptr, cols)
+    cols_table = _work_table(torch.arange(n_k), col_ptr, rows)
+    backward_table = torch.cat([cols_table, rows_table])
+    backward_table[n_k:, 0] += n_k
+    forward = {k: (rows_table[items.long()], n) for k, (items, n) in work_orders(2 * per_row + 1).items()}
+    backward = {k: (backward_table[items.long()], n)
+                for k, (items, n) in work_orders(torch.cat([4 * per_col + 1, 3 * per_row + 1])).items()}
     return Schedule(row_ptr, cols, col_ptr, rows, n_q, n_k, forward, backward)
+
+
+def _work_table(ids: Tensor, ptr: Tensor, index: Tensor) -> Tensor:
+    """``(len(ids), 4)`` int32: (id, start, end, first entry of the list, 0 when empty)."""
+    start, end = ptr[:-1].long(), ptr[1:].long()
+    first = torch.where(end > start, index[start.clamp(max=max(len(index) - 1, 0))] if len(index) else 0, 0)
+    return torch.stack([ids.long(), start, end, first.long()], 1).to(torch.int32).contiguous()
 
 
 _SCHEDULES: dict[tuple[Any, ...], Schedule] = {}
@@ -313,10 +327,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: f
     if out.numel() == 0:
         return out, lse
     kernel = _TUNERS("forward", lay.block_size, q.dtype)
-    order, n_heavy = _work(sch, backward=False)
+    work, n_heavy = _work(sch, backward=False)
     with _linear._on_device(q.device):
         kernel[(sch.n_q * bh,)](
-            q, k, v, out, lse, sch.row_ptr, sch.cols, order,
+            q, k, v, out, lse, sch.cols, work,
             bh, heads, lq, lk, sch.n_q, n_heavy, scale * LOG2_E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             D=d, DV=dv, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), CAUSAL=bool(causal),
@@ -342,7 +356,7 @@ def backward(
     bh = bsz * heads
     delta = torch.empty((bsz, heads, lq), dtype=torch.float32, device=q.device)  # Δ = rowsum(dO ⊙ O)
     kernel = _TUNERS("backward", lay.block_size, q.dtype)
-    items, n_heavy = _work(sch, backward=True)
+    work, n_heavy = _work(sch, backward=True)
     with _linear._on_device(q.device):
         rows_per_program = max(1, min(64, 8192 // _pow2(dv_dim)))
         _kernels().delta_kernel[(_cdiv(lq, rows_per_program), bh)](
@@ -351,7 +365,7 @@ def backward(
         )  # fmt: skip
         kernel[((sch.n_q + sch.n_k) * bh,)](
             q, k, v, dout, lse, delta, dq, dk, dv,
-            sch.row_ptr, sch.cols, sch.col_ptr, sch.rows, items,
+            sch.cols, sch.rows, work,
             bh, heads, lq, lk, sch.n_k, sch.n_k + sch.n_q, n_heavy, scale * LOG2_E, scale,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             D=d, DV=dv_dim, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), CAUSAL=bool(causal),

@@ -5,8 +5,8 @@ This module imports Triton at the top: import it only through
 
 Notation: ``B`` is the layout's block size (a program owns one block row of queries or one block
 column of keys: ``B`` rows), ``Lq``/``Lk`` the lengths, ``s = q·kᵀ · scale · log2(e)`` the scores in
-base 2. A (query, key) pair takes part when its block is kept (the CSR lists ``row_ptr``/``cols``
-of the query block rows, the CSC lists ``col_ptr``/``rows`` of the key block columns), the key
+base 2. A (query, key) pair takes part when its block is kept (the CSR list ``cols`` of the query
+block rows, the CSC list ``rows`` of the key block columns), the key
 exists (``< Lk``) and, with ``CAUSAL``, ``key <= query``. ``EVEN_M`` / ``EVEN_N``: ``Lq`` / ``Lk``
 is a multiple of ``B``; ``SAFE_D``: the head dims are the tile widths. Together they let every load
 and store go unmasked (no mask tensors held in registers).
@@ -37,6 +37,11 @@ alone after everything else. So the launcher lists the items with the ``N_HEAVY`
 (longest first) and the programs ``pid < N_HEAVY · BH`` take them with the batch · head index
 fastest: every long item starts in the first wave. The other programs take the short items head by
 head, in index order, so that programs running together share a head's keys and values in L2.
+
+What a program needs to start (its item, the bounds of its list and the list's first block) is one
+row of the ``work`` table, read in one round trip; in the loop, each step reads the next step's
+block index ahead, so the tile loads' addresses never wait on a load of the same step (the
+pipeliner can issue them stages ahead).
 """
 
 import triton
@@ -94,7 +99,7 @@ def _load_rows(ptrs, offs, n, fill, SAFE: tl.constexpr):
 @triton.jit
 def forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    row_ptr, cols, order,  # CSR of the kept key blocks per query block row; the rows in launch order
+    cols, work,  # the kept key blocks of each query block row (CSR); (row, start, end, first) per item
     BH, H, LQ, LK, N_ITEMS, N_HEAVY, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -106,11 +111,12 @@ def forward_kernel(
     PRECISION: tl.constexpr,
 ):
     idx, bh = _work_item(tl.program_id(0), BH, N_ITEMS, N_HEAVY)
-    row = tl.load(order + idx)
+    row = tl.load(work + 4 * idx)
+    start = tl.load(work + 4 * idx + 1)
+    end = tl.load(work + 4 * idx + 2)
+    blk = tl.load(work + 4 * idx + 3)
     off_b = (bh // H).to(tl.int64)  # (batch offsets can pass 2^31 elements)
     off_h = (bh % H).to(tl.int64)
-    start = tl.load(row_ptr + row)
-    end = tl.load(row_ptr + row + 1)
 
     offs_m = row * B + tl.arange(0, B)
     offs_d = tl.arange(0, BLOCK_D)
@@ -126,8 +132,8 @@ def forward_kernel(
     acc = tl.zeros([B, BLOCK_DV], tl.float32)
     SUBS: tl.constexpr = B // BLOCK_N
     for t in range(start * SUBS, end * SUBS):
-        blk = tl.load(cols + t // SUBS)
         offs_n = blk * B + (t % SUBS) * BLOCK_N + offs_t
+        blk = tl.load(cols + tl.minimum((t + 1) // SUBS, end - 1))  # the next step's block, read ahead
         kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn, offs_d, offs_n, D, LK,
                    SAFE_D, EVEN_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
@@ -180,7 +186,7 @@ def delta_kernel(
 @triton.jit
 def backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-    row_ptr, cols, col_ptr, rows, items,  # CSR, CSC; items: < NK a key block column, else NK + query block row
+    cols, rows, work,  # CSR, CSC lists; (item, start, end, first) per item: < NK a key block column, else NK + row
     BH, H, LQ, LK, NK, N_ITEMS, N_HEAVY, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -195,7 +201,10 @@ def backward_kernel(
     PRECISION: tl.constexpr,
 ):
     idx, bh = _work_item(tl.program_id(0), BH, N_ITEMS, N_HEAVY)
-    item = tl.load(items + idx)
+    item = tl.load(work + 4 * idx)
+    start = tl.load(work + 4 * idx + 1)
+    end = tl.load(work + 4 * idx + 2)
+    first = tl.load(work + 4 * idx + 3)
     off_b = (bh // H).to(tl.int64)  # (batch offsets can pass 2^31 elements)
     off_h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -217,12 +226,11 @@ def backward_kernel(
         dk = tl.zeros([B, BLOCK_D], tl.float32)
         dv = tl.zeros([B, BLOCK_DV], tl.float32)
         offs_qt = tl.arange(0, BLOCK_M1)
-        c_start = tl.load(col_ptr + item)
-        c_end = tl.load(col_ptr + item + 1)
+        q_blk = first
         SUBS1: tl.constexpr = B // BLOCK_M1
-        for t in range(c_start * SUBS1, c_end * SUBS1):
-            q_blk = tl.load(rows + t // SUBS1)
+        for t in range(start * SUBS1, end * SUBS1):
             offs_q = q_blk * B + (t % SUBS1) * BLOCK_M1 + offs_qt
+            q_blk = tl.load(rows + tl.minimum((t + 1) // SUBS1, end - 1))  # read ahead
             qt = _load(q_base + offs_d[:, None] * stride_qd + offs_q[None, :] * stride_qm, offs_d, offs_q, D, LQ,
                        SAFE_D, EVEN_M)
             do_q = _load(do_base + offs_q[:, None] * stride_om + offs_dv[None, :] * stride_od, offs_q, offs_dv, LQ, DV,
@@ -255,12 +263,11 @@ def backward_kernel(
         delta = _load_rows(delta_base + offs_m, offs_m, LQ, 0.0, EVEN_M)
         dq = tl.zeros([B, BLOCK_D], tl.float32)
         offs_kt = tl.arange(0, BLOCK_N2)
-        r_start = tl.load(row_ptr + row)
-        r_end = tl.load(row_ptr + row + 1)
+        k_blk = first
         SUBS2: tl.constexpr = B // BLOCK_N2
-        for t in range(r_start * SUBS2, r_end * SUBS2):
-            k_blk = tl.load(cols + t // SUBS2)
+        for t in range(start * SUBS2, end * SUBS2):
             offs_k = k_blk * B + (t % SUBS2) * BLOCK_N2 + offs_kt
+            k_blk = tl.load(cols + tl.minimum((t + 1) // SUBS2, end - 1))  # read ahead
             kt = _load(k_base + offs_d[:, None] * stride_kd + offs_k[None, :] * stride_kn, offs_d, offs_k, D, LK,
                        SAFE_D, EVEN_N)
             vt = _load(v_base + offs_dv[:, None] * stride_vd + offs_k[None, :] * stride_vn, offs_dv, offs_k, DV, LK,
