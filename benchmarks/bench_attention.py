@@ -82,6 +82,19 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def _target_in_gpu_time(rows: list) -> dict:
+    """The target in GPU time (CUDA-graph replays, no Python launch overhead), per lowering:
+    ``{"triton": bool, "flex": bool, "speedup_times_density": {...}}``."""
+    products: dict = {"triton": [], "flex": []}
+    for r in rows:
+        g = r.get("graph_ms", {})
+        for kind in products:
+            if isinstance(g.get("dense"), float) and isinstance(g.get(kind), float):
+                products[kind].append(round(g["dense"] / g[kind] * r["density"], 3))
+    met = {k: bool(v) and len(v) == len(rows) and min(v) >= 0.8 for k, v in products.items()}
+    return {**met, "speedup_times_density": products}
+
+
 def _graph_ms(fn) -> float | str:
     """GPU time of ``fn`` replayed from a CUDA graph (no Python launch overhead, as in a model
     compiled with CUDA graphs), or why it could not be captured."""
@@ -276,10 +289,12 @@ def main() -> int:
     at_8k = [r for r in out["results"] if r["seq_len"] == 8192 and not r["causal"] and r["density_target"] <= 0.25]
     out["target"] = "speedup >= 0.8/d at 8192 tokens for d <= 1/4 (non-causal), own kernels (the backend's default)"
     out["target_met"] = bool(at_8k) and all(r.get("speedup_times_density", 0) >= 0.8 for r in at_8k)
+    out["target_met_gpu_time"] = _target_in_gpu_time(at_8k)
     out["target_met_flex"] = bool(at_8k) and all(r["flex_speedup_times_density"] >= 0.8 for r in at_8k)
     out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     out["complete"] = True
-    print(f"target ({out['target']}): {'met' if out['target_met'] else 'NOT met'}; {out['elapsed_s']} s")
+    print(f"target ({out['target']}): {'met' if out['target_met'] else 'NOT met'} (eager timing); in GPU time "
+          f"{out['target_met_gpu_time']}; {out['elapsed_s']} s")
     write_results(args.out, out)
     if args.out:
         print(f"wrote {args.out}")

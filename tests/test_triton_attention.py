@@ -217,7 +217,7 @@ _GPU_CASES = (
 @pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{'causal' if c[4] else 'full'}-{c[5]}")
 def test_gpu_kernels_match_sdpa(case):
     """Training shapes on CUDA: output and gradients against float64 SDPA with the element mask, in
-    both work orders (the order changes which program runs when, never a result)."""
+    every work order (each autotuned on its own, so their tiles, and last bits, may differ)."""
     from sparse_compiler.kernels.triton import attention as T
 
     if T._kernels().INTERPRETED:
@@ -244,10 +244,6 @@ def test_gpu_kernels_match_sdpa(case):
             scale = w.abs().max().item()
             err = (a.double() - w).abs().max().item()
             assert err <= tol * max(1.0, scale), f"{name}: max abs error {err:.3e} (largest value {scale:.3e})"
-    first, *others = results.values()
-    for other in others:  # same programs, same sums: identical bits whatever the order
-        for a, w in zip(first, other):
-            assert torch.equal(a, w)
 
 
 @pytest.mark.gpu
