@@ -178,19 +178,19 @@ def main() -> int:
             assert L % b == 0, "the benchmark's lengths must be multiples of the block size"
             bm = _make_block_mask(block_tables(layout.key, L, L, causal, True, dev), b, L, L, _causal if causal else noop_mask)
 
-            def flex_step():
+            def flex_step(bm=bm):
                 o = flex(q, k, v, block_mask=bm)
                 torch.autograd.grad(o, (q, k, v), g)
 
-            def flex_fwd():
+            def flex_fwd(bm=bm):
                 with torch.no_grad():
                     flex(q, k, v, block_mask=bm)
 
-            def triton_step():
+            def triton_step(layout=layout):
                 o = own.block_attention(q, k, v, layout.key, causal)
                 torch.autograd.grad(o, (q, k, v), g)
 
-            def triton_fwd():
+            def triton_fwd(layout=layout):
                 with torch.no_grad():
                     own.block_attention(q, k, v, layout.key, causal)
 

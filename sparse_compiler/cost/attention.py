@@ -70,10 +70,9 @@ with the same options; ``None`` when it never does in that range.
 
 from __future__ import annotations
 
-import importlib.util
-
 import fnmatch
 import functools
+import importlib.util
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 

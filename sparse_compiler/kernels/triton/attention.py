@@ -47,7 +47,7 @@ import dataclasses
 import inspect
 import math
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,7 +114,7 @@ def _kernels():
 
 def unsupported(
     q: Tensor, k: Tensor, v: Tensor, layout: Layout, *, enable_gqa: bool = False, has_mask: bool = False
-) -> Optional[str]:
+) -> str | None:
     """Why these kernels cannot run this call (``None`` when they can): the lowering then falls back
     to FlexAttention."""
     if not _linear.available():
@@ -414,7 +414,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
 
 
-def _backward(ctx, grad_out: Tensor, _grad_lse: Optional[Tensor]):
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.sparse_compiler.block_attention_backward(
         grad_out, q, k, v, out, lse, ctx.layout, ctx.causal, ctx.scale
