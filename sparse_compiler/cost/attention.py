@@ -124,6 +124,16 @@ class AttentionProfile:
     kept_read_efficiency: float = 0.85  # the kept_blocks lowering's reading speed, fraction of the dense one's
     per_run_s: float = 8e-5  # the kept_blocks lowering's cost per run of adjacent kept blocks (0: one kernel)
     per_row_s: float = 0.0  # fixed cost of one block row of one (batch, head) in the block-sparse kernel
+    # the own kernels' figures (lowering "triton"), where they differ from FlexAttention's above
+    triton_sparse_efficiency: float | None = None
+    triton_per_row_s: float | None = None
+
+    def sparse_figures(self, lowering: str) -> tuple[float, float]:
+        """(efficiency on kept blocks, cost per block row) of the block-sparse kernels of ``lowering``."""
+        if lowering == "triton" and self.triton_sparse_efficiency is not None:
+            per_row = self.triton_per_row_s if self.triton_per_row_s is not None else self.per_row_s
+            return self.triton_sparse_efficiency, per_row
+        return self.sparse_efficiency, self.per_row_s
 
     def peak(self, dtype: torch.dtype | None) -> float:
         return float(self.peak_flops.get(dtype, min(self.peak_flops.values())))
@@ -132,8 +142,11 @@ class AttentionProfile:
 # Fitted to an NVIDIA H200 (torch 2.11, triton 3.6; benchmarks/results/attention_h200.json and
 # decode_h200.json, GPU times): flash SDPA forward+backward at 8k-16k tokens, 16 heads of 128, bf16,
 # runs at 0.32 of the bf16 peak; compiled FlexAttention at 0.46 on its kept blocks plus about 0.12 us
-# per block row, head and unit of work (0.87 ms of the 1.5 ms at 8k tokens and density 0.077). A
-# dense cache step reads at 4.4 TB/s, the split-K kernel the kept blocks at 0.4 of that, plus 15 us.
+# per block row, head and unit of work (0.87 ms of the 1.5 ms at 8k tokens and density 0.077, most
+# of it the global row running alone at the end of the launch); the own kernels (lowering "triton",
+# heavy rows first) at 0.44 plus 0.034 us per block row (least squares over the eight 8k and 16k
+# CUDA-graph rows, each within 2%). A dense cache step reads at 4.4 TB/s, the split-K kernel the
+# kept blocks at 0.4 of that, plus 15 us.
 CUDA_PROFILE = AttentionProfile(
     name="cuda-generic",
     peak_flops={torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 60e12},
@@ -146,6 +159,8 @@ CUDA_PROFILE = AttentionProfile(
     kept_read_efficiency=0.4,
     per_run_s=0.0,  # one split-K kernel and a merge read every run (kernels/triton/cache_step.py)
     per_row_s=1.2e-7,
+    triton_sparse_efficiency=0.44,
+    triton_per_row_s=3.4e-8,
 )
 
 # Calibrated roughly on a 2-core AVX-512 machine (fp32, 4 heads of 64, 4096 tokens: SDPA 106 ms;
@@ -181,9 +196,11 @@ def estimate_attention_time(
     training: bool,
     block_size: int | None = None,
     kept_blocks: int | None = None,
+    lowering: str = "flex",
 ) -> float:
     """Estimated seconds of one attention call (module docstring): dense when ``kept_blocks`` is
-    None, else block-sparse with ``kept_blocks`` blocks of ``block_size``."""
+    None, else block-sparse with ``kept_blocks`` blocks of ``block_size`` on the kernels of
+    ``lowering`` (``AttentionProfile.sparse_figures``)."""
     per_pair = 2.0 * batch_heads * (head_dim + value_dim)
     work = 1.0 + (profile.backward_factor if training else 0.0)
     peak = profile.peak(dtype)
@@ -193,9 +210,11 @@ def estimate_attention_time(
             pairs = sum(min(i + 1, seq_len_k) for i in range(seq_len_q)) if seq_len_q < 4096 else pairs / 2
         return per_pair * pairs * work / (peak * profile.dense_efficiency) + profile.launch_s
     assert block_size is not None
-    compute = per_pair * kept_blocks * block_size * block_size * work / (peak * profile.sparse_efficiency)
+    efficiency, per_row_s = profile.sparse_figures(lowering) if hasattr(profile, "sparse_figures") else (
+        profile.sparse_efficiency, profile.per_row_s)
+    compute = per_pair * kept_blocks * block_size * block_size * work / (peak * efficiency)
     rows = batch_heads * -(-seq_len_q // block_size)
-    per_unit = profile.per_block_s * batch_heads * kept_blocks + profile.per_row_s * rows
+    per_unit = profile.per_block_s * batch_heads * kept_blocks + per_row_s * rows
     return compute + profile.launch_s + profile.sparse_overhead_s + per_unit * work
 
 
@@ -242,7 +261,7 @@ class AttentionEstimate:
         return self.dense_s / self.sparse_s if self.sparse_s > 0 else float("inf")
 
 
-def _estimate(c: AttentionCandidate, layout: Layout, profile: Any, training: bool) -> AttentionEstimate:
+def _estimate(c: AttentionCandidate, layout: Layout, profile: Any, training: bool, lowering: str = "flex") -> AttentionEstimate:
     common = dict(
         batch_heads=max(c.batch_hint, 1) * max(c.heads, 1),
         seq_len_q=c.seq_len_q_hint,
@@ -254,7 +273,8 @@ def _estimate(c: AttentionCandidate, layout: Layout, profile: Any, training: boo
         training=training,
     )
     dense = estimate_attention_time(profile, **common)
-    sparse = estimate_attention_time(profile, **common, block_size=layout.block_size, kept_blocks=layout.nnz_blocks)
+    sparse = estimate_attention_time(profile, **common, block_size=layout.block_size, kept_blocks=layout.nnz_blocks,
+                                     lowering=lowering)
     return AttentionEstimate(dense, sparse, getattr(profile, "name", "custom"))
 
 
@@ -265,7 +285,8 @@ def _options_key(o: Options) -> tuple:
 
 @functools.lru_cache(maxsize=256)
 def _pays_from_cached(okey: tuple, profile: Any, batch_heads: int, head_dim: int, value_dim: int,
-                      dtype: torch.dtype | None, causal: bool, pattern_causal: bool, training: bool) -> int | None:
+                      dtype: torch.dtype | None, causal: bool, pattern_causal: bool, training: bool,
+                      lowering: str = "flex") -> int | None:
     pattern, density, b, window, n_global, seed, seq_len = okey
     o = Options(attention_pattern=pattern, attention_density=density, attention_block_size=b,
                 attention_window=window, attention_global=n_global, attention_seed=seed, attention_seq_len=seq_len)
@@ -276,19 +297,21 @@ def _pays_from_cached(okey: tuple, profile: Any, batch_heads: int, head_dim: int
         common = dict(batch_heads=batch_heads, seq_len_q=length, seq_len_k=length, head_dim=head_dim,
                       value_dim=value_dim, dtype=dtype, causal=causal, training=training)
         dense = estimate_attention_time(profile, **common)
-        sparse = estimate_attention_time(profile, **common, block_size=b, kept_blocks=layout.nnz_blocks)
+        sparse = estimate_attention_time(profile, **common, block_size=b, kept_blocks=layout.nnz_blocks, lowering=lowering)
         if sparse < dense:
             return length
         blocks *= 2
     return None
 
 
-def pays_from_seq_len(c: AttentionCandidate, options: Options, profile: Any, training: bool) -> int | None:
+def pays_from_seq_len(c: AttentionCandidate, options: Options, profile: Any, training: bool, lowering: str = "flex") -> int | None:
     """The shortest self-attention length from which the block-sparse estimate beats the dense one
-    (module docstring), for this candidate's batch, heads, dims, dtype and causality."""
+    (module docstring), for this candidate's batch, heads, dims, dtype and causality, on the kernels
+    of ``lowering``."""
     try:
         return _pays_from_cached(_options_key(options), profile, max(c.batch_hint, 1) * max(c.heads, 1),
-                                 c.head_dim, c.value_dim, c.dtype, c.causal, _pattern_causal(c, options), training)
+                                 c.head_dim, c.value_dim, c.dtype, c.causal, _pattern_causal(c, options), training,
+                                 lowering)
     except (ValueError, TypeError):
         return None
 
@@ -493,8 +516,9 @@ def _decide_length(c: AttentionCandidate, o: Options, profile: Any | None, thres
         return layout
     prof = profile if profile is not None else profile_for(c.device)
     training = c.requires_grad
-    est = _estimate(c, layout, prof, training)
-    pays = pays_from_seq_len(c, o, prof, training)
+    timed_on = cuda_lowering or "flex"  # (the time model's figures for the kernels that will run)
+    est = _estimate(c, layout, prof, training, timed_on)
+    pays = pays_from_seq_len(c, o, prof, training, timed_on)
     pay_text = f"pays from about {pays} tokens on {est.profile}" if pays else f"does not pay up to {MAX_LADDER_BLOCKS * b} tokens on {est.profile}"
     slow, short_of, force = None, None, ""
     if c.device == "cpu" and training and threshold is None and not o.eager:
