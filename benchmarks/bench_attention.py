@@ -8,7 +8,7 @@ Sweep: sequence lengths 8k first (the target), then 1k, 2k, 4k, 16k; a constant 
 
 - dense: ``scaled_dot_product_attention`` restricted to the flash backend, forward + backward;
 - sparse, own kernels (the backend's default on CUDA): ``kernels.triton.attention.block_attention``
-  (forward + backward, longest block rows first), called eagerly;
+  (forward + backward, long block rows first), called eagerly;
 - sparse, FlexAttention: ``torch.compile(flex_attention)`` with a ``BlockMask`` made of the layout's cached tables
   (``kernels.attention.block_tables``), forward + backward. One compilation per length: layouts of the
   same length share the kernels (their index tables are inputs, the mask_mod is one function).

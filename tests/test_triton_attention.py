@@ -19,7 +19,8 @@ from triton_interpreter import check_case, collect_results, needs_triton, run_wo
 
 from sparse_compiler.layouts.attention import attention_element_mask, attention_layout
 
-# id -> (pattern, lq, lk, block, density, causal, dtype, head dim, value dim, memory order, config, work order)
+# id -> (pattern, lq, lk, block, density, causal, dtype, head dim, value dim, memory order, config, work order
+#        [, query heads per key/value head])
 CASES = {
     "global_rows_16": ("butterfly+local+global", 256, 256, 16, 0.25, False, "float32", 32, 32, "bhld", None, "heavy_first"),
     "causal_bigbird_16": ("bigbird", 256, 256, 16, 0.3, True, "float32", 16, 16, "bhld", None, "heavy_first"),
@@ -33,23 +34,28 @@ CASES = {
     "longest_first_order": ("bigbird", 256, 256, 16, 0.3, False, "float32", 16, 16, "blhd", None, "longest_first"),
     "fewer_queries_than_keys": ("local+global", 48, 128, 16, 0.5, False, "float32", 16, 16, "bhld", None, "heavy_first"),
     "float16": ("butterfly+local", 128, 128, 16, 0.5, True, "float16", 16, 16, "bhld", None, "heavy_first"),
+    # four query heads over two key/value heads (grouped-query attention), causal, transposed inputs
+    "grouped_query_heads": ("butterfly+local+global", 192, 192, 32, 0.4, True, "float32", 16, 16, "blhd", None,
+                            "heavy_first", 2),
 }
 
 
-def _qkv(batch, heads, lq, lk, d, dv, dtype, order, device="cpu"):
-    def make(length, dim):
+def _qkv(batch, heads, lq, lk, d, dv, dtype, order, device="cpu", group=1):
+    def make(length, dim, h):
         if order == "blhd":
-            return torch.randn(batch, length, heads, dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
-        return torch.randn(batch, heads, length, dim, device=device, dtype=dtype, requires_grad=True)
+            return torch.randn(batch, length, h, dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+        return torch.randn(batch, h, length, dim, device=device, dtype=dtype, requires_grad=True)
 
-    return make(lq, d), make(lk, d), make(lk, dv)
+    return make(lq, d, heads), make(lk, d, heads // group), make(lk, dv, heads // group)
 
 
 def _reference(layout, causal, q, k, v, grad, dtype=torch.float64):
     """(out, dq, dk, dv) of SDPA in ``dtype`` under the layout's element mask."""
     mask = attention_element_mask(layout, q.shape[-2], k.shape[-2], causal, device=q.device)
     q64, k64, v64 = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
+    group = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q64, k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1),
+                                         attn_mask=mask)
     return (out, *torch.autograd.grad(out, (q64, k64, v64), grad.to(dtype)))
 
 
@@ -57,11 +63,12 @@ def run_case(case: tuple) -> None:
     from sparse_compiler.kernels.triton import attention as T
 
     assert T._kernels().INTERPRETED, "worker kernels are not interpreted"
-    pattern, lq, lk, b, density, causal, dtype, d, dv, order, config, work_order = case
+    pattern, lq, lk, b, density, causal, dtype, d, dv, order, config, work_order, *group = case
     dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     layout = attention_layout(pattern, lq, lk, b, density=density, causal=causal)
-    q, k, v = _qkv(2, 2, lq, lk, d, dv, dtype, order)
+    group = group[0] if group else 1
+    q, k, v = _qkv(2, 2 * group, lq, lk, d, dv, dtype, order, group=group)
     T._linear.SETTINGS.configs.update(config or {})
     T.WORK_ORDER = work_order
     try:
@@ -72,7 +79,7 @@ def run_case(case: tuple) -> None:
         T._linear.SETTINGS.configs.clear()
         T.WORK_ORDER = "heavy_first"
     want = _reference(layout, causal, q, k, v, grad)
-    assert out.dtype == dtype and out.shape == (2, 2, lq, dv)
+    assert out.dtype == dtype and out.shape == (2, 2 * group, lq, dv) and got[2].shape == k.shape
     if order == "blhd":  # the outputs keep the inputs' memory order: the transposes around stay views
         assert out.transpose(1, 2).is_contiguous() and got[1].transpose(1, 2).is_contiguous()
     tol = 2e-5 if dtype == torch.float32 else 4e-3
@@ -192,7 +199,8 @@ def test_unsupported_calls_say_why_and_the_lowering_falls_back():
         qc = q.cuda().half()
         assert T.unsupported(qc, qc, qc, layout) is None
         assert "mask" in T.unsupported(qc, qc, qc, layout, has_mask=True)
-        assert "grouped-query" in T.unsupported(qc, qc[:, :1], qc[:, :1], layout, enable_gqa=True)
+        assert T.unsupported(qc, qc[:, :1], qc[:, :1], layout, enable_gqa=True) is None  # grouped query heads
+        assert "query heads" in T.unsupported(qc, qc[:, :1], qc[:, :1], layout)  # (without enable_gqa)
         assert "head dims" in T.unsupported(torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.half), qc, qc, layout)
         wide = attention_layout("butterfly+local+global", 1024, 1024, 256, density=0.5)
         assert "block size 256" in T.unsupported(qc, qc, qc, wide)
@@ -210,11 +218,13 @@ _GPU_CASES = (
     ("butterfly+local+global", 2048, 128, 0.25, True, torch.bfloat16, 1, 4, 128, "bhld"),
     ("bigbird", 2000, 64, 0.2, True, torch.float16, 2, 2, 64, "bhld"),  # ragged last block, 64-blocks
     ("butterfly+local", 1024, 32, 0.25, False, torch.float32, 1, 2, 64, "bhld"),
+    ("butterfly+local+global", 2048, 128, 0.125, True, torch.bfloat16, 1, 8, 128, "blhd", 4),  # grouped query heads
 )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{'causal' if c[4] else 'full'}-{c[5]}")
+@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{'causal' if c[4] else 'full'}-{c[5]}"
+                                                         f"{'-gqa' if len(c) > 10 else ''}")
 def test_gpu_kernels_match_sdpa(case):
     """Training shapes on CUDA: output and gradients against float64 SDPA with the element mask, in
     every work order (each autotuned on its own, so their tiles, and last bits, may differ)."""
@@ -222,12 +232,12 @@ def test_gpu_kernels_match_sdpa(case):
 
     if T._kernels().INTERPRETED:
         pytest.skip("kernels were imported under TRITON_INTERPRET=1")
-    pattern, length, b, density, causal, dtype, batch, heads, d, order = case
+    pattern, length, b, density, causal, dtype, batch, heads, d, order, *group = case
     layout = attention_layout(pattern, length, length, b, density=density, causal=causal)
     allow = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        q, k, v = _qkv(batch, heads, length, length, d, d, dtype, order, device="cuda")
+        q, k, v = _qkv(batch, heads, length, length, d, d, dtype, order, device="cuda", group=group[0] if group else 1)
         grad = torch.randn(batch, heads, length, d, device="cuda", dtype=dtype)
         want = _reference(layout, causal, q, k, v, grad)
         results = {}

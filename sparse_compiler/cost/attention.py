@@ -570,14 +570,12 @@ def _cuda_lowering(c: AttentionCandidate, o: Options) -> tuple[str, str]:
         why = "triton is not installed"
     elif c.mask_mode != "none":
         why = "the model's mask, which FlexAttention reads"
-    elif c.enable_gqa or c.kv_heads != c.heads:
-        why = "grouped-query heads"
     elif not 16 <= b <= 128 or b & (b - 1):
         why = f"blocks of {b}: the own kernels take powers of two from 16 to 128"
     elif max(c.head_dim, c.value_dim) > 128:
         why = f"head dims {c.head_dim}, {c.value_dim}: the own kernels take up to 128"
     else:
-        return "triton", "own Triton kernels, longest block rows first"
+        return "triton", "own Triton kernels, long block rows first"
     return "flex", f"FlexAttention ({why})"
 
 

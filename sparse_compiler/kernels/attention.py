@@ -13,9 +13,9 @@ The model's mask and causality are always combined with the layout, never droppe
 
 Lowerings, chosen by the planner and named in the report:
 
-- ``"triton"``: the project's own Triton kernels, forward and backward, which launch the longest
-  block rows first (``kernels/triton/attention.py``): on CUDA, without a model mask, with as many
-  key as query heads, blocks of 16 to 128 and head dims up to 128. A call they do not cover (or on
+- ``"triton"``: the project's own Triton kernels, forward and backward, which launch the long
+  block rows first (``kernels/triton/attention.py``): on CUDA, without a model mask, with blocks of
+  16 to 128 and head dims up to 128 (grouped query heads included). A call they do not cover (or on
   a machine without CUDA and Triton) takes ``"flex"``.
 - ``"flex"``: FlexAttention (``torch.nn.attention.flex_attention``) with a ``BlockMask`` whose index
   tables skip the dropped blocks. On CUDA, Inductor turns it into generated Triton kernels for the

@@ -1,11 +1,12 @@
-"""Static block-sparse attention on our own Triton kernels, launched longest work first.
+"""Static block-sparse attention on our own Triton kernels, long block rows launched first.
 
 ``block_attention(q, k, v, layout, causal, scale)`` computes ``softmax(q·kᵀ·scale)·v`` over the
 (query, key) pairs whose block the attention layout keeps (and ``key <= query`` when ``causal``),
 as ``kernels.attention.block_sparse_attention`` does through FlexAttention, with a backward. It is
 the ``"triton"`` lowering of the planner on CUDA for what it covers (:func:`unsupported` says why
-not otherwise; FlexAttention runs the rest): no model mask, as many key as query heads, block sizes
-16 to 128 (powers of two), head dims up to ``MAX_HEAD_DIM``, 16- or 32-bit floats.
+not otherwise; FlexAttention runs the rest): no model mask, block sizes 16 to 128 (powers of two),
+head dims up to ``MAX_HEAD_DIM``, 16- or 32-bit floats; grouped query heads (several query heads
+per key/value head) included.
 
 What it adds over FlexAttention is the **work order** (``attention_kernels.py``). A layout is static,
 so its schedule is computed once per (layout, lengths, causality, device) (:func:`schedule`):
@@ -125,8 +126,8 @@ def unsupported(
         return "the model's own mask (FlexAttention reads it)"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k, v not 4-D"
-    if enable_gqa or q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
-        return "grouped-query heads"
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] or (q.shape[1] != k.shape[1] and not enable_gqa):
+        return f"{q.shape[1]} query heads over {k.shape[1]} key and {v.shape[1]} value heads"
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     b = layout.block_size
@@ -300,7 +301,7 @@ def _like(t: Tensor, last: int, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, lay: Layout) -> None:
-    why = unsupported(q, k, v, lay)
+    why = unsupported(q, k, v, lay, enable_gqa=True)
     if why is not None:
         raise ValueError(f"block_attention: {why}")
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
@@ -331,7 +332,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: f
     with _linear._on_device(q.device):
         kernel[(sch.n_q * bh,)](
             q, k, v, out, lse, sch.cols, work,
-            bh, heads, lq, lk, sch.n_q, n_heavy, scale * LOG2_E,
+            bh, heads, heads // k.shape[1], lq, lk, sch.n_q, n_heavy, scale * LOG2_E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             D=d, DV=dv, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), CAUSAL=bool(causal),
             EVEN_M=lq % lay.block_size == 0, EVEN_N=lk % lay.block_size == 0, SAFE_D=_pow2(d) == d and _pow2(dv) == dv,
@@ -352,6 +353,10 @@ def backward(
     dq, dk, dv = _like(q, d), _like(k, d), _like(v, dv_dim)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    group = heads // k.shape[1]
+    # grouped query heads: each query head's share of dK, dV (float32), summed over its group below
+    dk_part = dk if group == 1 else torch.empty((bsz, heads, lk, d), dtype=torch.float32, device=q.device)
+    dv_part = dv if group == 1 else torch.empty((bsz, heads, lk, dv_dim), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
     bh = bsz * heads
     delta = torch.empty((bsz, heads, lq), dtype=torch.float32, device=q.device)  # Δ = rowsum(dO ⊙ O)
@@ -364,14 +369,17 @@ def backward(
             DV=dv_dim, BLOCK_R=rows_per_program, BLOCK_DV=_pow2(dv_dim), num_warps=4,
         )  # fmt: skip
         kernel[((sch.n_q + sch.n_k) * bh,)](
-            q, k, v, dout, lse, delta, dq, dk, dv,
+            q, k, v, dout, lse, delta, dq, dk_part, dv_part,
             sch.cols, sch.rows, work,
-            bh, heads, lq, lk, sch.n_k, sch.n_k + sch.n_q, n_heavy, scale * LOG2_E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            bh, heads, group, lq, lk, sch.n_k, sch.n_k + sch.n_q, n_heavy, scale * LOG2_E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk_part.stride(), *dv_part.stride(),
             D=d, DV=dv_dim, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), CAUSAL=bool(causal),
             EVEN_M=lq % lay.block_size == 0, EVEN_N=lk % lay.block_size == 0,
             SAFE_D=_pow2(d) == d and _pow2(dv_dim) == dv_dim, PRECISION=_linear._precision(q.dtype),
         )  # fmt: skip
+    if group > 1:
+        dk.copy_(dk_part.view(bsz, k.shape[1], group, lk, d).sum(2))
+        dv.copy_(dv_part.view(bsz, k.shape[1], group, lk, dv_dim).sum(2))
     return dq, dk, dv
 
 
@@ -427,7 +435,9 @@ _block_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool = False, scale: float | None = None) -> Tensor:
     """Block-sparse attention of ``(batch, heads, length, dim)`` tensors under the layout key
-    ``layout`` on the kernels (module docstring), differentiable in ``q``, ``k``, ``v``."""
+    ``layout`` on the kernels (module docstring), differentiable in ``q``, ``k``, ``v``. ``k`` and
+    ``v`` may have fewer heads, a divisor of ``q``'s: grouped-query attention, query head ``h``
+    attending with key/value head ``h // (heads / kv_heads)`` (SDPA's ``enable_gqa``)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return torch.ops.sparse_compiler.block_attention(q, k, v, layout, bool(causal), float(scale))[0]

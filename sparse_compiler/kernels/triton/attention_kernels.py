@@ -27,7 +27,10 @@ whose output is then zero: the backward's ``2^(s − lse)`` is zero there too).
 
     dV += Pᵀ·dO;   dP = dO·vᵀ;   dS = P ⊙ (dP − Δ);   dK += dSᵀ·q · scale;   dQ += dS·k · scale
 
-Every gradient is written by the one program that owns it: no atomics, deterministic. ``delta_kernel``
+Every gradient is written by the one program that owns it: no atomics, deterministic. With grouped
+query heads (``GROUP`` query heads per key/value head) every program is a query head's, reading its
+key/value head ``h // GROUP``; a key column's ``dK``, ``dV`` are then that query head's share,
+written to per-query-head buffers that the launcher sums over each group. ``delta_kernel``
 computes ``Δ`` first, one program per (tile of ``BLOCK_R`` queries, batch · head), in float32.
 
 The work order (``_work_item``): the programs of a launch start in ``program_id`` order, and a block
@@ -100,7 +103,7 @@ def _load_rows(ptrs, offs, n, fill, SAFE: tl.constexpr):
 def forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     cols, work,  # the kept key blocks of each query block row (CSR); (row, start, end, first) per item
-    BH, H, LQ, LK, N_ITEMS, N_HEAVY, qk_scale,
+    BH, H, GROUP, LQ, LK, N_ITEMS, N_HEAVY, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -122,8 +125,9 @@ def forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = tl.arange(0, BLOCK_N)
-    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    off_hk = off_h // GROUP  # the key/value head of this query head
+    k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
     q = _load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
               offs_m, offs_d, LQ, D, EVEN_M, SAFE_D)
 
@@ -187,7 +191,7 @@ def delta_kernel(
 def backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
     cols, rows, work,  # CSR, CSC lists; (item, start, end, first) per item: < NK a key block column, else NK + row
-    BH, H, LQ, LK, NK, N_ITEMS, N_HEAVY, qk_scale, sm_scale,
+    BH, H, GROUP, LQ, LK, NK, N_ITEMS, N_HEAVY, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -210,9 +214,10 @@ def backward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_b = tl.arange(0, B)
+    off_hk = off_h // GROUP  # the key/value head of this query head
     q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
-    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
     do_base = do_ptr + off_b * stride_ob + off_h * stride_oh
     lse_base = lse_ptr + bh.to(tl.int64) * LQ
     delta_base = delta_ptr + bh.to(tl.int64) * LQ
