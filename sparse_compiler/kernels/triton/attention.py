@@ -55,6 +55,7 @@ from torch import Tensor
 
 from sparse_compiler.kernels import SUPPORTED_DTYPES
 from sparse_compiler.kernels.triton import linear as _linear
+from sparse_compiler.kernels.triton.cache_step import _next_pow2
 from sparse_compiler.layouts.attention import get_attention_layout, layout_geometry
 from sparse_compiler.layouts.layout import Layout, untraced
 
@@ -364,7 +365,7 @@ def backward(
     work, n_heavy = _work(sch, backward=True)
     with _linear._on_device(q.device):
         rows_per_program = max(1, min(64, 8192 // _pow2(dv_dim)))
-        _kernels().delta_kernel[(_cdiv(lq, rows_per_program), bh)](
+        _kernels().delta_kernel[(-(-lq // rows_per_program), bh)](
             out, dout, delta, heads, lq, *out.stride(), *dout.stride(),
             DV=dv_dim, BLOCK_R=rows_per_program, BLOCK_DV=_pow2(dv_dim), num_warps=4,
         )  # fmt: skip
@@ -383,12 +384,9 @@ def backward(
     return dq, dk, dv
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, int(n) - 1).bit_length())
+    """The tile width of a head dim: the next power of two, at least 16 (``tl.dot``)."""
+    return max(16, _next_pow2(n))
 
 
 # ---------------------------------------------------------------------------------------------- ops
