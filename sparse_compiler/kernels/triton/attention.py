@@ -39,9 +39,8 @@ time, never baked into the graph), and a CUDA graph can hold them after a first 
 schedule. :func:`block_attention` calls them when traced; run eagerly, it takes the same launchers
 through an autograd Function, which costs about half the host time per step (measured on the CPU
 side with the launches stubbed out, on 2 CPU cores: 0.24-0.28 against 0.39-0.48 ms per forward and
-backward). ``lse`` is the
-log-sum-exp of each query's scores in base 2 (``+inf`` for a query that may see no key); it is
-saved for the backward and has no gradient. Outputs keep the memory order
+backward). ``lse`` is the log-sum-exp of each query's scores in base 2 (``+inf`` for a query that
+may see no key); it is saved for the backward and has no gradient. Outputs keep the memory order
 of ``q`` (``out``, ``dq``), ``k`` and ``v`` when that is ``(batch, length, heads, dim)``, the
 order a projection leaves them in, so the transposes around attention stay views.
 """
