@@ -426,7 +426,7 @@ def block_sparse_attention(
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     nd = q.dim()
     if fixed:
-        if lowering == "flex":
+        if lowering in ("flex", "triton"):
             raise ValueError("block_sparse_attention: fixed=True needs lowering='sdpa' or 'kept_blocks'")
         if lowering == "kept_blocks" and not wants_grad:
             from sparse_compiler.kernels import cache_step  # noqa: F401  (registers the op)
