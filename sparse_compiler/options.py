@@ -99,9 +99,9 @@ class Options:
             and causality are applied either way; this only chooses the pattern's blocks and how
             they were fitted.
         attention_kernel: which kernels run block-sparse attention on CUDA. ``"auto"``: the
-            project's Triton kernels (long block rows first) where they apply (no model mask,
-            blocks of 16 to 128, head dims up to 128), else FlexAttention; ``"flex"``:
-            FlexAttention always.
+            project's Triton kernels (long block rows first) where they apply (no model mask but a
+            key padding mask, blocks of 16 to 128, head dims up to 128), else FlexAttention;
+            ``"flex"``: FlexAttention always.
     """
 
     enabled: bool = True

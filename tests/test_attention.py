@@ -1051,7 +1051,9 @@ def test_plan_reasons():
     assert as_flex.lowering == "flex" and "attention_kernel='flex'" in as_flex.reason
     masked = dataclasses.replace(long, mask="m", mask_mode="keep", mask_origin="argument", mask_shape=(n, n))
     d = plan_attention([masked], opts)[0]
-    assert d.sparse and d.lowering == "flex" and "model's mask" in d.reason, d.reason
+    assert d.sparse and d.lowering == "flex" and "model mask" in d.reason, d.reason
+    padding = dataclasses.replace(masked, mask_shape=(long.batch_hint, 1, 1, n))  # a key padding mask
+    assert plan_attention([padding], opts)[0].lowering == chosen.lowering
     grouped = plan_attention([dataclasses.replace(long, kv_heads=1, enable_gqa=True)], opts)[0]
     assert grouped.sparse and grouped.lowering == chosen.lowering  # grouped query heads: the own kernels too
     on_256 = plan_attention([long], Options(targets=("attention",), attention_block_size=256))[0]

@@ -37,6 +37,14 @@ CASES = {
     # four query heads over two key/value heads (grouped-query attention), causal, transposed inputs
     "grouped_query_heads": ("butterfly+local+global", 192, 192, 32, 0.4, True, "float32", 16, 16, "blhd", None,
                             "heavy_first", 2),
+    # a key padding mask: bool (True attends), the keys of one sequence padded from 150 on; with a
+    # local window, its last queries see no key at all (output and gradients zero, as from SDPA)
+    "key_padding_keep": ("local", 224, 224, 32, 0.4, False, "float32", 16, 16, "bhld", None, "heavy_first", 1, "keep"),
+    "key_padding_keep_global": ("butterfly+local+global", 200, 200, 32, 0.4, True, "float32", 16, 16, "blhd", None,
+                                "heavy_first", 2, "keep"),
+    # Hugging Face's additive mask: finfo.min at padded keys, shaped (batch, 1, 1, Lk): the queries
+    # whose keys are all padded attend to them evenly, as in eager float32
+    "key_padding_additive": ("local", 224, 224, 32, 0.4, True, "float32", 16, 16, "blhd", None, "heavy_first", 1, "add"),
 }
 
 
@@ -49,9 +57,33 @@ def _qkv(batch, heads, lq, lk, d, dv, dtype, order, device="cpu", group=1):
     return make(lq, d, heads), make(lk, d, heads // group), make(lk, dv, heads // group)
 
 
-def _reference(layout, causal, q, k, v, grad, dtype=torch.float64):
-    """(out, dq, dk, dv) of SDPA in ``dtype`` under the layout's element mask."""
+def _key_padding(mode: str, lk: int, dtype):
+    """(the model's mask, the kernels' key bias) for ``mode``: none, a bool key padding mask (True
+    attends; batch 1 padded after 150 keys, so a query there may see no key) or its additive form
+    (finfo.min where padded, as Hugging Face builds it)."""
+    if mode == "none":
+        return None, None
+    keep = torch.ones(2, 1, 1, lk, dtype=torch.bool)
+    keep[1, ..., 150:] = False
+    if mode == "keep":
+        return keep, T_key_bias(keep, "keep")
+    additive = torch.zeros(2, 1, 1, lk, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    return additive, T_key_bias(additive, "add")
+
+
+def T_key_bias(mask, mode):
+    from sparse_compiler.kernels.triton.attention import key_bias
+
+    return key_bias(mask, mode, mask.shape[0])
+
+
+def _reference(layout, causal, q, k, v, grad, dtype=torch.float64, model_mask=None):
+    """(out, dq, dk, dv) of SDPA in ``dtype`` under the layout's element mask (and the model's)."""
     mask = attention_element_mask(layout, q.shape[-2], k.shape[-2], causal, device=q.device)
+    if model_mask is not None and model_mask.dtype == torch.bool:
+        mask = mask & model_mask
+    elif model_mask is not None:
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf")) + model_mask.to(dtype)
     q64, k64, v64 = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q64, k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1),
@@ -63,26 +95,30 @@ def run_case(case: tuple) -> None:
     from sparse_compiler.kernels.triton import attention as T
 
     assert T._kernels().INTERPRETED, "worker kernels are not interpreted"
-    pattern, lq, lk, b, density, causal, dtype, d, dv, order, config, work_order, *group = case
+    pattern, lq, lk, b, density, causal, dtype, d, dv, order, config, work_order, *extra = case
     dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     layout = attention_layout(pattern, lq, lk, b, density=density, causal=causal)
-    group = group[0] if group else 1
+    group, mask_mode = (list(extra) + [1, "none"][len(extra):])[:2]
     q, k, v = _qkv(2, 2 * group, lq, lk, d, dv, dtype, order, group=group)
+    mask, bias = _key_padding(mask_mode, lk, dtype)
     T._linear.SETTINGS.configs.update(config or {})
     T.WORK_ORDER = work_order
     try:
-        out = T.block_attention(q, k, v, layout.key, causal)
+        out = T.block_attention(q, k, v, layout.key, causal, bias=bias)
         grad = torch.randn_like(out)
         got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     finally:
         T._linear.SETTINGS.configs.clear()
         T.WORK_ORDER = "heavy_first"
-    want = _reference(layout, causal, q, k, v, grad)
+    # float64 would keep scores beside finfo.min apart that float32 cannot: compare with float32 SDPA
+    want = _reference(layout, causal, q, k, v, grad, torch.float32 if mask_mode == "add" else torch.float64, mask)
+    if mask_mode == "keep" and pattern == "local":  # the padded sequence's last queries see no key
+        assert (out[1, :, 192:] == 0).all() and (got[1][1, :, 192:] == 0).all()
     assert out.dtype == dtype and out.shape == (2, 2 * group, lq, dv) and got[2].shape == k.shape
     if order == "blhd":  # the outputs keep the inputs' memory order: the transposes around stay views
         assert out.transpose(1, 2).is_contiguous() and got[1].transpose(1, 2).is_contiguous()
-    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    tol = (2e-5 if mask_mode != "add" else 1e-4) if dtype == torch.float32 else 4e-3
     for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = (a.double() - w).abs().max().item()
         assert err < tol * max(1.0, w.abs().max().item()), f"{name}: max abs error {err:.2e}"
@@ -90,7 +126,8 @@ def run_case(case: tuple) -> None:
 
 def run_lowering_case() -> None:
     """The lowering ``"triton"`` of ``block_sparse_attention``, eager and compiled by Inductor (the ops
-    as external kernels, their autograd formula in the joint graph), against the element-mask SDPA."""
+    as external kernels, their autograd formula in the joint graph), against the element-mask SDPA,
+    without a model mask and with a key padding mask."""
     from sparse_compiler.kernels.attention import block_sparse_attention
 
     torch.manual_seed(0)
@@ -104,6 +141,19 @@ def run_lowering_case() -> None:
     want = _reference(layout, True, q, k, v, grad)
     for fn in (attend, torch.compile(attend, backend="inductor", fullgraph=True)):
         out = fn(q, k, v)
+        got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+        for a, w in zip(got, want):
+            assert (a.double() - w).abs().max().item() < 2e-5
+    # a key padding mask as hand-written attention applies it (masked_fill: True drops the key)
+    pad = torch.zeros(1, 1, 1, 128, dtype=torch.bool)
+    pad[..., 100:] = True
+
+    def attend_padded(q, k, v, pad):
+        return block_sparse_attention(q, k, v, pad, layout=layout.key, causal=True, mask_mode="drop", lowering="triton")
+
+    want = _reference(layout, True, q, k, v, grad, model_mask=~pad)
+    for fn in (attend_padded, torch.compile(attend_padded, backend="inductor", fullgraph=True)):
+        out = fn(q, k, v, pad)
         got = (out, *torch.autograd.grad(out, (q, k, v), grad))
         for a, w in zip(got, want):
             assert (a.double() - w).abs().max().item() < 2e-5
@@ -198,7 +248,8 @@ def test_unsupported_calls_say_why_and_the_lowering_falls_back():
     if torch.cuda.is_available() and T._linear.available():
         qc = q.cuda().half()
         assert T.unsupported(qc, qc, qc, layout) is None
-        assert "mask" in T.unsupported(qc, qc, qc, layout, has_mask=True)
+        assert "mask" in T.unsupported(qc, qc, qc, layout, mask=torch.ones(1, 1, 256, 256, dtype=torch.bool, device="cuda"))
+        assert T.unsupported(qc, qc, qc, layout, mask=torch.ones(1, 1, 1, 256, dtype=torch.bool, device="cuda")) is None
         assert T.unsupported(qc, qc[:, :1], qc[:, :1], layout, enable_gqa=True) is None  # grouped query heads
         assert "query heads" in T.unsupported(qc, qc[:, :1], qc[:, :1], layout)  # (without enable_gqa)
         assert "head dims" in T.unsupported(torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.half), qc, qc, layout)
@@ -254,6 +305,29 @@ def test_gpu_kernels_match_sdpa(case):
             scale = w.abs().max().item()
             err = (a.double() - w).abs().max().item()
             assert err <= tol * max(1.0, scale), f"{name}: max abs error {err:.3e} (largest value {scale:.3e})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["keep", "add"])
+def test_gpu_key_padding_mask_matches_sdpa(mode):
+    """A key padding mask (bool, or Hugging Face's additive finfo.min form) on CUDA in bf16: output
+    and gradients against SDPA with the element mask and the model's mask."""
+    from sparse_compiler.kernels.triton import attention as T
+
+    if T._kernels().INTERPRETED:
+        pytest.skip("kernels were imported under TRITON_INTERPRET=1")
+    layout = attention_layout("butterfly+local+global", 2048, 2048, 128, density=0.125, causal=True)
+    q, k, v = _qkv(2, 4, 2048, 2048, 64, 64, torch.bfloat16, "blhd", device="cuda")
+    keep = torch.ones(2, 1, 1, 2048, dtype=torch.bool, device="cuda")
+    keep[1, ..., 1500:] = False
+    mask = keep if mode == "keep" else torch.zeros(keep.shape, device="cuda").masked_fill(~keep, torch.finfo(torch.float32).min)
+    out = T.block_attention(q, k, v, layout.key, True, bias=T.key_bias(mask, mode, 2))
+    grad = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    want = _reference(layout, True, q, k, v, grad, torch.float32 if mode == "add" else torch.float64, mask)
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (a.double() - w.double()).abs().max().item()
+        assert err <= 3e-2 * max(1.0, w.abs().max().item()), f"{name}: max abs error {err:.3e}"
 
 
 @pytest.mark.gpu

@@ -78,6 +78,7 @@ from typing import Any, Mapping
 
 import torch
 
+from sparse_compiler.kernels import is_key_mask
 from sparse_compiler.kernels.attention import SUPPORTED_DTYPES, flex_available
 from sparse_compiler.kernels.cache_step import GATHER_FROM_ROWS, gathers_kept_keys
 from sparse_compiler.layouts.attention import (
@@ -568,8 +569,9 @@ def _cuda_lowering(c: AttentionCandidate, o: Options) -> tuple[str, str]:
         return "flex", "FlexAttention (attention_kernel='flex')"
     if importlib.util.find_spec("triton") is None:
         why = "triton is not installed"
-    elif c.mask_mode != "none":
-        why = "the model's mask, which FlexAttention reads"
+    elif c.mask_mode != "none" and (c.mask_requires_grad or c.mask_shape is None
+                                    or not is_key_mask(c.mask_shape, c.batch_hint, c.seq_len_k_hint)):
+        why = "a model mask that is not one per (batch, key), which FlexAttention reads"
     elif not 16 <= b <= 128 or b & (b - 1):
         why = f"blocks of {b}: the own kernels take powers of two from 16 to 128"
     elif max(c.head_dim, c.value_dim) > 128:

@@ -11,6 +11,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_KERNEL_MAX_BLOCK = 128
 
 
+def is_key_mask(shape, batch: int, seq_len_k: int) -> bool:
+    """Whether an attention mask of ``shape`` (padded on the left to 4-D) depends on the batch and
+    the key only: ``(batch or 1, 1, 1, seq_len_k)``, a key padding mask."""
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    return len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and shape[0] in (1, batch) and shape[3] == seq_len_k
+
+
 def tracing(*tensors) -> bool:
     """Whether this call is being traced (Dynamo, make_fx, fake tensors, AOTAutograd) rather than run."""
     try:

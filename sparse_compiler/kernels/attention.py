@@ -14,9 +14,10 @@ The model's mask and causality are always combined with the layout, never droppe
 Lowerings, chosen by the planner and named in the report:
 
 - ``"triton"``: the project's own Triton kernels, forward and backward, which launch the long
-  block rows first (``kernels/triton/attention.py``): on CUDA, without a model mask, with blocks of
-  16 to 128 and head dims up to 128 (grouped query heads included). A call they do not cover (or on
-  a machine without CUDA and Triton) takes ``"flex"``.
+  block rows first (``kernels/triton/attention.py``): on CUDA, with blocks of 16 to 128 and head
+  dims up to 128, no model mask or a key padding mask (one value per batch and key; grouped query
+  heads included). A call they do not cover (or on a machine without CUDA and Triton) takes
+  ``"flex"``.
 - ``"flex"``: FlexAttention (``torch.nn.attention.flex_attention``) with a ``BlockMask`` whose index
   tables skip the dropped blocks. On CUDA, Inductor turns it into generated Triton kernels for the
   forward and the backward; on CPU, into its C++ template (forward only: FlexAttention has no CPU
@@ -446,10 +447,11 @@ def block_sparse_attention(
     if lowering == "triton":
         from sparse_compiler.kernels.triton import attention as triton_attention
 
-        q4, k4, v4, _ = _to_4d(q, k, v, None)
-        if triton_attention.unsupported(q4, k4, v4, lay, enable_gqa=enable_gqa, has_mask=mask is not None) is None:
+        q4, k4, v4, m4 = _to_4d(q, k, v, mask)
+        if triton_attention.unsupported(q4, k4, v4, lay, enable_gqa=enable_gqa, mask=m4) is None:
             layout_geometry(lay, lq, lk, causal)  # lengths that do not fit the layout fail here, as below
-            return _from_4d(triton_attention.block_attention(q4, k4, v4, layout, causal, scale), nd)
+            bias = None if m4 is None else triton_attention.key_bias(m4, mask_mode, q4.shape[0])
+            return _from_4d(triton_attention.block_attention(q4, k4, v4, layout, causal, scale, bias), nd)
         lowering = "flex"
     if lowering == "flex" and (q.device.type == "cpu" and wants_grad and not _CPU_FLEX_TRAINING or not flex_available()):
         lowering = "sdpa"  # FlexAttention has no CPU backward: same result through SDPA

@@ -150,7 +150,7 @@ def _cache_step_variants(dt: str, b: int) -> Iterator[tuple]:
 def _attention_variants(dt: str, b: int, full: bool) -> Iterator[tuple]:
     """The block-sparse attention kernels (``attention.py``) at heads of 128 (64 on 64-blocks), with
     the first config of each list (every config with ``full``): not causal with every load unmasked,
-    and causal with a ragged key length."""
+    and causal with a ragged key length and a key padding mask."""
     from sparse_compiler.kernels.triton import attention as A
     from sparse_compiler.kernels.triton import attention_kernels as K
 
@@ -168,10 +168,11 @@ def _attention_variants(dt: str, b: int, full: bool) -> Iterator[tuple]:
                 types.update({name: "*i32" for name in ("cols", "rows", "work")})
                 types.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"})
                 consts = {"D": dim, "DV": dim, "B": b, "BLOCK_D": dim, "BLOCK_DV": dim, "CAUSAL": causal,
-                          "PRECISION": "tf32", "EVEN_M": True, "EVEN_N": not causal, "SAFE_D": True, **cfg}  # fmt: skip
+                          "PRECISION": "tf32", "EVEN_M": True, "EVEN_N": not causal, "SAFE_D": True, "HAS_BIAS": causal,
+                          **cfg}  # fmt: skip
                 consts.update({n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")})
                 div = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("stride") and not n.endswith("d"))]
-                label = f"attention-{kind} {dt} b={b} d={dim}{' causal ragged' if causal else ''}"
+                label = f"attention-{kind} {dt} b={b} d={dim}{' causal ragged key-mask' if causal else ''}"
                 yield (label, fn, types, consts, div, warps, stages, cfg)
 
 

@@ -4,9 +4,10 @@
 (query, key) pairs whose block the attention layout keeps (and ``key <= query`` when ``causal``),
 as ``kernels.attention.block_sparse_attention`` does through FlexAttention, with a backward. It is
 the ``"triton"`` lowering of the planner on CUDA for what it covers (:func:`unsupported` says why
-not otherwise; FlexAttention runs the rest): no model mask, block sizes 16 to 128 (powers of two),
-head dims up to ``MAX_HEAD_DIM``, 16- or 32-bit floats; grouped query heads (several query heads
-per key/value head) included.
+not otherwise; FlexAttention runs the rest): no model mask but a key padding mask (one value per
+batch and key: :func:`key_bias`), block sizes 16 to 128 (powers of two), head dims up to
+``MAX_HEAD_DIM``, 16- or 32-bit floats; grouped query heads (several query heads per key/value head)
+included.
 
 What it adds over FlexAttention is the **work order** (``attention_kernels.py``). A layout is static,
 so its schedule is computed once per (layout, lengths, causality, device) (:func:`schedule`):
@@ -56,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparse_compiler.kernels import SUPPORTED_DTYPES, tracing
+from sparse_compiler.kernels import SUPPORTED_DTYPES, is_key_mask, tracing
 from sparse_compiler.kernels.triton import linear as _linear
 from sparse_compiler.kernels.triton.cache_step import _next_pow2
 from sparse_compiler.layouts.attention import get_attention_layout, layout_geometry
@@ -70,6 +71,7 @@ __all__ = [
     "WORK_ORDERS",
     "Schedule",
     "block_attention",
+    "key_bias",
     "schedule",
     "tuned_configs",
     "unsupported",
@@ -118,18 +120,21 @@ def _kernels():
 
 
 def unsupported(
-    q: Tensor, k: Tensor, v: Tensor, layout: Layout, *, enable_gqa: bool = False, has_mask: bool = False
+    q: Tensor, k: Tensor, v: Tensor, layout: Layout, *, enable_gqa: bool = False, mask: Tensor | None = None
 ) -> str | None:
     """Why these kernels cannot run this call (``None`` when they can): the lowering then falls back
-    to FlexAttention."""
+    to FlexAttention. ``mask``: the model's mask, 4-D (broadcastable to ``(batch, heads, Lq, Lk)``);
+    the kernels take one that depends on the batch and the key only (a key padding mask)."""
     if not _linear.available():
         return "Triton cannot launch here (no CUDA device, or triton missing)"
     if q.device.type != "cuda" and not _kernels().INTERPRETED:
         return f"tensors on {q.device.type}, not CUDA"
-    if has_mask:
-        return "the model's own mask (FlexAttention reads it)"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k, v not 4-D"
+    if mask is not None and not is_key_mask(mask.shape, q.shape[0], k.shape[-2]):
+        return f"a model mask of shape {tuple(mask.shape)}, not one per (batch, key) (FlexAttention reads it)"
+    if mask is not None and mask.requires_grad:
+        return "a model mask that requires grad"
     if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] or (q.shape[1] != k.shape[1] and not enable_gqa):
         return f"{q.shape[1]} query heads over {k.shape[1]} key and {v.shape[1]} value heads"
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -140,6 +145,16 @@ def unsupported(
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims {q.shape[-1]}, {v.shape[-1]} above {MAX_HEAD_DIM}"
     return None
+
+
+def key_bias(mask: Tensor, mask_mode: str, batch: int) -> Tensor:
+    """The ``(batch, Lk)`` float32 bias of a key padding mask (:func:`is_key_mask`): ``-inf`` where a
+    key is masked (``mask_mode`` ``"keep"``: False; ``"drop"``: True), or the additive mask itself."""
+    flat = mask.reshape(mask.shape[0] if mask.dim() == 4 else 1, mask.shape[-1]).expand(batch, mask.shape[-1])
+    if mask_mode == "add":
+        return flat.float()
+    masked = ~flat if mask_mode == "keep" else flat
+    return torch.zeros(flat.shape, dtype=torch.float32, device=mask.device).masked_fill(masked, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -319,8 +334,11 @@ def _work(sch: Schedule, backward: bool) -> tuple[Tensor, int]:
     return (sch.backward if backward else sch.forward)[WORK_ORDER]
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of the kept blocks (module docstring); ``q``, ``k``, ``v``: ``(batch, heads, length, dim)``."""
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of the kept blocks (module docstring); ``q``, ``k``, ``v``: ``(batch, heads,
+    length, dim)``; ``bias``: ``(batch, Lk)`` float32 added to every query's scores (:func:`key_bias`)."""
     lay = get_attention_layout(layout)
     _check(q, k, v, lay)
     bsz, heads, lq, d = q.shape
@@ -333,20 +351,22 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: f
         return out, lse
     kernel = _TUNERS("forward", lay.block_size, q.dtype)
     work, n_heavy = _work(sch, backward=False)
+    bias2 = _base2(bias, bsz, lk)
     with _linear._on_device(q.device):
         kernel[(sch.n_q * bh,)](
-            q, k, v, out, lse, sch.cols, work,
+            q, k, v, out, lse, bias2 if bias2 is not None else lse, sch.cols, work,
             bh, heads, heads // k.shape[1], lq, lk, sch.n_q, n_heavy, scale * LOG2_E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *(bias2.stride() if bias2 is not None else (0, 0)),
             D=d, DV=dv, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), CAUSAL=bool(causal),
             EVEN_M=lq % lay.block_size == 0, EVEN_N=lk % lay.block_size == 0, SAFE_D=_pow2(d) == d and _pow2(dv) == dv,
-            PRECISION=_linear._precision(q.dtype),
+            HAS_BIAS=bias2 is not None, PRECISION=_linear._precision(q.dtype),
         )  # fmt: skip
     return out, lse
 
 
 def backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str, causal: bool, scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str, causal: bool, scale: float,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` for the output gradient ``dout`` (module docstring)."""
     lay = get_attention_layout(layout)
@@ -366,6 +386,7 @@ def backward(
     delta = torch.empty((bsz, heads, lq), dtype=torch.float32, device=q.device)  # Δ = rowsum(dO ⊙ O)
     kernel = _TUNERS("backward", lay.block_size, q.dtype)
     work, n_heavy = _work(sch, backward=True)
+    bias2 = _base2(bias, bsz, lk)
     with _linear._on_device(q.device):
         rows_per_program = max(1, min(64, 8192 // _pow2(dv_dim)))
         _kernels().delta_kernel[(-(-lq // rows_per_program), bh)](
@@ -373,18 +394,34 @@ def backward(
             DV=dv_dim, BLOCK_R=rows_per_program, BLOCK_DV=_pow2(dv_dim), num_warps=4,
         )  # fmt: skip
         kernel[((sch.n_q + sch.n_k) * bh,)](
-            q, k, v, dout, lse, delta, dq, dk_part, dv_part,
+            q, k, v, dout, lse, delta, dq, dk_part, dv_part, bias2 if bias2 is not None else lse,
             sch.cols, sch.rows, work,
             bh, heads, group, lq, lk, sch.n_k, sch.n_k + sch.n_q, n_heavy, scale * LOG2_E, scale,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk_part.stride(), *dv_part.stride(),
+            *(bias2.stride() if bias2 is not None else (0, 0)),
             D=d, DV=dv_dim, B=lay.block_size, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), CAUSAL=bool(causal),
             EVEN_M=lq % lay.block_size == 0, EVEN_N=lk % lay.block_size == 0,
-            SAFE_D=_pow2(d) == d and _pow2(dv_dim) == dv_dim, PRECISION=_linear._precision(q.dtype),
+            SAFE_D=_pow2(d) == d and _pow2(dv_dim) == dv_dim, HAS_BIAS=bias2 is not None,
+            PRECISION=_linear._precision(q.dtype),
         )  # fmt: skip
     if group > 1:
         dk.copy_(dk_part.view(bsz, k.shape[1], group, lk, d).sum(2))
         dv.copy_(dv_part.view(bsz, k.shape[1], group, lk, dv_dim).sum(2))
     return dq, dk, dv
+
+
+def _base2(bias: Tensor | None, batch: int, seq_len_k: int) -> Tensor | None:
+    """``bias · log2(e)`` (the kernels' scores are in base 2), checked against ``(batch, Lk)``. A
+    finite bias stays finite (``finfo.min``, Hugging Face's masked value, would overflow): a query
+    whose keys are all masked that way then attends to them evenly, as in eager float32; ``-inf``
+    stays ``-inf`` (a query seeing no key gets zeros)."""
+    if bias is None:
+        return None
+    if tuple(bias.shape) != (batch, seq_len_k) or bias.dtype != torch.float32:
+        raise ValueError(f"block_attention: a key bias of shape {tuple(bias.shape)} and dtype {bias.dtype}, "
+                         f"expected ({batch}, {seq_len_k}) float32")
+    scaled = (bias * LOG2_E).clamp(min=torch.finfo(torch.float32).min)
+    return torch.where(torch.isneginf(bias), bias, scaled)
 
 
 def _pow2(n: int) -> int:
@@ -394,41 +431,44 @@ def _pow2(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- ops
 @torch.library.custom_op("sparse_compiler::block_attention", mutates_args=())
-def _block_attention_op(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    return forward(q, k, v, layout, causal, scale)
+def _block_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, layout: str, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    return forward(q, k, v, layout, causal, scale, bias)
 
 
 @_block_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, layout: str, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     get_attention_layout(layout)  # a bad key fails while tracing
     return _like(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_compiler::block_attention_backward", mutates_args=())
 def _block_attention_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str, causal: bool, scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None, layout: str,
+    causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return backward(dout, q, k, v, out, lse, layout, causal, scale)
+    return backward(dout, q, k, v, out, lse, layout, causal, scale, bias)
 
 
 @_block_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, layout, causal, scale):
+def _(dout, q, k, v, out, lse, bias, layout, causal, scale):
     return _like(q, q.shape[-1]), _like(k, k.shape[-1]), _like(v, v.shape[-1])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, layout, causal, scale = inputs
+    q, k, v, bias, layout, causal, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, bias)
     ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
 
 
 def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, bias = ctx.saved_tensors
     dq, dk, dv = torch.ops.sparse_compiler.block_attention_backward(
-        grad_out, q, k, v, out, lse, ctx.layout, ctx.causal, ctx.scale
+        grad_out, q, k, v, out, lse, bias, ctx.layout, ctx.causal, ctx.scale
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _block_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -439,28 +479,33 @@ class _EagerBlockAttention(torch.autograd.Function):
     dispatches in a fraction of a custom op's host time (the kernels are the same)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float) -> Tensor:
-        out, lse = forward(q, k, v, layout, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, layout: str, causal: bool, scale: float) -> Tensor:
+        out, lse = forward(q, k, v, layout, causal, scale, bias)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.causal, ctx.scale), None, None, None)
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        return (*backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.causal, ctx.scale, bias), None, None, None, None)
 
 
-def block_attention(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool = False, scale: float | None = None) -> Tensor:
+def block_attention(
+    q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool = False, scale: float | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
     """Block-sparse attention of ``(batch, heads, length, dim)`` tensors under the layout key
     ``layout`` on the kernels (module docstring), differentiable in ``q``, ``k``, ``v``. ``k`` and
     ``v`` may have fewer heads, a divisor of ``q``'s: grouped-query attention, query head ``h``
-    attending with key/value head ``h // (heads / kv_heads)`` (SDPA's ``enable_gqa``).
+    attending with key/value head ``h // (heads / kv_heads)`` (SDPA's ``enable_gqa``). ``bias``:
+    ``(batch, Lk)`` float32 added to the scores of every query and head (a key padding mask as
+    :func:`key_bias` makes it; ``-inf`` masks a key), without a gradient.
 
     Traced (torch.compile, make_fx), this is the op ``torch.ops.sparse_compiler.block_attention``;
     run eagerly, the same kernels through an autograd Function (less host time per call)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if tracing(q, k, v):
-        return torch.ops.sparse_compiler.block_attention(q, k, v, layout, bool(causal), float(scale))[0]
-    return _EagerBlockAttention.apply(q, k, v, layout, bool(causal), float(scale))
+    if tracing(q, k, v, bias):
+        return torch.ops.sparse_compiler.block_attention(q, k, v, bias, layout, bool(causal), float(scale))[0]
+    return _EagerBlockAttention.apply(q, k, v, bias, layout, bool(causal), float(scale))

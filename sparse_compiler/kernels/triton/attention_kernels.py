@@ -7,7 +7,9 @@ Notation: ``B`` is the layout's block size (a program owns one block row of quer
 column of keys: ``B`` rows), ``Lq``/``Lk`` the lengths, ``s = q·kᵀ · scale · log2(e)`` the scores in
 base 2. A (query, key) pair takes part when its block is kept (the CSR list ``cols`` of the query
 block rows, the CSC list ``rows`` of the key block columns), the key
-exists (``< Lk``) and, with ``CAUSAL``, ``key <= query``. ``EVEN_M`` / ``EVEN_N``: ``Lq`` / ``Lk``
+exists (``< Lk``) and, with ``CAUSAL``, ``key <= query``. With ``HAS_BIAS`` a bias per (batch, key)
+is added to the scores (base 2): the model's key padding mask (``-inf`` where a key is masked, or
+the additive mask itself), the same for every query and head. ``EVEN_M`` / ``EVEN_N``: ``Lq`` / ``Lk``
 is a multiple of ``B``; ``SAFE_D``: the head dims are the tile widths. Together they let every load
 and store go unmasked (no mask tensors held in registers).
 
@@ -101,17 +103,18 @@ def _load_rows(ptrs, offs, n, fill, SAFE: tl.constexpr):
 
 @triton.jit
 def forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bias_ptr,
     cols, work,  # the kept key blocks of each query block row (CSR); (row, start, end, first) per item
     BH, H, GROUP, LQ, LK, N_ITEMS, N_HEAVY, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_bb, stride_bn,  # the key bias, (batch, key), base 2
     D: tl.constexpr, DV: tl.constexpr,
     B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, SAFE_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     idx, bh = _work_item(tl.program_id(0), BH, N_ITEMS, N_HEAVY)
     row = tl.load(work + 4 * idx)
@@ -141,6 +144,8 @@ def forward_kernel(
         kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn, offs_d, offs_n, D, LK,
                    SAFE_D, EVEN_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _load_rows(bias_ptr + off_b * stride_bb + offs_n * stride_bn, offs_n, LK, 0.0, EVEN_N)[None, :]
         if not EVEN_N:
             s = tl.where(offs_n[None, :] < LK, s, float("-inf"))
         if CAUSAL:
@@ -189,7 +194,7 @@ def delta_kernel(
 
 @triton.jit
 def backward_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, bias_ptr,
     cols, rows, work,  # CSR, CSC lists; (item, start, end, first) per item: < NK a key block column, else NK + row
     BH, H, GROUP, LQ, LK, NK, N_ITEMS, N_HEAVY, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -199,10 +204,11 @@ def backward_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_bb, stride_bn,  # the key bias, (batch, key), base 2
     D: tl.constexpr, DV: tl.constexpr,
     B: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, SAFE_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     idx, bh = _work_item(tl.program_id(0), BH, N_ITEMS, N_HEAVY)
     item = tl.load(work + 4 * idx)
@@ -230,6 +236,8 @@ def backward_kernel(
                   EVEN_N, SAFE_D)
         dk = tl.zeros([B, BLOCK_D], tl.float32)
         dv = tl.zeros([B, BLOCK_DV], tl.float32)
+        if HAS_BIAS:  # (the same keys all along: read once)
+            key_bias = _load_rows(bias_ptr + off_b * stride_bb + offs_n * stride_bn, offs_n, LK, 0.0, EVEN_N)
         offs_qt = tl.arange(0, BLOCK_M1)
         q_blk = first
         SUBS1: tl.constexpr = B // BLOCK_M1
@@ -243,6 +251,8 @@ def backward_kernel(
             lse_q = _load_rows(lse_base + offs_q, offs_q, LQ, float("inf"), EVEN_M)
             delta_q = _load_rows(delta_base + offs_q, offs_q, LQ, 0.0, EVEN_M)
             st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (keys, queries)
+            if HAS_BIAS:
+                st += key_bias[:, None]
             pt = tl.math.exp2(st - lse_q[None, :])  # (0 for a query past LQ: its lse reads +inf)
             if not EVEN_N:
                 pt = tl.where(offs_n[:, None] < LK, pt, 0.0)
@@ -278,6 +288,8 @@ def backward_kernel(
             vt = _load(v_base + offs_dv[:, None] * stride_vd + offs_k[None, :] * stride_vn, offs_dv, offs_k, DV, LK,
                        SAFE_D, EVEN_N)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            if HAS_BIAS:
+                s += _load_rows(bias_ptr + off_b * stride_bb + offs_k * stride_bn, offs_k, LK, 0.0, EVEN_N)[None, :]
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN_N:
                 p = tl.where(offs_k[None, :] < LK, p, 0.0)
