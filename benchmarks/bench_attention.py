@@ -17,7 +17,9 @@ Each row has both (``triton_ms``, ``flex_ms``, forward-only times beside them); 
 ``speedup`` are the own kernels' (in their default work order). Rows from 8k on also time the own
 kernels in every work order (``work_orders``: heavy items first, longest first, FlexAttention's
 order), one after the other on the same tensors, and the GPU time of dense, own and FlexAttention
-steps replayed from CUDA graphs (``graph_ms``: no Python launch overhead).
+steps replayed from CUDA graphs (``graph_ms``: no Python launch overhead). After the 8k rows,
+``variants``: grouped query heads and a key padding mask at density 1/8, own kernels against
+FlexAttention and the dense SDPA taking the same inputs (GPU time).
 
 At 8k and density 1/4 the backend's own path (``block_sparse_attention`` compiled, with either
 lowering) is timed too, and, budget permitting, the causal case (flash with
@@ -63,6 +65,15 @@ def _parse() -> argparse.Namespace:
 
 def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
+
+
+def _keys_kept(keep):
+    """A FlexAttention ``mask_mod`` that reads a ``(batch, key)`` padding mask."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, kv_idx]
+
+    return mask_mod
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -150,6 +161,7 @@ def main() -> int:
         "extra": [],
         "skipped": [],
         "compile_s": {},
+        "variants": [],
         "complete": False,
     }
 
@@ -264,6 +276,60 @@ def main() -> int:
                     print(f"   backend path ({lowering}): {ms:8.3f} ms  speedup {dense_ms / ms:5.2f}x", flush=True)
                     write_results(args.out, out)
 
+    def variants_8k(L: int = 8192, d: float = 1 / 8) -> None:
+        """At ``L`` and density ``d``: grouped query heads (16 query heads over 4 key/value heads)
+        and a key padding mask (bool, a tenth of one sequence padded), own kernels against
+        FlexAttention and the dense SDPA that takes the same inputs (flash with ``enable_gqa``; the
+        memory-efficient kernel with the mask), GPU time from CUDA-graph replays."""
+        from torch.nn.attention.flex_attention import flex_attention as flex_fn
+
+        B = max(1, args.tokens // L)
+        layout = attention_layout(args.pattern, L, L, b, density=d)
+        g = torch.randn(B, H, L, D, device=dev, dtype=dtype)
+        flex = torch.compile(flex_fn, dynamic=False)
+        for name in ("grouped_query_heads", "key_padding_mask"):
+            entry = {"variant": name, "seq_len": L, "density": float(layout.params["density"])}
+            try:
+                kv_heads = 4 if name == "grouped_query_heads" else H
+                q = torch.randn(B, H, L, D, device=dev, dtype=dtype, requires_grad=True)
+                k, v = (torch.randn(B, kv_heads, L, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+                gqa = kv_heads != H
+                keep = torch.ones(B, 1, 1, L, dtype=torch.bool, device=dev)
+                keep[0, ..., L - L // 10:] = False
+                mask = keep if name == "key_padding_mask" else None
+                bias = own.key_bias(keep, "keep", B) if mask is not None else None
+                if mask is None:
+                    bm = _make_block_mask(block_tables(layout.key, L, L, False, True, dev), b, L, L, noop_mask)
+                else:  # every kept block partial: the mask_mod reads the padding
+                    bm = _make_block_mask(block_tables(layout.key, L, L, False, False, dev), b, L, L,
+                                          _keys_kept(keep[:, 0, 0]))
+
+                def dense(q=q, k=k, v=v, mask=mask, gqa=gqa):  # the fused kernels that take these inputs
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                      SDPBackend.EFFICIENT_ATTENTION]):
+                        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                    torch.autograd.grad(o, (q, k, v), g)
+
+                def own_step(q=q, k=k, v=v, bias=bias):
+                    o = own.block_attention(q, k, v, layout.key, bias=bias)
+                    torch.autograd.grad(o, (q, k, v), g)
+
+                def flex_step(q=q, k=k, v=v, bm=bm, gqa=gqa):
+                    o = flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+                    torch.autograd.grad(o, (q, k, v), g)
+
+                for what, fn in (("triton", own_step), ("flex", flex_step), ("dense", dense)):
+                    try:
+                        fn()
+                        entry[f"{what}_graph_ms"] = _graph_ms(fn)
+                    except Exception as exc:  # noqa: BLE001  (recorded; the others go on)
+                        entry[f"{what}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            except Exception as exc:  # noqa: BLE001  (recorded; the sweep goes on)
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            out["variants"].append(entry)
+            write_results(args.out, out)
+            print(f"variant {name}: {entry}", flush=True)
+
     for L in args.lengths:
         if time.perf_counter() - t_start > args.budget_s * 0.8:
             out["skipped"].append({"seq_len": L, "why": "time budget"})
@@ -272,6 +338,7 @@ def main() -> int:
             if L == 8192 and args.densities:
                 densities = sorted(args.densities, key=lambda d: abs(d - 0.25))  # 1/4 first: backend path
                 run_len(L, densities=densities, backend_path=True)
+                variants_8k()
             else:
                 run_len(L)
         except Exception as exc:  # record and go on

@@ -1928,8 +1928,8 @@ def test_cuda_time_model_follows_the_measured_h200_rows_per_lowering():
     assert len(measured) >= 6
     for r in measured:
         L, n = r["seq_len"], r["seq_len"] // 128
-        common = dict(batch_heads=16 * (16384 // L), seq_len_q=L, seq_len_k=L, head_dim=128, value_dim=128,
-                      dtype=torch.bfloat16, causal=False, training=True)
+        common = {"batch_heads": 16 * (16384 // L), "seq_len_q": L, "seq_len_k": L, "head_dim": 128, "value_dim": 128,
+                  "dtype": torch.bfloat16, "causal": False, "training": True}
         kept = round(r["density"] * n * n)
         for lowering, tol in (("triton", 0.10), ("flex", 0.25)):
             est = estimate_attention_time(CUDA_PROFILE, **common, block_size=128, kept_blocks=kept, lowering=lowering)
