@@ -70,7 +70,7 @@ bundle
 
 PYTEST=("$PY" -m pytest -q -m gpu --durations=15)
 if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST+=(-n 8); fi  # compilation dominates: 8 processes
-step bench_attention 150 "$PY" benchmarks/bench_attention.py --budget-s 120 --out "$LOGS/bench_attention.json"
+step bench_attention 180 "$PY" benchmarks/bench_attention.py --budget-s 150 --out "$LOGS/bench_attention.json"
 step pytest_gpu 150 "${PYTEST[@]}" tests
 step bench_kernels 110 "$PY" benchmarks/bench_kernels.py --budget-s 80 --out "$LOGS/bench_kernels.json"
 step bench_decode 45 "$PY" benchmarks/bench_decode.py --device cuda --contexts 8192 32768 131072 \
