@@ -1899,19 +1899,21 @@ def test_gpu_cache_step_reading_the_kept_blocks_matches_masked_sdpa(padding):
 
 
 @pytest.mark.gpu
-def test_gpu_padding_mask_at_dynamic_lengths_trains_through_flex_attention():
-    """A padding mask read by the FlexAttention kernels under ``dynamic=True``, forward and backward,
-    each length with its own layout."""
+@pytest.mark.parametrize("kernel", ["auto", "flex"])
+def test_gpu_padding_mask_at_dynamic_lengths_trains(kernel):
+    """A padding mask (one value per batch and key) read by the own kernels (``"auto"``) or
+    FlexAttention's under ``dynamic=True``, forward and backward, each length with its own layout."""
     record = []
     model = PaddedAttention(d=256, heads=4).cuda()
-    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3)
+    options = Options(targets=("attention",), attention_block_size=128, attention_density=0.3, attention_kernel=kernel)
     compiled = torch.compile(model, backend=_backend(options=options, record=record, compiled=True), dynamic=True)
     for n in (512, 896):
         x, padding = torch.randn(2, n, 256, device="cuda"), torch.ones(2, n, dtype=torch.bool, device="cuda")
         padding[1, n - 100 :] = False
         got = compiled(x, padding)
         d = record[-1]
-        assert d.specialize and d.sparse and d.lowering == "flex" and d.candidate.mask_mode == "keep"
+        assert d.specialize and d.sparse and d.candidate.mask_mode == "keep"
+        assert d.lowering == {"auto": "triton", "flex": "flex"}[kernel]
         _assert_trains_like_masked_sdpa(model, (x, padding), got, d.layout, (1e-3, 1e-3), (1e-2, 1e-2))
 
 
