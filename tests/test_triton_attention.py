@@ -66,12 +66,12 @@ def _key_padding(mode: str, lk: int, dtype):
     keep = torch.ones(2, 1, 1, lk, dtype=torch.bool)
     keep[1, ..., 150:] = False
     if mode == "keep":
-        return keep, T_key_bias(keep, "keep")
+        return keep, _bias_of(keep, "keep")
     additive = torch.zeros(2, 1, 1, lk, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
-    return additive, T_key_bias(additive, "add")
+    return additive, _bias_of(additive, "add")
 
 
-def T_key_bias(mask, mode):
+def _bias_of(mask, mode):
     from sparse_compiler.kernels.triton.attention import key_bias
 
     return key_bias(mask, mode, mask.shape[0])

@@ -368,9 +368,9 @@ def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str, causal: bool, scale: float,
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` for the output gradient ``dout`` (module docstring)."""
+    """``(dq, dk, dv)`` for the output gradient ``dout`` (module docstring); ``q``, ``k``, ``v``,
+    ``out``, ``lse`` as :func:`forward` took and gave them (checked there)."""
     lay = get_attention_layout(layout)
-    _check(q, k, v, lay)
     bsz, heads, lq, d = q.shape
     lk, dv_dim = k.shape[2], v.shape[-1]
     sch = schedule(layout, lq, lk, causal, q.device)
@@ -443,12 +443,16 @@ def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, layout: str, causal:
     return _like(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("sparse_compiler::block_attention_backward", mutates_args=())
-def _block_attention_backward_op(
+def _launch_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None, layout: str,
     causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return backward(dout, q, k, v, out, lse, layout, causal, scale, bias)
+
+
+_block_attention_backward_op = torch.library.custom_op("sparse_compiler::block_attention_backward", mutates_args=())(
+    _launch_backward
+)
 
 
 @_block_attention_backward_op.register_fake
@@ -457,18 +461,22 @@ def _(dout, q, k, v, out, lse, bias, layout, causal, scale):
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    """Saved for the backward, by the op's autograd formula and the eager Function alike."""
     q, k, v, bias, layout, causal, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias)
     ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
 
 
-def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
+def _gradients(ctx, grad_out: Tensor, launch) -> tuple:
+    """The gradients of (q, k, v, bias, layout, causal, scale): ``launch`` (the backward op, or
+    :func:`backward` itself) on what :func:`_setup_context` saved; none for the bias."""
     q, k, v, out, lse, bias = ctx.saved_tensors
-    dq, dk, dv = torch.ops.sparse_compiler.block_attention_backward(
-        grad_out, q, k, v, out, lse, bias, ctx.layout, ctx.causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None
+    return (*launch(grad_out, q, k, v, out, lse, bias, ctx.layout, ctx.causal, ctx.scale), None, None, None, None)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
+    return _gradients(ctx, grad_out, torch.ops.sparse_compiler.block_attention_backward)
 
 
 _block_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -481,14 +489,12 @@ class _EagerBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, layout: str, causal: bool, scale: float) -> Tensor:
         out, lse = forward(q, k, v, layout, causal, scale, bias)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
+        _setup_context(ctx, (q, k, v, bias, layout, causal, scale), (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse, bias = ctx.saved_tensors
-        return (*backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.causal, ctx.scale, bias), None, None, None, None)
+        return _gradients(ctx, grad_out, _launch_backward)
 
 
 def block_attention(
